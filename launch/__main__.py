@@ -1,0 +1,35 @@
+"""`python -m launch run --config CONFIG [--ranks N] [KEY=VALUE ...]`: check the config, then start the run.
+
+The config is validated here, for the world size it will run at, before any process starts: a bad config
+costs one line and exit code 2, not a cluster allocation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from launch.local import default_ranks, run_local
+from pretrain.config import ConfigError, exit_on_config_error, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train a model on this machine")
+    run.add_argument("--config", help="YAML config (configs/quickstart.yaml for the quickstart)")
+    run.add_argument("--ranks", type=int, help="processes to start; default: one per GPU, or 2 on CPU")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+    args = parser.parse_args(argv)
+
+    with exit_on_config_error():
+        ranks = args.ranks if args.ranks is not None else default_ranks()
+        if ranks < 1:
+            raise ConfigError(f"--ranks: must be at least 1, got {ranks}")
+        config = load_config(args.config, args.overrides)
+        config.batch_layout(ranks)
+    return run_local(ranks, args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Checkpoints of a run: DeepSpeed's per-rank engine state plus the loop's own state, in
+`<run_dir>/checkpoints/step_<N>/`.
+
+A checkpoint counts only once every rank has finished writing it: rank 0 then writes a `complete` marker,
+and `resume=auto` picks the newest checkpoint that has one. A crash mid-save leaves the previous one in use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+COMPLETE_MARKER = "complete"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names it and what to do."""
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def tag_for_step(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_tags(run_dir: Path) -> list[str]:
+    """Tags of the checkpoints every rank finished writing, oldest first."""
+    directory = checkpoints_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    return sorted(p.parent.name for p in directory.glob(f"step_*/{COMPLETE_MARKER}"))
+
+
+def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any]) -> Path:
+    tag = tag_for_step(step)
+    engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, client_state=loop_state, save_latest=False)
+    dist.barrier()  # every rank has written its shard
+    path = checkpoints_dir(run_dir) / tag
+    if dist.get_rank() == 0:
+        (path / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}) + "\n")
+    dist.barrier()
+    return path
+
+
+def load(engine, run_dir: Path, tag: str) -> dict[str, Any]:
+    """Restore the engine (model, optimizer, scheduler) and return the loop state saved with it."""
+    path = checkpoints_dir(run_dir) / tag
+    written_by = json.loads((path / COMPLETE_MARKER).read_text())["world_size"]
+    if written_by != dist.get_world_size():
+        raise CheckpointError(
+            f"{path}: was written by {written_by} ranks and this run has {dist.get_world_size()}; resume it with"
+            f" {written_by} ranks, or start a new run (a new name)"
+        )
+    _, loop_state = engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+    if loop_state is None:
+        raise CheckpointError(f"{path}: DeepSpeed could not load it; move it aside to resume from the one before")
+    return loop_state

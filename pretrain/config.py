@@ -1,0 +1,266 @@
+"""The one typed config of a run: loaded from YAML, overridden from the command line, validated.
+
+Every entry point goes through `load_config`. Bad input raises `ConfigError`, whose message is one line
+naming the field; entry points print it and exit with code 2 (`exit_on_config_error`).
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CONFIG_ERROR_EXIT_CODE = 2
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. The message names the field and what is wrong with it."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos until proven otherwise: refuse them rather than silently ignore them.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelConfig(_Section):
+    vocab_size: int = Field(4096, ge=2, le=2**31 - 1)
+    seq_len: int = Field(128, ge=1, description="context length in tokens")
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    d_model: int = Field(128, ge=1)
+    position: Literal["learned", "rotary"] = "learned"
+    rotary_base: float = Field(10000.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    bias: bool = False
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.position == "rotary" and (self.d_model // self.n_head) % 2:
+            raise ValueError("rotary positions need an even head dimension (d_model / n_head)")
+        return self
+
+
+class StdlibDocstringsSource(_Section):
+    """English prose harvested from the docstrings of the Python standard library on this machine."""
+
+    kind: Literal["stdlib_docstrings"]
+    min_chars: int = Field(40, ge=1, description="shorter docstrings are skipped")
+
+
+class InContextEpisodesSource(_Section):
+    """Procedurally generated episodes: a fresh word -> label mapping shown by example, pair after pair."""
+
+    kind: Literal["icl_episodes"]
+    seed: int = 0
+    episodes: int = Field(12000, ge=1)
+    vocabulary_words: int = Field(64, ge=2, description="size of the made-up input-word inventory")
+    label_words: int = Field(8, ge=2, description="size of the made-up label inventory")
+    words_per_episode: int = Field(4, ge=1)
+    pairs_per_episode: int = Field(24, ge=1)
+
+    @model_validator(mode="after")
+    def _episode_fits_inventory(self) -> InContextEpisodesSource:
+        if self.words_per_episode > self.vocabulary_words:
+            raise ValueError("words_per_episode cannot exceed vocabulary_words")
+        return self
+
+
+Source = Annotated[Union[StdlibDocstringsSource, InContextEpisodesSource], Field(discriminator="kind")]
+
+
+class DataConfig(_Section):
+    dir: str = Field("data/quickstart", description="where the tokenizer and token files are written")
+    sources: list[Source] = Field(
+        default_factory=lambda: [
+            StdlibDocstringsSource(kind="stdlib_docstrings"),
+            InContextEpisodesSource(kind="icl_episodes"),
+        ],
+        min_length=1,
+    )
+    tokenizer: str | None = Field(None, description="a tokenizer.json to use instead of training one")
+    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+
+
+class TrainConfig(_Section):
+    global_batch_tokens: int = Field(16384, ge=1, description="tokens per optimizer step, all ranks together")
+    micro_batch_size: int = Field(16, ge=1, description="sequences per rank per forward pass")
+    max_steps: int = Field(600, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr of the cosine decay, as a fraction of lr")
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints; one is always written at the end")
+    resume: Literal["auto", "never"] = "auto"
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="auto: bf16 where the device supports it, fp32 otherwise"
+    )
+    timeout_minutes: int = Field(10, ge=1, description="how long a collective waits for a missing rank")
+
+
+class EvalConfig(_Section):
+    interval: int = Field(100, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
+    batches: int = Field(4, ge=1, description="validation micro-batches per rank at each evaluation")
+
+
+class LoggingConfig(_Section):
+    wandb_project: str = "gpt-pretrain"
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
+        "auto", description="auto: online when an API key is configured, offline otherwise"
+    )
+    print_every: int = Field(10, ge=1, description="steps between progress lines on the console")
+
+
+class Config(_Section):
+    name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str = "runs"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def batch_layout(self, world_size: int) -> BatchLayout:
+        """How the global batch of tokens splits into ranks, micro-batches and accumulation steps."""
+        tokens, seq_len, micro = self.train.global_batch_tokens, self.model.seq_len, self.train.micro_batch_size
+        tokens_per_micro_step = micro * seq_len * world_size
+        if tokens % tokens_per_micro_step:
+            raise ConfigError(
+                f"train.global_batch_tokens: {tokens} is not divisible by micro_batch_size x seq_len x world_size"
+                f" = {micro} x {seq_len} x {world_size} = {tokens_per_micro_step}; pick a multiple of"
+                f" {tokens_per_micro_step} or change train.micro_batch_size"
+            )
+        return BatchLayout(
+            world_size=world_size,
+            seq_len=seq_len,
+            micro_batch_size=micro,
+            accumulation_steps=tokens // tokens_per_micro_step,
+        )
+
+
+@dataclass(frozen=True)
+class BatchLayout:
+    world_size: int
+    seq_len: int
+    micro_batch_size: int
+    accumulation_steps: int
+
+    @property
+    def sequences_per_rank(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps
+
+    @property
+    def sequences_per_step(self) -> int:
+        return self.sequences_per_rank * self.world_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.sequences_per_step * self.seq_len
+
+
+def _set_dotted(tree: dict[str, Any], override: str) -> None:
+    key, sep, raw_value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
+    # YAML parsing gives numbers, booleans and lists their types; YAML 1.1 reads "3e-4" as a string,
+    # which pydantic's number fields accept.
+    try:
+        value = yaml.safe_load(raw_value)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{key}: cannot parse value {raw_value!r}: {error}") from None
+    node = tree
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value, not a section; cannot set {key}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    # Discriminated unions add the variant's tag to the location; it is noise to a user.
+    location = ".".join(str(part) for part in first["loc"] if part not in ("stdlib_docstrings", "icl_episodes"))
+    detail = first["msg"]
+    if first["type"] == "extra_forbidden":
+        detail = "unknown key (check its spelling and section)"
+    elif "input" in first and not isinstance(first["input"], (dict, list)):
+        detail += f" (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
+    return f"{location or 'config'}: {detail}{suffix}"
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from the defaults), apply `a.b=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded or {}
+    for override in overrides:
+        _set_dotted(tree, override)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+
+
+@contextmanager
+def exit_on_config_error():
+    """Turn a ConfigError into one line on stderr and exit code 2, for command-line entry points."""
+    try:
+        yield
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr, flush=True)
+        sys.exit(CONFIG_ERROR_EXIT_CODE)
+
+
+def deepspeed_config(config: Config, layout: BatchLayout, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run, generated from the config (it is never written by hand)."""
+    ds: dict[str, Any] = {
+        "train_batch_size": layout.sequences_per_step,
+        "train_micro_batch_size_per_gpu": layout.micro_batch_size,
+        "gradient_accumulation_steps": layout.accumulation_steps,
+        "gradient_clipping": config.train.grad_clip,
+        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
+        # The optimizer is torch's AdamW, built by the training loop with per-parameter weight decay.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    if precision in ("bf16", "fp16"):
+        # Accumulating micro-batch gradients in 16 bits loses small updates; keep the sum in fp32.
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+    return ds

@@ -1,0 +1,94 @@
+"""Process-group setup and the few collectives the training loop needs.
+
+Ranks are started by a launcher (torchrun, the DeepSpeed launcher, srun) that sets RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A plain `python -m pretrain.train` is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from pretrain.device import pick_device
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args, **kwargs) -> None:
+        """Rank 0 speaks; the others stay quiet."""
+        if self.is_main:
+            print(*args, **kwargs, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int) -> DistributedContext:
+    import deepspeed  # deferred: importing it is slow, and the config can be checked without it
+
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = pick_device(local_rank)
+    # A rank that dies must not leave the others waiting forever in a collective.
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), auto_mpi_discovery=False)
+    return DistributedContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
+
+
+def shutdown() -> None:
+    # Tearing the group down explicitly avoids an abort at interpreter exit (RECIPES.md).
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_across_ranks(value: float | torch.Tensor, device: torch.device) -> float:
+    tensor = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
+
+
+class RankZeroFailed(RuntimeError):
+    """Raised on the other ranks when rank 0 failed at work they wait for; rank 0 reports the cause."""
+
+
+def on_main_first(context: DistributedContext, work: Callable[[], T]) -> T:
+    """Run `work` on rank 0, then on the others (which then find its side effects, such as prepared data).
+
+    A failure on rank 0 is raised there and reaches the others as RankZeroFailed, so no rank waits at a
+    barrier for a rank that already failed.
+    """
+    result, failure = None, None
+    if context.is_main:
+        try:
+            result = work()
+        except Exception as error:  # re-raised below, after the other ranks have heard of it
+            failure = error
+    message = [f"{type(failure).__name__}: {failure}" if failure else None]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise RankZeroFailed(message[0])
+    return result if context.is_main else work()

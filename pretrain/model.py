@@ -1,0 +1,147 @@
+"""A decoder-only GPT in plain PyTorch: token ids in, next-token logits out. No distributed code here.
+
+Each block is pre-norm: tokens communicate (causal self-attention), then compute (a 4x MLP), each added
+back to the residual stream. The output head shares its weights with the token embedding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pretrain.config import ModelConfig
+
+MLP_RATIO = 4
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding: rotates pairs of query/key features by position-dependent angles."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float):
+        super().__init__()
+        inverse_frequency = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inverse_frequency)
+        # Derivable from the config, so not saved in checkpoints.
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, heads, time, head_dim)."""
+        length = x.shape[-2]
+        cos, sin = self.cos[:length].to(x.dtype), self.sin[:length].to(x.dtype)
+        first, second = x.chunk(2, dim=-1)
+        return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.rotary = (
+            Rotary(config.d_model // config.n_head, config.seq_len, config.rotary_base)
+            if config.position == "rotary"
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, MLP_RATIO * config.d_model, bias=config.bias)
+        self.proj = nn.Linear(MLP_RATIO * config.d_model, config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.mlp_norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.mlp = MLP(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x)))
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.position_embedding = (
+            nn.Embedding(config.seq_len, config.d_model) if config.position == "learned" else None
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.final_norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2: N(0, 0.02) everywhere; projections that write into the residual stream are scaled by
+        # 1/sqrt(2 * n_layer) so the stream's variance does not grow with depth.
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layer)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
+            nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size)."""
+        length = tokens.shape[1]
+        if length > self.config.seq_len:
+            raise ValueError(f"sequence of {length} tokens is longer than model.seq_len={self.config.seq_len}")
+        x = self.token_embedding(tokens)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(torch.arange(length, device=tokens.device))
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.final_norm(x))
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Distinct parameters (the tied head counts once). Without embeddings: no token or position table."""
+        total = sum(p.numel() for p in self.parameters())
+        if include_embeddings:
+            return total
+        embeddings = self.token_embedding.weight.numel()
+        if self.position_embedding is not None:
+            embeddings += self.position_embedding.weight.numel()
+        return total - embeddings
+
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token: 6 per weight that multiplies an activation, plus attention.
+
+        Forward is 2 FLOPs per weight per token and backward twice that, hence 6N, where N counts the
+        non-embedding parameters and the output head (a real matmul, though its weights are tied). Attention
+        scores and the weighted sum of values add 2 x 2 x seq_len x d_model per layer forward, 12 x that
+        forward and backward (PaLM, Chowdhery et al. 2022, appendix B; it does not halve for the causal mask).
+        """
+        config = self.config
+        matmul_weights = self.num_parameters(include_embeddings=False) + config.vocab_size * config.d_model
+        attention = 12 * config.n_layer * config.seq_len * config.d_model
+        return 6 * matmul_weights + attention

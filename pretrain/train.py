@@ -1,0 +1,210 @@
+"""Train a GPT with DeepSpeed. One process per rank, started by a launcher (`python -m launch run ...`):
+
+    torchrun --nproc_per_node 2 -m pretrain.train --config configs/quickstart.yaml train.lr=1e-3
+
+The loop, top to bottom: config -> ranks -> data -> model and engine -> resume -> steps (with validation and
+checkpoints) -> final summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.errors import DataError
+from data_pipeline.loader import TokenWindows, TrainBatches, validation_batches
+from data_pipeline.prepare import prepare
+from pretrain import checkpoint
+from pretrain.config import BatchLayout, Config, ConfigError, deepspeed_config, exit_on_config_error, load_config
+from pretrain.device import peak_bf16_flops, resolve_precision
+from pretrain.distributed import (
+    DistributedContext,
+    RankZeroFailed,
+    init_distributed,
+    mean_across_ranks,
+    on_main_first,
+    shutdown,
+)
+from pretrain.metrics import RunLogger, read_metrics
+from pretrain.model import GPT
+from pretrain.optim import lr_multiplier, parameter_groups
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML config; the defaults of the schema if omitted")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+    return parser.parse_args(argv)
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+@torch.no_grad()
+def validation_loss(engine, batches: list[torch.Tensor], context: DistributedContext) -> float:
+    engine.eval()
+    total = 0.0
+    for batch in batches:
+        batch = batch.to(context.device)
+        total += next_token_loss(engine(batch[:, :-1]), batch[:, 1:]).item()
+    engine.train()
+    return mean_across_ranks(total / len(batches), context.device)
+
+
+def seed_step(seed: int, step: int, rank: int) -> None:
+    # Randomness (dropout) is a function of (seed, step, rank), so a resumed run draws what the uninterrupted
+    # one drew without carrying generator state in the checkpoint.
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def prepare_run_dir(config: Config, context: DistributedContext, resume_tag: str | None) -> None:
+    """Create the run directory and save the resolved config, keeping any earlier config beside it."""
+    run_dir = config.run_dir
+    if checkpoint.complete_tags(run_dir) and config.train.resume == "never":
+        raise ConfigError(
+            f"train.resume: is 'never' but {run_dir} already holds checkpoints; set train.resume=auto to continue"
+            " that run, or choose a new name"
+        )
+    if not context.is_main:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved, saved = config.to_yaml(), run_dir / "config.yaml"
+    if saved.exists() and saved.read_text() != resolved:
+        saved.rename(run_dir / f"config.before-{resume_tag or 'restart'}.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+    saved.write_text(resolved)
+
+
+def train(config: Config, layout: BatchLayout, context: DistributedContext) -> None:
+    import deepspeed  # deferred: slow to import, and not needed to validate a config
+
+    say = context.print
+    run_dir = config.run_dir
+    resume_tags = checkpoint.complete_tags(run_dir) if config.train.resume == "auto" else []
+    resume_tag = resume_tags[-1] if resume_tags else None
+    prepare_run_dir(config, context, resume_tag)
+
+    # Data: rank 0 tokenizes once, the other ranks then open what it wrote.
+    data = on_main_first(context, functools.partial(prepare, config.data, config.model.vocab_size, log=say))
+    train_batches = TrainBatches(TokenWindows(data.tokens("train"), layout.seq_len), layout, context.rank, config.seed)
+    val_batches = validation_batches(TokenWindows(data.tokens("val"), layout.seq_len), layout, context.rank,
+                                     config.eval.batches)
+
+    # Model, optimizer, schedule, engine. The same seed on every rank gives every rank the same initial weights.
+    torch.manual_seed(config.seed)
+    model = GPT(config.model)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.train.weight_decay),
+        lr=config.train.lr,
+        betas=config.train.betas,
+        eps=config.train.eps,
+        fused=context.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=config.train))
+    precision = resolve_precision(config.deepspeed.precision, context.device)
+    ds_config = deepspeed_config(config, layout, precision)
+    if context.is_main:
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+
+    start_step = 0
+    if resume_tag is not None:
+        loop_state = checkpoint.load(engine, run_dir, resume_tag)
+        if loop_state["data_fingerprint"] != data.fingerprint:
+            raise DataError(
+                f"{run_dir / 'checkpoints' / resume_tag}: was trained on other data (fingerprint"
+                f" {loop_state['data_fingerprint'][:12]}, now {data.fingerprint[:12]}); restore data.dir or start a"
+                " new run"
+            )
+        start_step = loop_state["step"]
+        say(f"resumed from {resume_tag} (step {start_step})")
+    logger = RunLogger(config, context.is_main, resumed_from_step=start_step if resume_tag else None)
+
+    flops_per_token = model.flops_per_token()
+    peak_flops = peak_bf16_flops(context.device)
+    say(
+        f"{config.name}: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without"
+        f" embeddings), {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
+        f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
+        f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
+        f" x {layout.seq_len}, run directory {run_dir}"
+    )
+    if start_step == 0:
+        logger.log(0, {"val/loss": validation_loss(engine, val_batches, context)})
+
+    max_steps = config.train.max_steps
+    for step in range(start_step, max_steps):
+        seed_step(config.seed, step, context.rank)
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+        step_start = time.perf_counter()
+        data_wait = 0.0
+        loss_sum = torch.zeros((), device=context.device)
+        for batch in train_batches.micro_batches(step):
+            wait_start = time.perf_counter()
+            batch = batch.to(context.device, non_blocking=True)
+            data_wait += time.perf_counter() - wait_start
+            loss = next_token_loss(engine(batch[:, :-1]), batch[:, 1:])
+            engine.backward(loss)
+            engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
+            loss_sum += loss.detach()
+        train_loss = mean_across_ranks(loss_sum / layout.accumulation_steps, context.device)
+        step_seconds = time.perf_counter() - step_start
+        tokens_per_second = layout.tokens_per_step / step_seconds
+        done = step + 1
+        metrics = {
+            "train/loss": train_loss,
+            "train/lr": lr,
+            "train/grad_norm": float(engine.get_global_grad_norm()),
+            "train/tokens": done * layout.tokens_per_step,
+            "perf/tokens_per_second": tokens_per_second,
+            "perf/mfu": flops_per_token * tokens_per_second / (peak_flops * context.world_size) if peak_flops else None,
+            "perf/step_seconds": step_seconds,
+            "perf/data_wait_fraction": data_wait / step_seconds,
+        }
+        if (config.eval.interval and done % config.eval.interval == 0) or done == max_steps:
+            metrics["val/loss"] = validation_loss(engine, val_batches, context)
+        logger.log(done, metrics)
+        if done % config.logging.print_every == 0 or done == max_steps:
+            say(
+                f"step {done}/{max_steps} | loss {train_loss:.4f} | lr {metrics['train/lr']:.2e}"
+                f" | {tokens_per_second:,.0f} tokens/s | data wait {metrics['perf/data_wait_fraction']:.1%}"
+                + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
+            )
+        if done % config.train.checkpoint_every == 0 or done == max_steps:
+            checkpoint.save(engine, run_dir, done, {"step": done, "data_fingerprint": data.fingerprint})
+
+    logger.close()
+    validation = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r] if context.is_main else []
+    if validation:
+        (first_step, first_loss), (last_step, last_loss) = validation[0], validation[-1]
+        say(f"validation loss: {first_loss:.4f} at step {first_step} -> {last_loss:.4f} at step {last_step}")
+    say(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, config.yaml, wandb/)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    with exit_on_config_error():
+        config = load_config(args.config, args.overrides)
+    context = init_distributed(config.deepspeed.timeout_minutes)
+    try:
+        with exit_on_config_error():
+            layout = config.batch_layout(context.world_size)
+            train(config, layout, context)
+    except (DataError, checkpoint.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    except RankZeroFailed:
+        sys.exit(1)  # rank 0 has printed the cause
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
