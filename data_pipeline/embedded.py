@@ -17,6 +17,7 @@ import ast
 import inspect
 import random
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
@@ -73,7 +74,9 @@ def stdlib_docstrings(min_chars: int) -> Iterator[str]:
         if "site-packages" in path.parts or "dist-packages" in path.parts:
             continue
         try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # old escape sequences in the stdlib's own sources
+                tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # the stdlib ships a few deliberately broken files as test fixtures
         for node in ast.walk(tree):

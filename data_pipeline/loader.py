@@ -60,17 +60,19 @@ class TrainBatches:
 
 
 def validation_batches(windows: TokenWindows, layout: BatchLayout, rank: int, batches: int) -> list[torch.Tensor]:
-    """A fixed set of validation micro-batches for this rank: the first windows of the split, dealt out."""
+    """A fixed set of validation micro-batches for this rank.
+
+    The windows are spread evenly over the whole split, so the loss represents every source in it rather
+    than whichever comes first in the file.
+    """
     micro = layout.micro_batch_size
     per_batch = micro * layout.world_size
-    available = windows.count // per_batch
-    if available == 0:
+    batches = min(batches, windows.count // per_batch)
+    if batches == 0:
         raise DataError(
             f"the validation data has {windows.count} windows, fewer than one micro-batch per rank"
             f" ({per_batch}); raise data.val_fraction or lower train.micro_batch_size"
         )
-    result = []
-    for batch in range(min(batches, available)):
-        first = batch * per_batch + rank * micro
-        result.append(windows.gather(np.arange(first, first + micro)))
-    return result
+    chosen = np.linspace(0, windows.count - 1, batches * per_batch).round().astype(np.int64)
+    mine = chosen.reshape(batches, layout.world_size, micro)[:, rank]
+    return [windows.gather(indices) for indices in mine]

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from launch.local import default_ranks, run_local
+from pretrain.checkpoint import refuse_to_train_over_checkpoints
 from pretrain.config import ConfigError, exit_on_config_error, load_config
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--ranks: must be at least 1, got {ranks}")
         config = load_config(args.config, args.overrides)
         config.batch_layout(ranks)
+        refuse_to_train_over_checkpoints(config)
     return run_local(ranks, args.config, args.overrides)
 
 

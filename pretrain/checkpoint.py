@@ -13,6 +13,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from pretrain.config import Config, ConfigError
+
 COMPLETE_MARKER = "complete"
 
 
@@ -34,6 +36,15 @@ def complete_tags(run_dir: Path) -> list[str]:
     if not directory.is_dir():
         return []
     return sorted(p.parent.name for p in directory.glob(f"step_*/{COMPLETE_MARKER}"))
+
+
+def refuse_to_train_over_checkpoints(config: Config) -> None:
+    """With train.resume=never, a run directory that already holds checkpoints is refused, not overwritten."""
+    if config.train.resume == "never" and complete_tags(config.run_dir):
+        raise ConfigError(
+            f"train.resume: is 'never' but {config.run_dir} already holds checkpoints; set train.resume=auto to"
+            " continue that run, or choose a new name"
+        )
 
 
 def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any]) -> Path:

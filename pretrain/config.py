@@ -28,7 +28,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    vocab_size: int = Field(4096, ge=2, le=2**31 - 1)
+    vocab_size: int = Field(2048, ge=2, le=2**31 - 1)
     seq_len: int = Field(128, ge=1, description="context length in tokens")
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
@@ -91,7 +91,7 @@ class DataConfig(_Section):
 class TrainConfig(_Section):
     global_batch_tokens: int = Field(16384, ge=1, description="tokens per optimizer step, all ranks together")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per forward pass")
-    max_steps: int = Field(600, ge=1)
+    max_steps: int = Field(250, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr of the cosine decay, as a fraction of lr")
     warmup_steps: int = Field(30, ge=0)
@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    checkpoint_every: int = Field(200, ge=1, description="steps between checkpoints; one is always written at the end")
+    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints; one is always written at the end")
     resume: Literal["auto", "never"] = "auto"
 
 
@@ -112,7 +112,7 @@ class DeepSpeedConfig(_Section):
 
 
 class EvalConfig(_Section):
-    interval: int = Field(100, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
+    interval: int = Field(50, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
     batches: int = Field(4, ge=1, description="validation micro-batches per rank at each evaluation")
 
 
@@ -260,7 +260,8 @@ def deepspeed_config(config: Config, layout: BatchLayout, precision: str) -> dic
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-    if precision in ("bf16", "fp16"):
-        # Accumulating micro-batch gradients in 16 bits loses small updates; keep the sum in fp32.
+    if precision in ("bf16", "fp16") and config.deepspeed.zero_stage >= 1:
+        # Accumulating micro-batch gradients in 16 bits loses small updates; keep the sum in fp32. DeepSpeed
+        # supports this only under ZeRO (stage 0 refuses the mix).
         ds["data_types"] = {"grad_accum_dtype": "fp32"}
     return ds

@@ -22,7 +22,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import TokenWindows, TrainBatches, validation_batches
 from data_pipeline.prepare import prepare
 from pretrain import checkpoint
-from pretrain.config import BatchLayout, Config, ConfigError, deepspeed_config, exit_on_config_error, load_config
+from pretrain.config import BatchLayout, Config, deepspeed_config, exit_on_config_error, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
@@ -65,20 +65,16 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
-def prepare_run_dir(config: Config, context: DistributedContext, resume_tag: str | None) -> None:
+def prepare_run_dir(config: Config, context: DistributedContext) -> None:
     """Create the run directory and save the resolved config, keeping any earlier config beside it."""
     run_dir = config.run_dir
-    if checkpoint.complete_tags(run_dir) and config.train.resume == "never":
-        raise ConfigError(
-            f"train.resume: is 'never' but {run_dir} already holds checkpoints; set train.resume=auto to continue"
-            " that run, or choose a new name"
-        )
+    checkpoint.refuse_to_train_over_checkpoints(config)
     if not context.is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved, saved = config.to_yaml(), run_dir / "config.yaml"
     if saved.exists() and saved.read_text() != resolved:
-        saved.rename(run_dir / f"config.before-{resume_tag or 'restart'}.{time.strftime('%Y%m%d-%H%M%S')}.yaml")
+        saved.rename(run_dir / f"config.until-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
     saved.write_text(resolved)
 
 
@@ -89,7 +85,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     run_dir = config.run_dir
     resume_tags = checkpoint.complete_tags(run_dir) if config.train.resume == "auto" else []
     resume_tag = resume_tags[-1] if resume_tags else None
-    prepare_run_dir(config, context, resume_tag)
+    prepare_run_dir(config, context)
 
     # Data: rank 0 tokenizes once, the other ranks then open what it wrote.
     data = on_main_first(context, functools.partial(prepare, config.data, config.model.vocab_size, log=say))
@@ -144,12 +140,10 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         seed_step(config.seed, step, context.rank)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         step_start = time.perf_counter()
-        data_wait = 0.0
+        micro_batches = [batch.to(context.device, non_blocking=True) for batch in train_batches.micro_batches(step)]
+        data_wait = time.perf_counter() - step_start
         loss_sum = torch.zeros((), device=context.device)
-        for batch in train_batches.micro_batches(step):
-            wait_start = time.perf_counter()
-            batch = batch.to(context.device, non_blocking=True)
-            data_wait += time.perf_counter() - wait_start
+        for batch in micro_batches:
             loss = next_token_loss(engine(batch[:, :-1]), batch[:, 1:])
             engine.backward(loss)
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
@@ -173,7 +167,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         logger.log(done, metrics)
         if done % config.logging.print_every == 0 or done == max_steps:
             say(
-                f"step {done}/{max_steps} | loss {train_loss:.4f} | lr {metrics['train/lr']:.2e}"
+                f"step {done}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
                 f" | {tokens_per_second:,.0f} tokens/s | data wait {metrics['perf/data_wait_fraction']:.1%}"
                 + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
             )

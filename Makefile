@@ -1,0 +1,28 @@
+# The verbs a user types. `make train` and `make test` set the environment up on demand.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION := 2.13.0
+CONFIG ?= configs/quickstart.yaml
+ARGS ?=
+# JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
+
+.PHONY: setup train test
+
+setup: $(VENV)/.installed
+
+# System site-packages stay visible so a cluster's own torch (a module, a container) is used as it is;
+# torch is installed only where none is importable.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
+	$(PY) -m pip install -e '.[dev]'
+	touch $@
+
+train: setup
+	$(PY) -m launch run --config $(CONFIG) $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q

@@ -1,0 +1,88 @@
+import pytest
+
+from pretrain.config import ConfigError, deepspeed_config, load_config
+from tests.helpers import run_module
+
+
+def test_dotted_overrides_are_typed_and_applied(tiny_config):
+    config = load_config(tiny_config(), ["train.lr=1e-3", "model.position=rotary", "train.betas=[0.9, 0.99]"])
+    assert config.train.lr == 1e-3
+    assert config.model.position == "rotary"
+    assert config.train.betas == (0.9, 0.99)
+
+
+def test_the_quickstart_config_is_valid():
+    config = load_config("configs/quickstart.yaml")
+    assert config.name == "quickstart"
+    config.batch_layout(2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message_start"),
+    [
+        (["model.n_layers=4"], "model.n_layers: unknown key"),  # a typo for n_layer
+        (["train.max_steps=many"], "train.max_steps: Input should be a valid integer"),
+        (["deepspeed.zero_stage=5"], "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
+        (["model.d_model=100", "model.n_head=3"], "model: Value error, d_model=100 is not divisible by n_head=3"),
+        (["data.sources=[{kind: icl_episodes, episode: 3}]"], "data.sources.0.episode: unknown key"),
+        (["model.n_layer.deep=1"], "model.n_layer: is a value, not a section"),
+        (["train.lr"], "override 'train.lr': expected KEY=VALUE"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, message_start):
+    with pytest.raises(ConfigError) as caught:
+        load_config(tiny_config(), overrides)
+    assert str(caught.value).startswith(message_start)
+
+
+def test_global_batch_must_divide_into_ranks_and_micro_batches(tiny_config):
+    config = load_config(tiny_config(), ["train.global_batch_tokens=3000"])
+    with pytest.raises(ConfigError, match=r"^train\.global_batch_tokens: 3000 is not divisible .* = 1024"):
+        config.batch_layout(2)
+
+
+def test_batch_layout_derives_accumulation_from_tokens_and_world_size(tiny_config):
+    config = load_config(tiny_config())
+    two_ranks, one_rank = config.batch_layout(2), config.batch_layout(1)
+    assert (two_ranks.accumulation_steps, one_rank.accumulation_steps) == (2, 4)
+    assert two_ranks.tokens_per_step == one_rank.tokens_per_step == 2048
+
+
+def test_deepspeed_json_is_generated_from_the_config(tiny_config):
+    config = load_config(tiny_config(), ["deepspeed.zero_stage=3", "train.grad_clip=0.5"])
+    layout = config.batch_layout(2)
+    ds = deepspeed_config(config, layout, "bf16")
+    assert ds["train_batch_size"] == 32 == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["model.n_layers=4"], "model.n_layers"),
+        (["train.max_steps=ten"], "train.max_steps"),
+        (["train.global_batch_tokens=3000"], "train.global_batch_tokens"),
+    ],
+)
+def test_command_line_config_errors_exit_2_with_one_line_naming_the_field(tiny_config, tmp_path, overrides, field):
+    config = tiny_config()
+    result = run_module("launch", "run", "--config", str(config), "--ranks", "2", *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {field}:"), result.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may start for a bad config"
+
+
+def test_training_entry_point_refuses_bad_config_with_exit_2(tiny_config, tmp_path):
+    result = run_module("pretrain.train", "--config", str(tiny_config()), "eval.batches=0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: eval.batches: Input should be greater than or equal to 1 (got 0)"
+
+
+def test_a_missing_config_file_is_named(tmp_path):
+    result = run_module("launch", "run", "--config", "nowhere.yaml", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "nowhere.yaml: config file not found" in result.stderr

@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.model import GPT
+
+
+@pytest.mark.parametrize("position", ["learned", "rotary"])
+def test_changing_a_future_token_never_changes_an_earlier_logit(position):
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=97, seq_len=16, n_layer=2, n_head=2, d_model=32, position=position)).eval()
+    tokens = torch.randint(0, 97, (3, 16))
+    with torch.no_grad():
+        before = model(tokens)
+        for position_changed in (5, 15):
+            changed = tokens.clone()
+            changed[:, position_changed] = (changed[:, position_changed] + 1) % 97
+            after = model(changed)
+            assert torch.equal(before[:, :position_changed], after[:, :position_changed])
+            assert not torch.allclose(before[:, position_changed:], after[:, position_changed:])
+
+
+def test_rotary_positions_make_the_model_order_aware():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, seq_len=8, n_layer=1, n_head=2, d_model=16, position="rotary")).eval()
+    tokens = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        last_logits = model(tokens)[0, -1]
+        swapped_logits = model(tokens[:, [1, 0, 2, 3]])[0, -1]
+    assert not torch.allclose(last_logits, swapped_logits)
+
+
+def test_flops_per_token_matches_a_hand_count():
+    # d=8, 2 layers, vocab 16, context 4, no biases, learned positions.
+    model = GPT(ModelConfig(vocab_size=16, seq_len=4, n_layer=2, n_head=2, d_model=8))
+    # Per layer: qkv 8x24=192, attention output 8x8=64, MLP 8x32 + 32x8 = 512 -> 768 matrix weights,
+    # plus two LayerNorm gains of 8 = 784. Two layers and the final norm gain: 2*784 + 8 = 1576.
+    assert model.num_parameters(include_embeddings=False) == 1576
+    # With the token table (16x8=128, shared with the head) and the position table (4x8=32).
+    assert model.num_parameters() == 1576 + 128 + 32
+    # 6 x (non-embedding weights + the head's 128 weights) + attention 12 x layers x context x width.
+    assert model.flops_per_token() == 6 * (1576 + 128) + 12 * 2 * 4 * 8 == 10992
+
+
+def test_output_head_is_tied_to_the_token_embedding():
+    model = GPT(ModelConfig(vocab_size=32, seq_len=4, n_layer=1, n_head=1, d_model=8))
+    assert model.head.weight is model.token_embedding.weight
+
+
+def test_residual_projections_start_smaller_with_depth():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=64, seq_len=8, n_layer=8, n_head=4, d_model=256))
+    residual_std = model.blocks[0].mlp.proj.weight.std().item()
+    other_std = model.blocks[0].mlp.fc.weight.std().item()
+    assert residual_std == pytest.approx(0.02 / 4, rel=0.05)  # 0.02 / sqrt(2 x 8 layers)
+    assert other_std == pytest.approx(0.02, rel=0.05)
+
+
+def test_a_sequence_longer_than_the_context_is_refused():
+    model = GPT(ModelConfig(vocab_size=32, seq_len=4, n_layer=1, n_head=1, d_model=8))
+    with pytest.raises(ValueError, match="model.seq_len=4"):
+        model(torch.zeros(1, 5, dtype=torch.long))

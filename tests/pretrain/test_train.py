@@ -1,0 +1,91 @@
+"""Real training runs: two DeepSpeed ranks over gloo on the CPU, started the way a user starts them."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from pretrain.metrics import read_metrics
+from tests.helpers import launch, run_module
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["train/loss"] for record in read_metrics(run_dir) if "train/loss" in record}
+
+
+def wandb_history(run_dir: Path) -> list[dict]:
+    (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
+    inspected = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(offline_run)],
+        capture_output=True, text=True, check=True,
+    )
+    records = [json.loads(line) for line in inspected.stdout.splitlines() if line.strip()]
+    return [record["history"] for record in records if record["type"] == "history"]
+
+
+def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wandb(tiny_config, tmp_path):
+    config = tiny_config({
+        "train": {"max_steps": 16},
+        "deepspeed": {"precision": "auto"},
+        "logging": {"wandb_mode": "offline"},
+    })
+    result = launch(config)
+    run_dir = tmp_path / "runs" / "tiny"
+
+    assert "2 rank(s) on cpu" in result.stdout and "ZeRO-2" in result.stdout
+    first, last = map(float, re.search(r"validation loss: (\S+) at step 0 -> (\S+) at step 16", result.stdout).groups())
+    assert last < 0.8 * first
+    losses = losses_by_step(run_dir)
+    assert sorted(losses) == list(range(1, 17))
+    assert sum(losses[s] for s in (14, 15, 16)) < sum(losses[s] for s in (1, 2, 3))
+
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["deepspeed"]["zero_stage"] == 2 and saved["train"]["max_steps"] == 16
+    assert (run_dir / "checkpoints" / "step_00000016" / "complete").exists()
+
+    logged = {h["step"]["num"]: h["item"] for h in wandb_history(run_dir)}
+    assert {step: logged[step]["train/loss"] for step in losses} == losses
+    assert logged[16]["val/loss"] == last or abs(logged[16]["val/loss"] - last) < 1e-4
+    assert "perf/tokens_per_second" in logged[16] and "train/grad_norm" in logged[16]
+
+
+def test_resumed_run_continues_with_the_losses_of_an_uninterrupted_run(tiny_config, tmp_path):
+    config = tiny_config({"train": {"max_steps": 8, "checkpoint_every": 4}})
+    launch(config)
+    run_dir = tmp_path / "runs" / "tiny"
+    uninterrupted = losses_by_step(run_dir)
+
+    # As if the job had died after step 6: the newest complete checkpoint is step 4's.
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    result = launch(config)
+
+    assert "resumed from step_00000004 (step 4)" in result.stdout
+    resumed = losses_by_step(run_dir)
+    assert sorted(resumed) == list(range(1, 9))
+    assert [resumed[step] for step in range(5, 9)] == [uninterrupted[step] for step in range(5, 9)]
+
+
+def test_incomplete_checkpoint_is_never_resumed_from(tiny_config, tmp_path):
+    config = tiny_config({"train": {"max_steps": 8, "checkpoint_every": 4}})
+    launch(config)
+    run_dir = tmp_path / "runs" / "tiny"
+    # A save that died before every rank finished has no marker; the run goes back to step 4.
+    (run_dir / "checkpoints" / "step_00000008" / "complete").unlink()
+    result = launch(config)
+    assert "resumed from step_00000004 (step 4)" in result.stdout
+
+
+def test_resume_never_refuses_to_train_over_existing_checkpoints(tiny_config, tmp_path):
+    config = tiny_config({"train": {"max_steps": 4}})
+    launch(config)
+    checkpoint_file = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000004" / "mp_rank_00_model_states.pt"
+    before = checkpoint_file.read_bytes()
+
+    result = run_module("launch", "run", "--config", str(config), "train.resume=never", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.startswith("config error: train.resume:") and "runs/tiny" in result.stderr
+    assert checkpoint_file.read_bytes() == before
