@@ -30,7 +30,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     vocab_size: int = Field(2048, ge=2, le=2**31 - 1)
     seq_len: int = Field(128, ge=1, description="context length in tokens")
-    n_layer: int = Field(4, ge=1)
+    n_layer: int = Field(2, ge=1)
     n_head: int = Field(4, ge=1)
     d_model: int = Field(128, ge=1)
     position: Literal["learned", "rotary"] = "learned"
@@ -89,9 +89,9 @@ class DataConfig(_Section):
 
 
 class TrainConfig(_Section):
-    global_batch_tokens: int = Field(16384, ge=1, description="tokens per optimizer step, all ranks together")
+    global_batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step, all ranks together")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per forward pass")
-    max_steps: int = Field(250, ge=1)
+    max_steps: int = Field(1500, ge=1)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr of the cosine decay, as a fraction of lr")
     warmup_steps: int = Field(30, ge=0)
@@ -99,7 +99,7 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
-    checkpoint_every: int = Field(100, ge=1, description="steps between checkpoints; one is always written at the end")
+    checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
     resume: Literal["auto", "never"] = "auto"
 
 
@@ -112,7 +112,7 @@ class DeepSpeedConfig(_Section):
 
 
 class EvalConfig(_Section):
-    interval: int = Field(50, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
+    interval: int = Field(250, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
     batches: int = Field(4, ge=1, description="validation micro-batches per rank at each evaluation")
 
 
@@ -121,7 +121,7 @@ class LoggingConfig(_Section):
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online when an API key is configured, offline otherwise"
     )
-    print_every: int = Field(10, ge=1, description="steps between progress lines on the console")
+    print_every: int = Field(50, ge=1, description="steps between progress lines on the console")
 
 
 class Config(_Section):
