@@ -1,78 +1,279 @@
-"""Deterministic batches of fixed-length token windows, split equally across ranks.
+"""Deterministic, resumable batches of token windows from a prepared dataset's shards.
 
-The token stream is cut into windows of seq_len + 1 tokens (inputs and next-token targets) that start every
-seq_len tokens. The order of windows depends only on (seed, epoch), never on the world size: each optimizer
-step takes the next `sequences_per_step` windows of that order, and rank r takes the r-th equal slice of
-them. So every rank does the same number of steps by construction, and the position in the data is the step
-number alone, which is all a checkpoint needs to resume exactly.
+Windows are seq_len + 1 tokens (inputs and next-token targets) cut from each block; block b of a split has
+windows b*K .. b*K + K - 1 in natural order (K = block_tokens // seq_len; the split's last block may have
+fewer).
+
+One global order per epoch, a function of (seed, epoch, manifest fingerprint) only:
+  1. the shards are permuted;
+  2. the blocks, in that shard order, form groups of `shuffle_blocks`; each group's windows are permuted
+     (a bounded shuffle window: a reader holds one group's blocks, not the dataset).
+Optimizer step s takes positions [s*S, (s+1)*S) of that order (S sequences per step); rank r takes the r-th
+equal slice. So every rank does the same number of steps by construction, no window is repeated or skipped
+within an epoch, and the step number alone is the loader's state: a run resumed at any world size with the
+same global batch continues exactly. DataLoader workers each take whole steps (worker k of n takes every
+n-th), so adding workers changes nothing but speed.
 """
 
 from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_pipeline.errors import DataError
+from data_pipeline.prepare import Manifest, Shard
 from pretrain.config import BatchLayout
 
+OPEN_SHARDS = 8  # shard indexes (and remote shards' bytes) kept per reader
 
-class TokenWindows:
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self.tokens = tokens
+
+def shard_location(manifest: Manifest, shard: Shard, shard_url: str | None) -> str:
+    if shard_url is None:
+        return str(manifest.dir / shard.name)
+    if "{shard}" in shard_url:
+        return shard_url.format(shard=shard.name)
+    return f"{shard_url.rstrip('/')}/{shard.name}"
+
+
+def is_local(location: str) -> bool:
+    return "://" not in location and not location.startswith("pipe:")
+
+
+def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
+    """Check that every local shard exists with the sha256 the manifest records (remote ones: on read)."""
+    tokenizer_hash = hashlib.sha256(manifest.tokenizer_path.read_bytes()).hexdigest()
+    if tokenizer_hash != manifest.tokenizer_sha256:
+        raise DataError(
+            f"{manifest.dir / 'manifest.json'}: was written for another tokenizer than"
+            f" {manifest.tokenizer_path}; prepare the data again"
+        )
+    for split in manifest.splits.values():
+        for shard in split:
+            location = shard_location(manifest, shard, shard_url)
+            if not is_local(location):
+                continue
+            if not Path(location).exists():
+                raise DataError(f"{location}: shard missing; restore it or prepare the data again")
+            actual = hashlib.sha256(Path(location).read_bytes()).hexdigest()
+            if actual != shard.sha256:
+                raise DataError(
+                    f"{location}: sha256 {actual[:16]}... differs from the manifest's {shard.sha256[:16]}...;"
+                    " the shard is damaged or from another preparation: prepare the data again"
+                )
+
+
+class ShardReader:
+    """Random access to the blocks of one split. Local shards are indexed once and read by seeking; shards
+    behind a URL (http(s), pipe:, ...) are fetched whole through webdataset's gopen and checked on read."""
+
+    def __init__(self, manifest: Manifest, split: str, shard_url: str | None):
+        self.manifest = manifest
+        self.shards = manifest.splits[split]
+        self.shard_url = shard_url
+        self.first_block = np.cumsum([0] + [shard.samples for shard in self.shards])
+        self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
+        self._open: OrderedDict[int, tuple[object, list[tuple[int, int]]]] = OrderedDict()
+
+    @property
+    def block_count(self) -> int:
+        return int(self.first_block[-1])
+
+    def _load(self, index: int) -> tuple[object, list[tuple[int, int]]]:
+        shard = self.shards[index]
+        location = shard_location(self.manifest, shard, self.shard_url)
+        try:
+            if is_local(location):
+                source = open(location, "rb")
+            else:
+                import webdataset  # deferred: only remote shards need it
+
+                with webdataset.gopen(location, "rb") as stream:
+                    data = stream.read()
+                if hashlib.sha256(data).hexdigest() != shard.sha256:
+                    raise DataError(f"{location}: sha256 differs from the manifest's; the shard is damaged")
+                source = io.BytesIO(data)
+            with tarfile.open(fileobj=source, mode="r:") as tar:
+                members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".tokens")]
+        except FileNotFoundError:
+            raise DataError(f"{location}: shard missing; restore it or prepare the data again") from None
+        except (tarfile.TarError, OSError) as error:
+            raise DataError(f"{location}: cannot read the shard ({error}); prepare the data again") from None
+        if len(members) != shard.samples:
+            raise DataError(
+                f"{location}: holds {len(members)} of the {shard.samples} samples the manifest lists; the shard is"
+                " truncated or damaged: prepare the data again"
+            )
+        return source, members
+
+    def block(self, block_index: int) -> np.ndarray:
+        index = int(np.searchsorted(self.first_block, block_index, side="right")) - 1
+        if index not in self._open:
+            self._open[index] = self._load(index)
+            if len(self._open) > OPEN_SHARDS:
+                self._open.popitem(last=False)[1][0].close()
+        self._open.move_to_end(index)
+        source, members = self._open[index]
+        offset, size = members[block_index - int(self.first_block[index])]
+        source.seek(offset)
+        data = source.read(size)
+        if len(data) != size:
+            location = shard_location(self.manifest, self.shards[index], self.shard_url)
+            raise DataError(f"{location}: ends inside a sample; the shard is truncated: prepare the data again")
+        return np.frombuffer(data, dtype=self.dtype)
+
+
+class Windows:
+    """The windows of one split: how many there are, the global order, and reading them."""
+
+    def __init__(self, manifest: Manifest, split: str, seq_len: int, shard_url: str | None = None):
+        if seq_len > manifest.block_tokens:
+            raise DataError(
+                f"{manifest.dir}: blocks of {manifest.block_tokens} tokens are shorter than model.seq_len={seq_len};"
+                " prepare the data with a larger data.block_tokens"
+            )
+        self.manifest = manifest
         self.seq_len = seq_len
-        self.count = max(0, (len(tokens) - 1) // seq_len)
+        self.reader = ShardReader(manifest, split, shard_url)
+        self.per_block = manifest.block_tokens // seq_len
+        shards = manifest.splits[split]
+        last_block_tokens = shards[-1].tokens - (shards[-1].samples - 1) * (manifest.block_tokens + 1)
+        self.last_block_windows = (last_block_tokens - 1) // seq_len
+        self.count = (self.reader.block_count - 1) * self.per_block + self.last_block_windows
+        self._blocks: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def gather(self, indices: np.ndarray) -> torch.Tensor:
-        """(len(indices), seq_len + 1) int64 tensor of the windows at those indices."""
-        starts = np.asarray(indices, dtype=np.int64)[:, None] * self.seq_len
-        return torch.from_numpy(self.tokens[starts + np.arange(self.seq_len + 1)].astype(np.int64))
+    def windows_in_block(self, block: int) -> int:
+        return self.last_block_windows if block == self.reader.block_count - 1 else self.per_block
+
+    def read(self, window_ids: np.ndarray) -> torch.Tensor:
+        """(len(window_ids), seq_len + 1) int64 tensor. Ids are natural-order window numbers."""
+        rows = []
+        for window in window_ids.tolist():
+            block, offset = divmod(window, self.per_block)
+            if block not in self._blocks:
+                self._blocks[block] = self.reader.block(block)
+                if len(self._blocks) > 4 * OPEN_SHARDS:
+                    self._blocks.popitem(last=False)
+            start = offset * self.seq_len
+            rows.append(self._blocks[block][start : start + self.seq_len + 1])
+        return torch.from_numpy(np.stack(rows).astype(np.int64))
+
+
+class GlobalOrder:
+    """Which natural-order window sits at each position of an epoch (see the module docstring)."""
+
+    def __init__(self, windows: Windows, shuffle_blocks: int, seed: int):
+        self.windows = windows
+        self.group_blocks = shuffle_blocks
+        self.seed = [seed, int(windows.manifest.fingerprint[:8], 16)]
+        self.shard_blocks = np.array([shard.samples for shard in windows.reader.shards])
+        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._group: tuple[tuple[int, int], np.ndarray] | None = None
+
+    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch's block sequence and the first position of each group."""
+        if self._epoch is None or self._epoch[0] != epoch:
+            shard_order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.shard_blocks))
+            first_block = self.windows.reader.first_block
+            blocks = np.concatenate([np.arange(first_block[s], first_block[s + 1]) for s in shard_order])
+            window_counts = np.full(len(blocks), self.windows.per_block)
+            window_counts[blocks == len(blocks) - 1] = self.windows.last_block_windows
+            group_sizes = np.add.reduceat(window_counts, np.arange(0, len(blocks), self.group_blocks))
+            self._epoch = (epoch, blocks, np.concatenate([[0], np.cumsum(group_sizes)]))
+        return self._epoch[1], self._epoch[2]
+
+    def _group_windows(self, epoch: int, group: int, blocks: np.ndarray) -> np.ndarray:
+        """The natural-order ids of one group's windows, in their shuffled order."""
+        if self._group is None or self._group[0] != (epoch, group):
+            members = blocks[group * self.group_blocks : (group + 1) * self.group_blocks]
+            ids = np.concatenate([
+                block * self.windows.per_block + np.arange(self.windows.windows_in_block(block)) for block in members
+            ])
+            permutation = np.random.default_rng([*self.seed, epoch, group + 1]).permutation(len(ids))
+            self._group = ((epoch, group), ids[permutation])
+        return self._group[1]
+
+    def at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        blocks, group_starts = self._epoch_layout(epoch)
+        groups = np.searchsorted(group_starts, positions, side="right") - 1
+        result = np.empty(len(positions), dtype=np.int64)
+        for group in np.unique(groups):
+            chosen = groups == group
+            result[chosen] = self._group_windows(epoch, int(group), blocks)[positions[chosen] - group_starts[group]]
+        return result
 
 
 class TrainBatches:
-    """The training micro-batches of one rank, addressed by global step."""
+    """One rank's training micro-batches, addressed by global step."""
 
-    def __init__(self, windows: TokenWindows, layout: BatchLayout, rank: int, seed: int):
+    def __init__(self, windows: Windows, layout: BatchLayout, rank: int, shuffle_blocks: int, seed: int):
         self.windows = windows
         self.layout = layout
         self.rank = rank
-        self.seed = seed
+        self.order = GlobalOrder(windows, shuffle_blocks, seed)
         self.steps_per_epoch = windows.count // layout.sequences_per_step
         if self.steps_per_epoch == 0:
             raise DataError(
-                f"the training data has {windows.count} windows of {windows.seq_len + 1} tokens, fewer than one"
-                f" global batch of {layout.sequences_per_step}; lower train.global_batch_tokens or add data"
+                f"{windows.manifest.dir}: the training split has {windows.count} windows of {windows.seq_len + 1}"
+                f" tokens, fewer than one global batch of {layout.sequences_per_step}; lower"
+                " train.global_batch_tokens or add data"
             )
-        self._epoch_order: tuple[int, np.ndarray] | None = None
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.windows.count)
-            self._epoch_order = (epoch, order)
-        return self._epoch_order[1]
-
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
-        """This rank's `accumulation_steps` micro-batches for optimizer step `step` (0-based)."""
+    def window_ids(self, step: int) -> np.ndarray:
+        """Natural-order ids of this rank's windows at optimizer step `step` (0-based)."""
         epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
         per_rank = self.layout.sequences_per_rank
-        start = step_in_epoch * self.layout.sequences_per_step + self.rank * per_rank
-        rank_windows = self.windows.gather(self._order(epoch)[start : start + per_rank])
-        return list(rank_windows.split(self.layout.micro_batch_size))
+        first = step_in_epoch * self.layout.sequences_per_step + self.rank * per_rank
+        return self.order.at(epoch, np.arange(first, first + per_rank))
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's micro-batches at `step`: (tokens (micro, seq_len + 1), window ids (micro,)) each."""
+        ids = self.window_ids(step)
+        tokens = self.windows.read(ids)
+        micro = self.layout.micro_batch_size
+        return [(tokens[i : i + micro], torch.from_numpy(ids[i : i + micro])) for i in range(0, len(ids), micro)]
 
 
-def validation_batches(windows: TokenWindows, layout: BatchLayout, rank: int, batches: int) -> list[torch.Tensor]:
-    """A fixed set of validation micro-batches for this rank.
+class _StepStream(torch.utils.data.IterableDataset):
+    def __init__(self, batches: TrainBatches, start_step: int, end_step: int):
+        self.batches, self.start_step, self.end_step = batches, start_step, end_step
 
-    The windows are spread evenly over the whole split, so the loss represents every source in it rather
-    than whichever comes first in the file.
+    def __iter__(self) -> Iterator[tuple[int, list]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for step in range(self.start_step + worker, self.end_step, workers):
+            yield step, self.batches.micro_batches(step)
+
+
+def iterate_steps(batches: TrainBatches, start_step: int, end_step: int, workers: int) -> Iterator[tuple[int, list]]:
+    """(step, micro-batches) for start_step .. end_step - 1, in order; read ahead by `workers` processes.
+
+    DataLoader hands out the workers' items round-robin, and worker k yields every workers-th step, so the
+    stream is in step order whatever the number of workers.
     """
+    return iter(torch.utils.data.DataLoader(
+        _StepStream(batches, start_step, end_step), batch_size=None, num_workers=workers,
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+    ))
+
+
+def validation_batches(windows: Windows, layout: BatchLayout, rank: int, batches: int) -> list[torch.Tensor]:
+    """A fixed set of validation micro-batches for this rank, spread evenly over the whole split so the loss
+    represents every source in it rather than whichever comes first."""
     micro = layout.micro_batch_size
     per_batch = micro * layout.world_size
     batches = min(batches, windows.count // per_batch)
     if batches == 0:
         raise DataError(
-            f"the validation data has {windows.count} windows, fewer than one micro-batch per rank"
-            f" ({per_batch}); raise data.val_fraction or lower train.micro_batch_size"
+            f"{windows.manifest.dir}: the validation split has {windows.count} windows, fewer than one micro-batch"
+            f" per rank ({per_batch}); raise data.val_fraction or lower train.micro_batch_size"
         )
     chosen = np.linspace(0, windows.count - 1, batches * per_batch).round().astype(np.int64)
     mine = chosen.reshape(batches, layout.world_size, micro)[:, rank]
-    return [windows.gather(indices) for indices in mine]
+    return [windows.read(ids) for ids in mine]

@@ -1,171 +1,320 @@
-"""Turn the configured sources into a tokenizer and packed token files, once, in `data.dir`.
+"""Prepare a dataset once: sources -> tokenizer -> tokens (in parallel) -> packed blocks -> tar shards.
 
-Layout of a prepared directory:
-    tokenizer.json   the byte-level BPE (trained here, or a copy of the given one)
-    train.bin        every training document's tokens followed by the end-of-document token, concatenated
-    val.bin          the same for the validation documents
-    meta.json        token counts, dtype, tokenizer hash, and the fingerprint of everything that shaped them
+`data.dir` then holds:
+    tokenizer.json            the byte-level BPE (trained here, or a copy of the given one)
+    train-000000.tar ...      webdataset shards; each sample is one block of tokens (`<key>.tokens`, raw
+    val-000000.tar ...        little-endian uint16 or uint32); documents end with the end-of-document token
+    manifest.json             shards with their samples, tokens and sha256, the tokenizer's hash, the
+                              source mixture, and a fingerprint of all of it
 
-A directory is written under a temporary name and renamed into place, so a crash never leaves a half-written
-dataset behind, and an existing dataset made from a different config is refused rather than overwritten.
+Block i of a split holds tokens [i*B, i*B + B] of the split's token stream (B = data.block_tokens): one
+token of overlap, so windows of seq_len + 1 tokens tile the stream exactly when seq_len divides B.
+
+The directory is written under a temporary name and renamed into place: a crash never leaves a half-written
+dataset, and an existing dataset made from a different recipe is refused, never overwritten. Results come
+back from the tokenizer processes in order, so the shards are byte-identical whatever the number of them.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
-import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
-from data_pipeline.embedded import icl_episodes, stdlib_docstrings
 from data_pipeline.errors import DataError
+from data_pipeline.sources import describe, text_hash, weighted_documents
 from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, load_tokenizer, train_bpe
-from pretrain.config import DataConfig, InContextEpisodesSource, StdlibDocstringsSource
+from pretrain.config import DataConfig, exit_on_config_error, load_config
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val")
+CHUNK_CHARS = 1 << 20  # text handed to a tokenizer process at a time
 
 
 @dataclass(frozen=True)
-class PreparedData:
+class Shard:
+    name: str
+    samples: int
+    tokens: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A prepared dataset, as described by its manifest.json."""
+
     dir: Path
+    recipe: str
     fingerprint: str
     dtype: str
+    block_tokens: int
     end_of_document_id: int
+    tokenizer_sha256: str
     tokenizer_vocab_size: int
+    splits: dict[str, list[Shard]]
 
     @property
     def tokenizer_path(self) -> Path:
         return self.dir / "tokenizer.json"
 
-    def tokens(self, split: str) -> np.ndarray:
-        """The split's token stream, memory-mapped (never loaded whole)."""
-        return np.memmap(self.dir / f"{split}.bin", dtype=self.dtype, mode="r")
+    @classmethod
+    def load(cls, directory: Path) -> Manifest:
+        path = directory / MANIFEST
+        try:
+            meta = json.loads(path.read_text())
+            return cls(
+                dir=directory,
+                recipe=meta["recipe"],
+                fingerprint=meta["fingerprint"],
+                dtype=meta["dtype"],
+                block_tokens=meta["block_tokens"],
+                end_of_document_id=meta["end_of_document_id"],
+                tokenizer_sha256=meta["tokenizer_sha256"],
+                tokenizer_vocab_size=meta["tokenizer_vocab_size"],
+                splits={split: [Shard(**shard) for shard in meta["splits"][split]] for split in SPLITS},
+            )
+        except FileNotFoundError:
+            raise DataError(f"{path}: not found; run `python -m data_pipeline prepare` to create it") from None
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DataError(f"{path}: not a manifest this version can read ({error}); prepare the data again") from None
 
 
-def source_documents(source: StdlibDocstringsSource | InContextEpisodesSource) -> Iterator[str]:
-    if isinstance(source, StdlibDocstringsSource):
-        return stdlib_docstrings(source.min_chars)
-    return icl_episodes(
-        source.episodes,
-        source.seed,
-        source.vocabulary_words,
-        source.label_words,
-        source.words_per_episode,
-        source.pairs_per_episode,
-    )
-
-
-def fingerprint(data: DataConfig, vocab_size: int) -> str:
+def recipe_fingerprint(data: DataConfig, vocab_size: int) -> str:
+    """What the shards are made from: any change here means different shards."""
     recipe = {
         "format": FORMAT_VERSION,
         "sources": [source.model_dump(mode="json") for source in data.sources],
         "tokenizer": file_sha256(data.tokenizer) if data.tokenizer else None,
+        "tokenizer_sample_bytes": data.tokenizer_sample_bytes,
         "vocab_size": vocab_size,
         "val_fraction": data.val_fraction,
-        # The docstrings differ between Python versions.
-        "python": sys.version_info[:2],
+        "block_tokens": data.block_tokens,
+        "shard_bytes": data.shard_bytes,
+        "python": sys.version_info[:2],  # the stdlib docstrings differ between Python versions
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
 
-def _is_validation(document: str, val_fraction: float) -> bool:
-    # A hash of the text, not its position, so adding a source never moves another's documents between splits.
-    return zlib.crc32(document.encode()) < val_fraction * 2**32
+def is_validation(text: str, val_fraction: float) -> bool:
+    # By a hash of the text, not its position: adding a source never moves another's documents between splits.
+    return text_hash(text) < val_fraction * 2**32
 
 
-def _write_tokens(path: Path, encodings: list[list[int]], end_of_document_id: int, dtype: str) -> int:
-    stream = np.fromiter(
-        (token for ids in encodings for token in (*ids, end_of_document_id)),
-        dtype=dtype,
-    )
-    stream.tofile(path)
-    return len(stream)
+def all_documents(data: DataConfig) -> Iterator[str]:
+    """Every source's weighted documents, interleaved one by one, so that any stretch of the token stream
+    (and so any shuffle window of the loader) mixes the sources rather than holding one of them."""
+    streams = [weighted_documents(source) for source in data.sources]
+    while streams:
+        for stream in list(streams):
+            text = next(stream, None)
+            if text is None:
+                streams.remove(stream)
+            else:
+                yield text
 
 
-def _open_existing(directory: Path, expected_fingerprint: str) -> PreparedData:
-    meta_path = directory / "meta.json"
-    if not meta_path.exists():
-        raise DataError(
-            f"{directory}: exists but holds no prepared data (no meta.json); point data.dir elsewhere or remove it"
+def tokenizer_sample(data: DataConfig) -> Iterator[str]:
+    """Training documents for the BPE, from all sources, up to tokenizer_sample_bytes."""
+    budget = data.tokenizer_sample_bytes
+    for text in all_documents(data):
+        if budget <= 0:
+            return
+        if not is_validation(text, data.val_fraction):
+            budget -= len(text.encode())
+            yield text
+
+
+def text_chunks(documents: Iterable[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in documents:
+        chunk.append(text)
+        size += len(text)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+# State of a tokenizer process, set once by _start_tokenizer_process.
+_tokenizer = None
+_split_settings: tuple[float, int, str] | None = None
+
+
+def _start_tokenizer_process(tokenizer_path: str, val_fraction: float, dtype: str) -> None:
+    global _tokenizer, _split_settings
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; the processes are the parallelism
+    _tokenizer = load_tokenizer(tokenizer_path, max_vocab_size=2**32)
+    _split_settings = (val_fraction, _tokenizer.token_to_id(END_OF_DOCUMENT), dtype)
+
+
+def _tokenize_chunk(chunk: list[str]) -> tuple[int, dict[str, np.ndarray]]:
+    """Token streams of one chunk of documents, per split, each document followed by the end-of-document id."""
+    val_fraction, end_of_document_id, dtype = _split_settings
+    ids = {split: [] for split in SPLITS}
+    for text, encoding in zip(chunk, _tokenizer.encode_batch_fast(chunk, add_special_tokens=False)):
+        split_ids = ids["val" if is_validation(text, val_fraction) else "train"]
+        split_ids.append(encoding.ids)
+        split_ids.append((end_of_document_id,))
+    byte_count = sum(len(text.encode()) for text in chunk)
+    return byte_count, {split: np.fromiter(chain.from_iterable(parts), dtype=dtype) for split, parts in ids.items()}
+
+
+class ShardedSplit:
+    """Packs one split's token stream into blocks and writes them as webdataset shards."""
+
+    def __init__(self, directory: Path, split: str, dtype: str, block_tokens: int, shard_bytes: int):
+        import webdataset  # deferred: only preparing and reading shards need it
+
+        self.split = split
+        self.stored_dtype = np.dtype(dtype).newbyteorder("<")
+        self.block_tokens = block_tokens
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.samples = 0
+        self.shards: list[Shard] = []
+        self._shard_start = (0, 0)  # (samples, tokens) written before the current shard
+        self.tokens_written = 0
+        # mtime=0 and fixed owner make the tar bytes depend on the tokens alone: re-running gives identical shards.
+        self.writer = webdataset.ShardWriter(
+            str(directory / f"{split}-%06d.tar"), maxsize=shard_bytes, maxcount=2**31, verbose=0,
+            post=self._shard_done, mtime=0,
         )
-    meta = json.loads(meta_path.read_text())
-    if meta.get("fingerprint") != expected_fingerprint:
+
+    def _shard_done(self, path: str) -> None:
+        samples, tokens = self._shard_start
+        self.shards.append(
+            Shard(Path(path).name, self.samples - samples, self.tokens_written - tokens, file_sha256(path))
+        )
+        self._shard_start = (self.samples, self.tokens_written)
+
+    def _write(self, block: np.ndarray) -> None:
+        self.writer.write({"__key__": f"{self.samples:010d}", "tokens": block.astype(self.stored_dtype).tobytes()})
+        self.samples += 1
+        self.tokens_written += len(block)
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        if self.pending_tokens <= self.block_tokens:
+            return
+        stream = np.concatenate(self.pending)
+        full_blocks = (len(stream) - 1) // self.block_tokens
+        for block in range(full_blocks):
+            start = block * self.block_tokens
+            self._write(stream[start : start + self.block_tokens + 1])
+        rest = stream[full_blocks * self.block_tokens :]  # starts with the last block's final token
+        self.pending, self.pending_tokens = [rest], len(rest)
+
+    def close(self) -> list[Shard]:
+        if self.pending_tokens > 1:
+            self._write(np.concatenate(self.pending))
+        self.writer.close()
+        if self.samples == 0:
+            raise DataError(f"the {self.split} split is empty; add sources or adjust data.val_fraction")
+        return self.shards
+
+
+def _open_existing(directory: Path, recipe: str) -> Manifest:
+    if not (directory / MANIFEST).exists():
         raise DataError(
-            f"{directory}: was prepared from a different data config or tokenizer (fingerprint"
-            f" {meta.get('fingerprint', '?')[:12]} != {expected_fingerprint[:12]}); set data.dir to a new"
+            f"{directory}: exists but holds no prepared data (no {MANIFEST}); point data.dir elsewhere or remove it"
+        )
+    manifest = Manifest.load(directory)
+    if manifest.recipe != recipe:
+        raise DataError(
+            f"{directory}: was prepared from a different data config or tokenizer; set data.dir to a new"
             " directory, or remove this one to rebuild it"
         )
-    for name in ("tokenizer.json", "train.bin", "val.bin"):
-        if not (directory / name).exists():
-            raise DataError(f"{directory / name}: missing from the prepared data; remove {directory} to rebuild it")
-    if file_sha256(directory / "tokenizer.json") != meta["tokenizer_sha256"]:
-        raise DataError(
-            f"{directory / 'tokenizer.json'}: does not match the hash in meta.json; remove {directory} to rebuild it"
-        )
-    return PreparedData(
-        dir=directory,
-        fingerprint=meta["fingerprint"],
-        dtype=meta["dtype"],
-        end_of_document_id=meta["end_of_document_id"],
-        tokenizer_vocab_size=meta["tokenizer_vocab_size"],
-    )
+    return manifest
 
 
-def prepare(data: DataConfig, vocab_size: int, log=print) -> PreparedData:
-    """Prepare `data.dir` if needed and return it. Reuses a directory prepared from the same recipe."""
+def prepare(data: DataConfig, vocab_size: int, log=print) -> Manifest:
+    """Prepare `data.dir` if needed and return its manifest. Reuses a directory prepared from the same recipe."""
     directory = Path(data.dir)
-    expected = fingerprint(data, vocab_size)
+    recipe = recipe_fingerprint(data, vocab_size)
     if directory.exists():
-        return _open_existing(directory, expected)
+        return _open_existing(directory, recipe)
 
     log(f"preparing data in {directory} (runs once; later runs reuse it)")
-    documents = {"train": [], "val": []}
-    for source in data.sources:
-        for document in source_documents(source):
-            documents["val" if _is_validation(document, data.val_fraction) else "train"].append(document)
-    if not documents["train"] or not documents["val"]:
-        raise DataError(
-            f"{directory}: the sources gave {len(documents['train'])} training and {len(documents['val'])}"
-            " validation documents; add sources or adjust data.val_fraction"
-        )
-
-    if data.tokenizer:
-        tokenizer = load_tokenizer(data.tokenizer, vocab_size)
-    else:
-        tokenizer = train_bpe(documents["train"], vocab_size)
-    end_of_document_id = tokenizer.token_to_id(END_OF_DOCUMENT)
-    dtype = "uint16" if tokenizer.get_vocab_size() <= 2**16 else "uint32"
-
     staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    tokenizer.save(str(staging / "tokenizer.json"))
-    token_counts = {}
-    for split, texts in documents.items():
-        encodings = [encoding.ids for encoding in tokenizer.encode_batch(texts)]
-        token_counts[split] = _write_tokens(staging / f"{split}.bin", encodings, end_of_document_id, dtype)
+    try:
+        _prepare_into(staging, data, vocab_size, recipe, log)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    staging.rename(directory)
+    return Manifest.load(directory)
+
+
+def _prepare_into(staging: Path, data: DataConfig, vocab_size: int, recipe: str, log) -> None:
+    tokenizer_path = staging / "tokenizer.json"
+    if data.tokenizer:
+        tokenizer = load_tokenizer(data.tokenizer, vocab_size)
+        shutil.copyfile(data.tokenizer, tokenizer_path)
+    else:
+        tokenizer = train_bpe(tokenizer_sample(data), vocab_size)
+        tokenizer.save(str(tokenizer_path))
+    dtype = "uint16" if tokenizer.get_vocab_size() <= 2**16 else "uint32"
+
+    workers = data.workers or os.cpu_count() or 1
+    splits = {split: ShardedSplit(staging, split, dtype, data.block_tokens, data.shard_bytes) for split in SPLITS}
+    context = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads
+    with context.Pool(workers, _start_tokenizer_process, (str(tokenizer_path), data.val_fraction, dtype)) as pool, \
+            tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None) as progress:
+        for byte_count, streams in pool.imap(_tokenize_chunk, text_chunks(all_documents(data))):
+            for split, tokens in streams.items():
+                if len(tokens):
+                    splits[split].add(tokens)
+            progress.update(byte_count)
+    shards = {split: writer.close() for split, writer in splits.items()}
+
+    tokenizer_sha256 = file_sha256(tokenizer_path)
     meta = {
         "format": FORMAT_VERSION,
-        "fingerprint": expected,
-        "tokenizer_sha256": file_sha256(staging / "tokenizer.json"),
-        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
-        "end_of_document_id": end_of_document_id,
+        "recipe": recipe,
         "dtype": dtype,
-        "documents": {split: len(texts) for split, texts in documents.items()},
-        "tokens": token_counts,
-        "sources": [source.model_dump(mode="json") for source in data.sources],
+        "block_tokens": data.block_tokens,
+        "end_of_document_id": tokenizer.token_to_id(END_OF_DOCUMENT),
+        "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+        "sources": [{**source.model_dump(mode="json"), "description": describe(source)} for source in data.sources],
+        "splits": {split: [shard.__dict__ for shard in split_shards] for split, split_shards in shards.items()},
     }
-    (staging / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    staging.rename(directory)
+    # The fingerprint covers the tokenizer, every shard's bytes and the mixture: it seeds the data order.
+    meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    (staging / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    counts = {split: sum(s.tokens for s in split_shards) for split, split_shards in shards.items()}
     log(
-        f"prepared {token_counts['train']:,} training and {token_counts['val']:,} validation tokens"
-        f" ({tokenizer.get_vocab_size()} token vocabulary)"
+        f"prepared {counts['train']:,} training and {counts['val']:,} validation tokens (stored) in"
+        f" {sum(map(len, shards.values()))} shards ({tokenizer.get_vocab_size()} token vocabulary)"
     )
-    return _open_existing(directory, expected)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline prepare", description="prepare the data of a config")
+    parser.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    with exit_on_config_error():
+        config = load_config(args.config, args.overrides)
+    try:
+        manifest = prepare(config.data, config.model.vocab_size)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"{manifest.dir / MANIFEST}: ready")

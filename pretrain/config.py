@@ -47,14 +47,20 @@ class ModelConfig(_Section):
         return self
 
 
-class StdlibDocstringsSource(_Section):
+class _SourceBase(_Section):
+    weight: float = Field(
+        1.0, gt=0, description="times each document is used; a fraction keeps a fixed, hash-chosen share of them"
+    )
+
+
+class StdlibDocstringsSource(_SourceBase):
     """English prose harvested from the docstrings of the Python standard library on this machine."""
 
     kind: Literal["stdlib_docstrings"]
     min_chars: int = Field(40, ge=1, description="shorter docstrings are skipped")
 
 
-class InContextEpisodesSource(_Section):
+class InContextEpisodesSource(_SourceBase):
     """Procedurally generated episodes: a fresh word -> label mapping shown by example, pair after pair."""
 
     kind: Literal["icl_episodes"]
@@ -72,11 +78,39 @@ class InContextEpisodesSource(_Section):
         return self
 
 
-Source = Annotated[Union[StdlibDocstringsSource, InContextEpisodesSource], Field(discriminator="kind")]
+class _FileSourceBase(_SourceBase):
+    paths: list[str] = Field(min_length=1, description="files or glob patterns, read in sorted order")
+
+
+class ParquetSource(_FileSourceBase):
+    """Parquet files, streamed one row group at a time."""
+
+    kind: Literal["parquet"]
+    text_column: str = "text"
+
+
+class JsonlSource(_FileSourceBase):
+    """JSON Lines files, plain or compressed (.gz, .zst): one object per line."""
+
+    kind: Literal["jsonl"]
+    text_field: str = "text"
+
+
+class TextSource(_FileSourceBase):
+    """Plain text files: each file is one document."""
+
+    kind: Literal["txt"]
+
+
+Source = Annotated[
+    Union[StdlibDocstringsSource, InContextEpisodesSource, ParquetSource, JsonlSource, TextSource],
+    Field(discriminator="kind"),
+]
+SOURCE_KINDS = ("stdlib_docstrings", "icl_episodes", "parquet", "jsonl", "txt")
 
 
 class DataConfig(_Section):
-    dir: str = Field("data/quickstart", description="where the tokenizer and token files are written")
+    dir: str = Field("data/quickstart", description="where the tokenizer, shards and manifest.json are written")
     sources: list[Source] = Field(
         default_factory=lambda: [
             StdlibDocstringsSource(kind="stdlib_docstrings"),
@@ -85,7 +119,19 @@ class DataConfig(_Section):
         min_length=1,
     )
     tokenizer: str | None = Field(None, description="a tokenizer.json to use instead of training one")
+    tokenizer_sample_bytes: int = Field(200_000_000, ge=1, description="text the BPE is trained on, at most")
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
+    block_tokens: int = Field(8192, ge=1, description="tokens per stored sample; windows are cut from blocks")
+    shard_bytes: int = Field(256 * 2**20, ge=1, description="target size of one shard")
+    workers: int = Field(0, ge=0, description="tokenizer processes for prepare; 0: one per core")
+    shard_url: str | None = Field(
+        None, description="read shards from here instead of data.dir: a prefix or a template with {shard}"
+    )
+    verify: Literal["start", "on_read"] = Field(
+        "start", description="start: check every shard's sha256 before training; on_read: as each shard is read"
+    )
+    shuffle_blocks: int = Field(64, ge=1, description="blocks whose windows are shuffled together (bounded window)")
+    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
 
 
 class TrainConfig(_Section):
@@ -127,7 +173,7 @@ class LoggingConfig(_Section):
 class Config(_Section):
     name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = "runs"
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -203,7 +249,7 @@ def _set_dotted(tree: dict[str, Any], override: str) -> None:
 def _describe(error: ValidationError) -> str:
     first = error.errors()[0]
     # Discriminated unions add the variant's tag to the location; it is noise to a user.
-    location = ".".join(str(part) for part in first["loc"] if part not in ("stdlib_docstrings", "icl_episodes"))
+    location = ".".join(str(part) for part in first["loc"] if part not in SOURCE_KINDS)
     detail = first["msg"]
     if first["type"] == "extra_forbidden":
         detail = "unknown key (check its spelling and section)"

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import TokenWindows, TrainBatches, validation_batches
-from data_pipeline.prepare import prepare
+from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches, verify_shards
+from data_pipeline.prepare import Manifest, prepare
 from pretrain import checkpoint
 from pretrain.config import BatchLayout, Config, deepspeed_config, exit_on_config_error, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
@@ -65,6 +65,14 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
+def prepare_and_verify(config: Config, is_main: bool, log) -> Manifest:
+    """Prepare the data if needed; on rank 0, check every local shard against the manifest first."""
+    manifest = prepare(config.data, config.model.vocab_size, log=log)
+    if is_main and config.data.verify == "start":
+        verify_shards(manifest, config.data.shard_url)
+    return manifest
+
+
 def prepare_run_dir(config: Config, context: DistributedContext) -> None:
     """Create the run directory and save the resolved config, keeping any earlier config beside it."""
     run_dir = config.run_dir
@@ -87,11 +95,16 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     resume_tag = resume_tags[-1] if resume_tags else None
     prepare_run_dir(config, context)
 
-    # Data: rank 0 tokenizes once, the other ranks then open what it wrote.
-    data = on_main_first(context, functools.partial(prepare, config.data, config.model.vocab_size, log=say))
-    train_batches = TrainBatches(TokenWindows(data.tokens("train"), layout.seq_len), layout, context.rank, config.seed)
-    val_batches = validation_batches(TokenWindows(data.tokens("val"), layout.seq_len), layout, context.rank,
-                                     config.eval.batches)
+    # Data: rank 0 prepares (once) and verifies the shards, the other ranks then open what it checked.
+    data = on_main_first(context, functools.partial(prepare_and_verify, config, context.is_main, say))
+    if data.tokenizer_vocab_size > config.model.vocab_size:
+        raise DataError(
+            f"{data.tokenizer_path}: has {data.tokenizer_vocab_size} tokens, more than model.vocab_size="
+            f"{config.model.vocab_size}; raise model.vocab_size"
+        )
+    windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url) for split in ("train", "val")}
+    train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed)
+    val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
 
     # Model, optimizer, schedule, engine. The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(config.seed)
@@ -136,11 +149,14 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         logger.log(0, {"val/loss": validation_loss(engine, val_batches, context)})
 
     max_steps = config.train.max_steps
+    steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
     for step in range(start_step, max_steps):
         seed_step(config.seed, step, context.rank)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         step_start = time.perf_counter()
-        micro_batches = [batch.to(context.device, non_blocking=True) for batch in train_batches.micro_batches(step)]
+        loaded_step, loaded = next(steps)
+        assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
+        micro_batches = [tokens.to(context.device, non_blocking=True) for tokens, _window_ids in loaded]
         data_wait = time.perf_counter() - step_start
         loss_sum = torch.zeros((), device=context.device)
         for batch in micro_batches:

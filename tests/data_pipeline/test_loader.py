@@ -1,65 +1,164 @@
+import random
+import re
+import shutil
 from collections import Counter
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import TokenWindows, TrainBatches, validation_batches
+from data_pipeline.loader import GlobalOrder, TrainBatches, Windows, iterate_steps, validation_batches, verify_shards
+from data_pipeline.prepare import Manifest
 from pretrain.config import BatchLayout
+from tests.data_pipeline.test_prepare import split_stream
 
-SEQ_LEN = 8
-
-
-def windows_of(count: int) -> TokenWindows:
-    # Window i holds the tokens i*SEQ_LEN .. i*SEQ_LEN+SEQ_LEN, so its first token names it.
-    return TokenWindows(np.arange(count * SEQ_LEN + 1, dtype=np.uint32), SEQ_LEN)
+SEQ_LEN = 32
+SEQUENCES_PER_STEP = 12  # divides into 1, 2 and 3 ranks
 
 
-def layout(world_size: int, micro: int = 2, sequences_per_step: int = 12) -> BatchLayout:
-    return BatchLayout(world_size, SEQ_LEN, micro, sequences_per_step // (world_size * micro))
+def layout(world_size: int, micro: int = 2) -> BatchLayout:
+    return BatchLayout(world_size, SEQ_LEN, micro, SEQUENCES_PER_STEP // (world_size * micro))
 
 
-def step_windows(batches: TrainBatches, step: int) -> list[int]:
-    return [int(first) // SEQ_LEN for micro in batches.micro_batches(step) for first in micro[:, 0]]
+def rank_batches(manifest, world_size: int, seed: int = 0, shuffle_blocks: int = 4) -> list[TrainBatches]:
+    windows = Windows(manifest, "train", SEQ_LEN)
+    return [TrainBatches(windows, layout(world_size), rank, shuffle_blocks, seed) for rank in range(world_size)]
 
 
-def test_windows_hold_inputs_and_their_next_token_targets():
-    batch = windows_of(10).gather(np.array([3]))
-    assert batch.tolist() == [list(range(24, 33))]
+def windows_seen(ranks: list[TrainBatches], start: int, end: int, workers: int) -> list[list[int]]:
+    """Per rank, the window ids it was handed for steps start..end-1, through the DataLoader."""
+    seen = []
+    for batches in ranks:
+        ids = []
+        for _step, micro_batches in iterate_steps(batches, start, end, workers):
+            ids += [int(i) for _tokens, window_ids in micro_batches for i in window_ids]
+        seen.append(ids)
+    return seen
 
 
+def epoch_remainder(ranks: list[TrainBatches]) -> set[int]:
+    """The windows that do not fill a last global batch: dropped, so every rank does equal work."""
+    order, steps = ranks[0].order, ranks[0].steps_per_epoch
+    return set(order.at(0, np.arange(steps * SEQUENCES_PER_STEP, ranks[0].windows.count)).tolist())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_window_is_seen_exactly_once_per_epoch_with_equal_work_per_rank(world_size):
-    windows = windows_of(100)  # 8 steps of 12 windows per epoch; 4 windows left over are dropped
-    ranks = [TrainBatches(windows, layout(world_size), rank, seed=3) for rank in range(world_size)]
-    seen = Counter()
-    for step in range(ranks[0].steps_per_epoch):
-        per_rank = [step_windows(batches, step) for batches in ranks]
-        assert len({len(w) for w in per_rank}) == 1, "every rank gets the same number of windows"
-        seen.update(w for rank_windows in per_rank for w in rank_windows)
-    assert len(seen) == 96 and set(seen.values()) == {1}
+def test_an_epoch_hands_out_every_window_exactly_once_with_equal_work_per_rank(prepared, world_size, workers):
+    ranks = rank_batches(prepared, world_size)
+    steps = ranks[0].steps_per_epoch
+    seen = windows_seen(ranks, 0, steps, workers)
+    assert {len(ids) for ids in seen} == {steps * SEQUENCES_PER_STEP // world_size}
+    counts = Counter(i for ids in seen for i in ids)
+    assert set(counts.values()) == {1}
+    assert set(counts) | epoch_remainder(ranks) == set(range(ranks[0].windows.count))
+    assert len(epoch_remainder(ranks)) < SEQUENCES_PER_STEP
 
 
-def test_the_order_does_not_depend_on_the_world_size_and_changes_each_epoch():
-    windows = windows_of(100)
-    one = TrainBatches(windows, layout(1), 0, seed=3)
-    three = [TrainBatches(windows, layout(3), rank, seed=3) for rank in range(3)]
-    for step in (0, 5, 8, 13):
-        assert step_windows(one, step) == [w for batches in three for w in step_windows(batches, step)]
-    assert step_windows(one, 0) != step_windows(one, 8)  # epoch 1 is reshuffled
-    assert step_windows(one, 0) != step_windows(TrainBatches(windows, layout(1), 0, seed=4), 0)
+def test_a_run_stopped_at_a_random_step_and_resumed_at_another_world_size_covers_the_rest_exactly_once(prepared):
+    for stop_world, resume_world in ((2, 3), (3, 1), (1, 2)):
+        before, after = rank_batches(prepared, stop_world), rank_batches(prepared, resume_world)
+        steps = before[0].steps_per_epoch
+        stop = random.Random(stop_world).randrange(1, steps)
+        first = windows_seen(before, 0, stop, workers=0)
+        rest = windows_seen(after, stop, steps, workers=2)
+        counts = Counter(i for ids in first + rest for i in ids)
+        assert set(counts.values()) == {1}
+        assert set(counts) | epoch_remainder(before) == set(range(before[0].windows.count))
 
 
-def test_too_little_training_data_for_one_batch_is_a_clear_error():
-    with pytest.raises(DataError, match="lower train.global_batch_tokens"):
-        TrainBatches(windows_of(10), layout(1), 0, seed=0)
+def test_the_order_is_reproducible_independent_of_workers_and_world_size_and_reshuffled_each_epoch(prepared):
+    one_rank = rank_batches(prepared, 1)
+    steps = one_rank[0].steps_per_epoch
+    reference = windows_seen(one_rank, 0, 2 * steps, workers=0)[0]
+    assert windows_seen(rank_batches(prepared, 1), 0, 2 * steps, workers=2)[0] == reference
+    three_ranks = windows_seen(rank_batches(prepared, 3), 0, 2 * steps, workers=2)
+    per_step = SEQUENCES_PER_STEP // 3
+    interleaved = [i for step in range(2 * steps) for ids in three_ranks for i in ids[step * per_step:(step + 1) * per_step]]
+    assert interleaved == reference
+    epoch_one = reference[:steps * SEQUENCES_PER_STEP]
+    assert epoch_one != reference[steps * SEQUENCES_PER_STEP:]
+    assert epoch_one != windows_seen(rank_batches(prepared, 1, seed=1), 0, steps, workers=0)[0]
 
 
-def test_validation_batches_are_fixed_spread_over_the_split_and_disjoint_across_ranks():
-    windows = windows_of(100)
+def test_windows_hold_the_stream_tokens_and_their_next_token_targets(prepared):
+    stream = split_stream(prepared, "train")
+    (batches,) = rank_batches(prepared, 1)
+    for step in (0, 3):
+        for tokens, window_ids in batches.micro_batches(step):
+            for row, window in zip(tokens.numpy(), window_ids.tolist()):
+                assert (row == stream[window * SEQ_LEN: window * SEQ_LEN + SEQ_LEN + 1]).all()
+
+
+def test_the_shuffle_window_is_bounded_to_one_group_of_blocks(prepared):
+    windows = Windows(prepared, "train", SEQ_LEN)
+    order = GlobalOrder(windows, shuffle_blocks=4, seed=0)
+    per_group = 4 * windows.per_block
+    blocks_of_first_group = {int(w) // windows.per_block for w in order.at(0, np.arange(per_group))}
+    assert len(blocks_of_first_group) == 4
+
+
+def test_validation_batches_are_fixed_spread_over_the_split_and_disjoint_across_ranks(prepared):
+    windows = Windows(prepared, "val", SEQ_LEN)
     per_rank = [validation_batches(windows, layout(2), rank, batches=3) for rank in range(2)]
-    firsts = [int(t) // SEQ_LEN for batches in per_rank for batch in batches for t in batch[:, 0]]
-    assert len(firsts) == len(set(firsts)) == 12
-    assert min(firsts) == 0 and max(firsts) == 99
-    again = validation_batches(windows, layout(2), 0, batches=3)
+    assert all(batch.shape == (2, SEQ_LEN + 1) for batches in per_rank for batch in batches)
+    rows = {tuple(row) for batches in per_rank for batch in batches for row in batch.tolist()}
+    assert len(rows) == 12
+    again = validation_batches(Windows(prepared, "val", SEQ_LEN), layout(2), 0, batches=3)
     assert all((a == b).all() for a, b in zip(again, per_rank[0]))
+
+
+@pytest.fixture
+def damaged(prepared, tmp_path):
+    """A private copy of the prepared dataset that a test may damage."""
+    copy = tmp_path / "data"
+    shutil.copytree(prepared.dir, copy)
+    return Manifest.load(copy)
+
+
+def test_a_missing_shard_is_named_before_training(damaged):
+    shard = damaged.dir / damaged.splits["train"][2].name
+    shard.unlink()
+    with pytest.raises(DataError, match=re.escape(f"{shard}: shard missing")):
+        verify_shards(damaged, None)
+
+
+def test_a_shard_whose_sha256_differs_is_named_before_training(damaged):
+    shard = damaged.dir / damaged.splits["val"][0].name
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f"{shard}: sha256")):
+        verify_shards(damaged, None)
+
+
+def test_a_truncated_shard_is_named_at_start_and_when_read_without_verification(damaged):
+    shard = damaged.dir / damaged.splits["train"][0].name
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(DataError, match=re.escape(f"{shard}: sha256")):
+        verify_shards(damaged, None)
+    windows = Windows(damaged, "train", SEQ_LEN)
+    with pytest.raises(DataError, match=re.escape(f"{shard}: ") + "(holds|cannot read|ends inside)"):
+        windows.read(np.arange(windows.count))
+
+
+def test_a_manifest_written_for_another_tokenizer_is_named(damaged, tmp_path):
+    other = Tokenizer.from_file(str(damaged.tokenizer_path))
+    other.add_tokens(["<a token the shards were not made with>"])
+    other.save(str(damaged.tokenizer_path))
+    with pytest.raises(DataError, match=re.escape(f"{damaged.dir / 'manifest.json'}: was written for another tokenizer")):
+        verify_shards(damaged, None)
+
+
+def test_shards_can_be_read_through_a_url_and_are_verified_on_read(damaged, tmp_path):
+    remote = tmp_path / "remote"
+    shutil.copytree(damaged.dir, remote)
+    url = f"pipe:cat {remote}/{{shard}}"
+    local, piped = Windows(damaged, "train", SEQ_LEN), Windows(damaged, "train", SEQ_LEN, shard_url=url)
+    ids = np.arange(0, local.count, 7)
+    assert (local.read(ids) == piped.read(ids)).all()
+    shard = remote / damaged.splits["train"][0].name
+    shard.write_bytes(shard.read_bytes()[:-512])
+    with pytest.raises(DataError, match=re.escape(f"pipe:cat {shard}: sha256 differs")):
+        Windows(damaged, "train", SEQ_LEN, shard_url=url).read(np.arange(4))

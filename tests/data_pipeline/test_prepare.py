@@ -1,60 +1,88 @@
+import hashlib
 import json
+import re
 
+import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
 from data_pipeline.embedded import episode_inventories
 from data_pipeline.errors import DataError
+from data_pipeline.loader import ShardReader
 from data_pipeline.prepare import prepare
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
-from pretrain.config import DataConfig
+from tests.data_pipeline.conftest import episodes_config
 
 
-def episodes_config(directory, **changes) -> DataConfig:
-    source = {"kind": "icl_episodes", "episodes": 600, **changes}
-    return DataConfig(dir=str(directory), sources=[source], val_fraction=0.1)
+def quiet(*_):
+    pass
 
 
-def test_preparing_twice_gives_byte_identical_files(tmp_path):
-    first = prepare(episodes_config(tmp_path / "a"), vocab_size=512, log=lambda *_: None)
-    second = prepare(episodes_config(tmp_path / "b"), vocab_size=512, log=lambda *_: None)
-    for name in ("tokenizer.json", "train.bin", "val.bin"):
-        assert (first.dir / name).read_bytes() == (second.dir / name).read_bytes()
-    assert first.fingerprint == second.fingerprint
+def split_stream(manifest, split: str) -> np.ndarray:
+    """A split's token stream rebuilt from its blocks (each block repeats the previous block's last token)."""
+    reader = ShardReader(manifest, split, None)
+    blocks = [reader.block(i) for i in range(reader.block_count)]
+    return np.concatenate([blocks[0]] + [block[1:] for block in blocks[1:]])
 
 
-def test_documents_end_with_the_end_of_document_token_and_splits_are_disjoint(tmp_path):
-    data = prepare(episodes_config(tmp_path / "d"), vocab_size=512, log=lambda *_: None)
-    tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
+def test_preparing_again_gives_byte_identical_shards_whatever_the_number_of_processes(tmp_path, prepared):
+    again = prepare(episodes_config(tmp_path / "b", workers=1), vocab_size=512, log=quiet)
+    names = sorted(p.name for p in prepared.dir.iterdir())
+    assert names == sorted(p.name for p in again.dir.iterdir())
+    assert sum(name.endswith(".tar") for name in names) > 4
+    for name in names:
+        assert (prepared.dir / name).read_bytes() == (again.dir / name).read_bytes(), name
+
+
+def test_manifest_lists_every_shard_with_its_counts_and_sha256(prepared):
+    manifest = json.loads((prepared.dir / "manifest.json").read_text())
+    assert manifest["tokenizer_sha256"] == hashlib.sha256(prepared.tokenizer_path.read_bytes()).hexdigest()
+    assert manifest["dtype"] == "uint16" and manifest["sources"][0]["kind"] == "icl_episodes"
+    for split in ("train", "val"):
+        for shard in manifest["splits"][split]:
+            path = prepared.dir / shard["name"]
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
+            assert re.fullmatch(rf"{split}-\d{{6}}\.tar", shard["name"])
+            assert shard["samples"] >= 1 and shard["tokens"] <= shard["samples"] * 257
+
+
+def test_documents_keep_their_boundaries_and_the_splits_are_disjoint(prepared):
+    tokenizer = Tokenizer.from_file(str(prepared.tokenizer_path))
     documents = {}
     for split in ("train", "val"):
-        tokens = data.tokens(split).tolist()
-        assert tokens[-1] == data.end_of_document_id
-        text = tokenizer.decode(tokens, skip_special_tokens=False)
-        documents[split] = {d.strip() for d in text.split(END_OF_DOCUMENT) if d.strip()}
-    assert len(documents["train"]) > 400 and len(documents["val"]) > 20
-    assert not documents["train"] & documents["val"]
-    meta = json.loads((data.dir / "meta.json").read_text())
-    assert meta["tokens"]["train"] == len(data.tokens("train"))
+        stream = split_stream(prepared, split)
+        assert stream[-1] == prepared.end_of_document_id
+        text = tokenizer.decode(stream.tolist(), skip_special_tokens=False)
+        documents[split] = [d.strip() for d in text.split(END_OF_DOCUMENT) if d.strip()]
+    assert len(documents["train"]) + len(documents["val"]) == 600
+    assert len(documents["val"]) > 20
+    assert not set(documents["train"]) & set(documents["val"])
 
 
-def test_every_made_up_word_is_a_single_token(tmp_path):
-    data = prepare(episodes_config(tmp_path / "d"), vocab_size=512, log=lambda *_: None)
-    tokenizer = Tokenizer.from_file(str(data.tokenizer_path))
+def test_every_made_up_word_is_a_single_token(prepared):
+    tokenizer = Tokenizer.from_file(str(prepared.tokenizer_path))
     inputs, labels = episode_inventories(64, 8)
     assert all(len(tokenizer.encode(word).ids) == 1 for word in inputs + labels)
 
 
 def test_prepared_data_is_reused_and_a_different_recipe_is_refused_not_overwritten(tmp_path):
     directory = tmp_path / "d"
-    prepare(episodes_config(directory), vocab_size=512, log=lambda *_: None)
-    train_bytes = (directory / "train.bin").read_bytes()
+    prepare(episodes_config(directory), vocab_size=512, log=quiet)
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
     messages = []
     prepare(episodes_config(directory), vocab_size=512, log=messages.append)
     assert messages == [], "an up-to-date directory is reused, not rebuilt"
-    with pytest.raises(DataError, match=f"{directory}: was prepared from a different data config"):
+    with pytest.raises(DataError, match=re.escape(f"{directory}: was prepared from a different data config")):
         prepare(episodes_config(directory, episodes=700), vocab_size=512)
-    assert (directory / "train.bin").read_bytes() == train_bytes
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_a_failed_preparation_leaves_nothing_behind(tmp_path):
+    config = episodes_config(tmp_path / "d")
+    config.sources[0].vocabulary_words = 5000  # more made-up words than exist: fails while reading
+    with pytest.raises(DataError, match="lower vocabulary_words"):
+        prepare(config, vocab_size=512)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_directory_that_is_not_prepared_data_is_refused(tmp_path):
@@ -65,15 +93,22 @@ def test_a_directory_that_is_not_prepared_data_is_refused(tmp_path):
     assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
 
 
+def test_a_given_tokenizer_is_used_and_copied_beside_the_shards(tmp_path, prepared):
+    config = episodes_config(tmp_path / "d")
+    config.tokenizer = str(prepared.tokenizer_path)
+    manifest = prepare(config, vocab_size=512, log=quiet)
+    assert manifest.tokenizer_sha256 == prepared.tokenizer_sha256
+
+
 def test_a_given_tokenizer_without_an_end_of_document_token_is_refused_by_name(tmp_path):
     path = tmp_path / "tok.json"
     Tokenizer(models.BPE()).save(str(path))
-    with pytest.raises(DataError, match=f"{path}: has no {END_OF_DOCUMENT} token"):
+    with pytest.raises(DataError, match=re.escape(f"{path}: has no {END_OF_DOCUMENT} token")):
         load_tokenizer(path, max_vocab_size=512)
 
 
 def test_a_given_tokenizer_that_is_not_json_is_refused_by_name(tmp_path):
     path = tmp_path / "tok.json"
     path.write_text("not a tokenizer")
-    with pytest.raises(DataError, match=f"{path}: not a valid tokenizer.json"):
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a valid tokenizer.json")):
         load_tokenizer(path, max_vocab_size=512)

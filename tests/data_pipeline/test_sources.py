@@ -1,0 +1,72 @@
+import gzip
+import json
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import zstandard
+
+from data_pipeline.errors import DataError
+from data_pipeline.sources import weighted_documents
+from pretrain.config import DataConfig
+
+
+def source(**fields):
+    return DataConfig(sources=[fields]).sources[0]
+
+
+def test_parquet_is_read_by_row_group_from_the_configured_column(tmp_path):
+    table = pa.table({"body": [f"document {i}" for i in range(10)], "id": list(range(10))})
+    pq.write_table(table, tmp_path / "a.parquet", row_group_size=3)
+    documents = list(weighted_documents(source(kind="parquet", paths=[str(tmp_path / "*.parquet")], text_column="body")))
+    assert documents == [f"document {i}" for i in range(10)]
+
+
+def test_a_missing_parquet_column_is_named_with_the_file(tmp_path):
+    pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "a.parquet")) + r": has no column 'text' \(it has: body\)"):
+        list(weighted_documents(source(kind="parquet", paths=[str(tmp_path / "a.parquet")])))
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
+def test_jsonl_plain_and_compressed(tmp_path, suffix):
+    lines = "".join(json.dumps({"text": f"line {i}", "meta": i}) + "\n" for i in range(5)).encode()
+    path = tmp_path / f"a.jsonl{suffix}"
+    path.write_bytes({"": lambda b: b, ".gz": gzip.compress, ".zst": zstandard.compress}[suffix](lines))
+    assert list(weighted_documents(source(kind="jsonl", paths=[str(path)]))) == [f"line {i}" for i in range(5)]
+
+
+def test_a_broken_jsonl_line_is_named_with_file_and_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: not valid JSON")):
+        list(weighted_documents(source(kind="jsonl", paths=[str(path)])))
+    path.write_text('{"body": "no text field"}\n')
+    with pytest.raises(DataError, match=re.escape(f"{path}:1: has no field 'text'")):
+        list(weighted_documents(source(kind="jsonl", paths=[str(path)])))
+
+
+def test_text_files_by_glob_are_one_document_each_in_sorted_order(tmp_path):
+    for name in ("b.txt", "a.txt"):
+        (tmp_path / name).write_text(f"contents of {name}")
+    documents = list(weighted_documents(source(kind="txt", paths=[str(tmp_path / "*.txt")])))
+    assert documents == ["contents of a.txt", "contents of b.txt"]
+
+
+def test_a_pattern_that_matches_nothing_and_an_empty_source_are_named(tmp_path):
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nothing*.txt'}: matches no files")):
+        list(weighted_documents(source(kind="txt", paths=[str(tmp_path / "nothing*.txt")])))
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'empty.jsonl'}: the jsonl source gave no documents")):
+        list(weighted_documents(source(kind="jsonl", paths=[str(tmp_path / "empty.jsonl")])))
+
+
+def test_weights_repeat_documents_or_keep_a_fixed_share_of_them(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": f"document number {i}"}) + "\n" for i in range(2000)))
+    doubled = list(weighted_documents(source(kind="jsonl", paths=[str(path)], weight=2.0)))
+    assert len(doubled) == 4000 and doubled[:2] == ["document number 0"] * 2
+    half = list(weighted_documents(source(kind="jsonl", paths=[str(path)], weight=0.5)))
+    assert 900 < len(half) < 1100
+    assert half == list(weighted_documents(source(kind="jsonl", paths=[str(path)], weight=0.5)))
