@@ -9,7 +9,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test
+.PHONY: setup train test data bench-data
 
 setup: $(VENV)/.installed
 
@@ -26,3 +26,10 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# Tokenize and shard a config's data now (training does it on first use otherwise).
+data: setup
+	$(PY) -m data_pipeline prepare --config $(CONFIG) $(ARGS)
+
+bench-data: setup
+	$(PY) -m data_pipeline.bench $(ARGS)

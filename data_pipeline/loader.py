@@ -232,27 +232,31 @@ class TrainBatches:
         first = step_in_epoch * self.layout.sequences_per_step + self.rank * per_rank
         return self.order.at(epoch, np.arange(first, first + per_rank))
 
-    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This rank's micro-batches at `step`: (tokens (micro, seq_len + 1), window ids (micro,)) each."""
+    def step_windows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's windows at `step`: tokens (sequences_per_rank, seq_len + 1) and their window ids.
+
+        One tensor per step rather than one per micro-batch: handing a batch from a worker process costs
+        per tensor, and the training loop splits it into micro-batches for free.
+        """
         ids = self.window_ids(step)
-        tokens = self.windows.read(ids)
-        micro = self.layout.micro_batch_size
-        return [(tokens[i : i + micro], torch.from_numpy(ids[i : i + micro])) for i in range(0, len(ids), micro)]
+        return self.windows.read(ids), torch.from_numpy(ids)
 
 
 class _StepStream(torch.utils.data.IterableDataset):
     def __init__(self, batches: TrainBatches, start_step: int, end_step: int):
         self.batches, self.start_step, self.end_step = batches, start_step, end_step
 
-    def __iter__(self) -> Iterator[tuple[int, list]]:
+    def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start_step + worker, self.end_step, workers):
-            yield step, self.batches.micro_batches(step)
+            yield step, self.batches.step_windows(step)
 
 
-def iterate_steps(batches: TrainBatches, start_step: int, end_step: int, workers: int) -> Iterator[tuple[int, list]]:
-    """(step, micro-batches) for start_step .. end_step - 1, in order; read ahead by `workers` processes.
+def iterate_steps(
+    batches: TrainBatches, start_step: int, end_step: int, workers: int
+) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    """(step, (tokens, window ids)) for start_step .. end_step - 1, in order; read ahead by `workers` processes.
 
     DataLoader hands out the workers' items round-robin, and worker k yields every workers-th step, so the
     stream is in step order whatever the number of workers.

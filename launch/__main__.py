@@ -1,7 +1,8 @@
 """`python -m launch run --config CONFIG [--ranks N] [KEY=VALUE ...]`: check the config, then start the run.
 
-The config is validated here, for the world size it will run at, before any process starts: a bad config
-costs one line and exit code 2, not a cluster allocation.
+The config is validated here, for the world size it will run at, and the data is prepared (once) and its
+shards checked, before any training process starts: a bad config costs one line and exit code 2, bad data
+one line naming the file and exit code 1, not a cluster allocation.
 """
 
 from __future__ import annotations
@@ -9,9 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_pipeline.errors import DataError
 from launch.local import default_ranks, run_local
 from pretrain.checkpoint import refuse_to_train_over_checkpoints
 from pretrain.config import ConfigError, exit_on_config_error, load_config
+from pretrain.train import VERIFIED_DATA_VARIABLE, prepare_and_verify
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +33,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         config.batch_layout(ranks)
         refuse_to_train_over_checkpoints(config)
-    return run_local(ranks, args.config, args.overrides)
+    try:
+        manifest = prepare_and_verify(config, is_main=True, log=print)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
+    return run_local(ranks, args.config, args.overrides, {VERIFIED_DATA_VARIABLE: manifest.fingerprint})
 
 
 if __name__ == "__main__":

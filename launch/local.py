@@ -24,8 +24,8 @@ def torchrun_command(ranks: int, config_path: str | None, overrides: list[str]) 
     return command + list(overrides)
 
 
-def run_local(ranks: int, config_path: str | None, overrides: list[str]) -> int:
-    environment = dict(os.environ)
+def run_local(ranks: int, config_path: str | None, overrides: list[str], extra_environment: dict[str, str]) -> int:
+    environment = {**os.environ, **extra_environment}
     # Share the cores between CPU ranks rather than oversubscribing them (torchrun would pin each to 1).
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
     return subprocess.call(torchrun_command(ranks, config_path, overrides), env=environment)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import sys
 import time
 
@@ -65,10 +66,16 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
 
 
+# Set by `python -m launch` for the ranks it starts: the fingerprint of the manifest it already verified.
+VERIFIED_DATA_VARIABLE = "PRETRAIN_VERIFIED_DATA"
+
+
 def prepare_and_verify(config: Config, is_main: bool, log) -> Manifest:
-    """Prepare the data if needed; on rank 0, check every local shard against the manifest first."""
+    """Prepare the data if needed; on rank 0, check every local shard against the manifest, unless the
+    launcher already checked this very manifest."""
     manifest = prepare(config.data, config.model.vocab_size, log=log)
-    if is_main and config.data.verify == "start":
+    already_verified = os.environ.get(VERIFIED_DATA_VARIABLE) == manifest.fingerprint
+    if is_main and config.data.verify == "start" and not already_verified:
         verify_shards(manifest, config.data.shard_url)
     return manifest
 
@@ -154,9 +161,9 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         seed_step(config.seed, step, context.rank)
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
         step_start = time.perf_counter()
-        loaded_step, loaded = next(steps)
+        loaded_step, (tokens, _window_ids) = next(steps)
         assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
-        micro_batches = [tokens.to(context.device, non_blocking=True) for tokens, _window_ids in loaded]
+        micro_batches = tokens.to(context.device, non_blocking=True).split(layout.micro_batch_size)
         data_wait = time.perf_counter() - step_start
         loss_sum = torch.zeros((), device=context.device)
         for batch in micro_batches:

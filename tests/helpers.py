@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -29,7 +30,8 @@ TINY_CONFIG = {
 
 
 def deep_merge(base: dict, changes: dict) -> dict:
-    merged = dict(base)
+    """A new dict: `base` with `changes` merged in, section by section; neither input is modified."""
+    merged = copy.deepcopy(base)
     for key, value in changes.items():
         merged[key] = deep_merge(base[key], value) if isinstance(value, dict) and key in base else value
     return merged

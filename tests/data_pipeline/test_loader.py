@@ -31,8 +31,8 @@ def windows_seen(ranks: list[TrainBatches], start: int, end: int, workers: int) 
     seen = []
     for batches in ranks:
         ids = []
-        for _step, micro_batches in iterate_steps(batches, start, end, workers):
-            ids += [int(i) for _tokens, window_ids in micro_batches for i in window_ids]
+        for _step, (_tokens, window_ids) in iterate_steps(batches, start, end, workers):
+            ids += window_ids.tolist()
         seen.append(ids)
     return seen
 
@@ -86,9 +86,10 @@ def test_windows_hold_the_stream_tokens_and_their_next_token_targets(prepared):
     stream = split_stream(prepared, "train")
     (batches,) = rank_batches(prepared, 1)
     for step in (0, 3):
-        for tokens, window_ids in batches.micro_batches(step):
-            for row, window in zip(tokens.numpy(), window_ids.tolist()):
-                assert (row == stream[window * SEQ_LEN: window * SEQ_LEN + SEQ_LEN + 1]).all()
+        tokens, window_ids = batches.step_windows(step)
+        assert tokens.shape == (SEQUENCES_PER_STEP, SEQ_LEN + 1)
+        for row, window in zip(tokens.numpy(), window_ids.tolist()):
+            assert (row == stream[window * SEQ_LEN: window * SEQ_LEN + SEQ_LEN + 1]).all()
 
 
 def test_the_shuffle_window_is_bounded_to_one_group_of_blocks(prepared):

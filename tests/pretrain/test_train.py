@@ -1,10 +1,12 @@
 """Real training runs: two DeepSpeed ranks over gloo on the CPU, started the way a user starts them."""
 
 import json
+import os
 import re
-import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -53,20 +55,45 @@ def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wan
     assert "perf/tokens_per_second" in logged[16] and "train/grad_norm" in logged[16]
 
 
-def test_resumed_run_continues_with_the_losses_of_an_uninterrupted_run(tiny_config, tmp_path):
-    config = tiny_config({"train": {"max_steps": 8, "checkpoint_every": 4}})
-    launch(config)
-    run_dir = tmp_path / "runs" / "tiny"
-    uninterrupted = losses_by_step(run_dir)
+def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_losses_of_an_uninterrupted_run(tiny_config, tmp_path):
+    changes = {"train": {"max_steps": 40, "checkpoint_every": 4}}
+    launch(tiny_config({**changes, "name": "uninterrupted"}, name="uninterrupted.yaml"))
+    uninterrupted = losses_by_step(tmp_path / "runs" / "uninterrupted")
 
-    # As if the job had died after step 6: the newest complete checkpoint is step 4's.
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000008")
+    config = tiny_config({**changes, "name": "killed"}, name="killed.yaml")
+    run_dir = tmp_path / "runs" / "killed"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "launch", "run", "--config", str(config), "--ranks", "2"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step_00000004" / "complete").exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
+    job.wait()
+    assert max(losses_by_step(run_dir)) < 40
+
     result = launch(config)
-
-    assert "resumed from step_00000004 (step 4)" in result.stdout
+    resumed_step = int(re.search(r"resumed from step_\d+ \(step (\d+)\)", result.stdout).group(1))
     resumed = losses_by_step(run_dir)
-    assert sorted(resumed) == list(range(1, 9))
-    assert [resumed[step] for step in range(5, 9)] == [uninterrupted[step] for step in range(5, 9)]
+    assert sorted(resumed) == list(range(1, 41))
+    assert [resumed[s] for s in range(resumed_step + 1, 41)] == [uninterrupted[s] for s in range(resumed_step + 1, 41)]
+
+
+def test_a_damaged_shard_stops_the_launch_before_any_rank_starts(tiny_config, tmp_path):
+    config = tiny_config()
+    prepared = run_module("data_pipeline", "prepare", "--config", str(config), cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    shard = tmp_path / "data" / "train-000000.tar"
+    shard.write_bytes(shard.read_bytes()[:-1024])
+
+    result = run_module("launch", "run", "--config", str(config), cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {shard}: sha256 ") and lines[0].endswith("prepare the data again")
+    assert not (tmp_path / "runs").exists()
 
 
 def test_incomplete_checkpoint_is_never_resumed_from(tiny_config, tmp_path):

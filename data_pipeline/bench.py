@@ -1,0 +1,105 @@
+"""Data pipeline benchmark: `python -m data_pipeline.bench [--repeats N] [--megabytes M]` (or `make bench-data`).
+
+1. Prepare throughput, MB of text per second per tokenizer process, against raw `tokenizers`
+   `encode_batch` on the same text, single-threaded, in the same run. The ratio is the pipeline's overhead
+   (reading jsonl, splitting, packing, writing and hashing shards). Both use the same trained tokenizer, so
+   BPE training is not timed.
+2. Loader throughput: tokens per second from local shards through the training loader, in the main process
+   and with one DataLoader worker (global order, shuffle, window cutting, batching and, for the worker,
+   handing batches to the training process included), over several epochs.
+
+Each figure is the median of --repeats runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from data_pipeline.loader import TrainBatches, Windows, iterate_steps
+from data_pipeline.prepare import all_documents, prepare
+from data_pipeline.tokenizer import load_tokenizer
+from pretrain.config import BatchLayout, DataConfig
+
+
+EPOCHS = 4  # loader passes over the prepared text, so worker start-up is a small part of the time
+
+
+def corpus(megabytes: float) -> list[str]:
+    """The embedded corpus's documents, repeated until `megabytes` of text."""
+    documents = list(all_documents(DataConfig()))
+    size = sum(len(d.encode()) for d in documents)
+    return documents * max(1, round(megabytes * 1e6 / size))
+
+
+def timed(work) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--megabytes", type=float, default=20.0, help="text to prepare per run")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    args = parser.parse_args(argv)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # raw encode_batch on one thread: the per-process baseline
+
+    work = Path(tempfile.mkdtemp(prefix="data-bench-"))
+    try:
+        documents = corpus(args.megabytes)
+        megabytes = sum(len(d.encode()) for d in documents) / 1e6
+        source = work / "corpus.jsonl"
+        source.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents))
+        reference = prepare(DataConfig(dir=str(work / "reference")), vocab_size=2048, log=lambda *_: None)
+        tokenizer = load_tokenizer(reference.tokenizer_path, 2048)
+
+        def prepare_once(run: int) -> None:
+            config = DataConfig(
+                dir=str(work / f"run{run}"), sources=[{"kind": "jsonl", "paths": [str(source)]}],
+                tokenizer=str(reference.tokenizer_path), workers=1, shard_bytes=64 * 2**20,
+            )
+            prepare(config, vocab_size=2048, log=lambda *_: None)
+
+        raw = statistics.median(megabytes / timed(lambda: tokenizer.encode_batch(documents)) for _ in range(args.repeats))
+        pipeline = statistics.median(megabytes / timed(lambda r=r: prepare_once(r)) for r in range(args.repeats))
+
+        manifest = prepare(DataConfig(dir=str(work / "run0"), sources=[{"kind": "jsonl", "paths": [str(source)]}],
+                                      tokenizer=str(reference.tokenizer_path), workers=1,
+                                      shard_bytes=64 * 2**20), vocab_size=2048, log=lambda *_: None)
+        # 64 windows per step: one rank's share of a 0.5M-token global batch on 8 GPUs at seq_len 1024.
+        layout = BatchLayout(world_size=1, seq_len=args.seq_len, micro_batch_size=8, accumulation_steps=8)
+        loader_rates = {}
+        for workers in (0, 1):
+            def read_epoch() -> int:
+                batches = TrainBatches(Windows(manifest, "train", args.seq_len), layout, 0, 64, seed=0)
+                steps = iterate_steps(batches, 0, EPOCHS * batches.steps_per_epoch, workers)
+                return sum(tokens.numel() for _, (tokens, _window_ids) in steps)
+
+            rates = []
+            for _ in range(args.repeats):
+                start = time.perf_counter()
+                tokens = read_epoch()
+                rates.append(tokens / (time.perf_counter() - start))
+            loader_rates[workers] = statistics.median(rates)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; text: {megabytes:.1f} MB")
+    print(f"raw encode_batch (1 thread):       {raw:6.2f} MB/s")
+    print(f"prepare (1 tokenizer process):     {pipeline:6.2f} MB/s per process = {pipeline / raw:.2f}x raw")
+    for workers, rate in loader_rates.items():
+        where = "main process" if workers == 0 else f"{workers} worker"
+        print(f"loader, seq_len {args.seq_len}, {where}: {rate / 1e6:6.1f} M tokens/s")
+
+
+if __name__ == "__main__":
+    main()
