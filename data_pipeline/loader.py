@@ -267,6 +267,14 @@ def iterate_steps(
     ))
 
 
+def document_ids(tokens: torch.Tensor, end_of_document_id: int) -> torch.Tensor:
+    """Per input position of each window (tokens: (n, seq_len + 1)), the index of its document within the
+    window: it goes up by one after every end-of-document token, which belongs to the document it ends."""
+    inputs = tokens[:, :-1]
+    ended_before = torch.cumsum(inputs == end_of_document_id, dim=1) - (inputs == end_of_document_id).long()
+    return ended_before
+
+
 def validation_batches(windows: Windows, layout: BatchLayout, rank: int, batches: int) -> list[torch.Tensor]:
     """A fixed set of validation micro-batches for this rank, spread evenly over the whole split so the loss
     represents every source in it rather than whichever comes first."""

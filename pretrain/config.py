@@ -132,6 +132,9 @@ class DataConfig(_Section):
     )
     shuffle_blocks: int = Field(64, ge=1, description="blocks whose windows are shuffled together (bounded window)")
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
+    document_masking: bool = Field(
+        False, description="tokens attend only within their own document, not across packed neighbours"
+    )
 
 
 class TrainConfig(_Section):

@@ -49,12 +49,14 @@ class CausalSelfAttention(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
@@ -77,8 +79,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x)))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -110,8 +112,12 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size)."""
+    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size).
+
+        With document_ids (batch, time), a token attends only to earlier tokens of its own document, so
+        documents packed into one window do not see each other.
+        """
         length = tokens.shape[1]
         if length > self.config.seq_len:
             raise ValueError(f"sequence of {length} tokens is longer than model.seq_len={self.config.seq_len}")
@@ -119,8 +125,12 @@ class GPT(nn.Module):
         if self.position_embedding is not None:
             x = x + self.position_embedding(torch.arange(length, device=tokens.device))
         x = self.dropout(x)
+        mask = None
+        if document_ids is not None:
+            causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
+            mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.head(self.final_norm(x))
 
     def num_parameters(self, include_embeddings: bool = True) -> int:

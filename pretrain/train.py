@@ -20,7 +20,14 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches, verify_shards
+from data_pipeline.loader import (
+    TrainBatches,
+    Windows,
+    document_ids,
+    iterate_steps,
+    validation_batches,
+    verify_shards,
+)
 from data_pipeline.prepare import Manifest, prepare
 from pretrain import checkpoint
 from pretrain.config import BatchLayout, Config, deepspeed_config, exit_on_config_error, load_config
@@ -45,17 +52,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def next_token_loss(engine, windows: torch.Tensor, end_of_document_id: int | None) -> torch.Tensor:
+    """Mean loss of predicting each window's next tokens. With an end-of-document id, attention stays
+    within each document (data.document_masking)."""
+    ids = None if end_of_document_id is None else document_ids(windows, end_of_document_id)
+    logits = engine(windows[:, :-1], ids)
+    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
 
 
 @torch.no_grad()
-def validation_loss(engine, batches: list[torch.Tensor], context: DistributedContext) -> float:
+def validation_loss(engine, batches: list[torch.Tensor], context: DistributedContext, masking: int | None) -> float:
     engine.eval()
     total = 0.0
     for batch in batches:
-        batch = batch.to(context.device)
-        total += next_token_loss(engine(batch[:, :-1]), batch[:, 1:]).item()
+        total += next_token_loss(engine, batch.to(context.device), masking).item()
     engine.train()
     return mean_across_ranks(total / len(batches), context.device)
 
@@ -112,6 +122,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url) for split in ("train", "val")}
     train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed)
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
+    masking = data.end_of_document_id if config.data.document_masking else None
 
     # Model, optimizer, schedule, engine. The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(config.seed)
@@ -153,7 +164,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         f" x {layout.seq_len}, run directory {run_dir}"
     )
     if start_step == 0:
-        logger.log(0, {"val/loss": validation_loss(engine, val_batches, context)})
+        logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking)})
 
     max_steps = config.train.max_steps
     steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
@@ -167,7 +178,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         data_wait = time.perf_counter() - step_start
         loss_sum = torch.zeros((), device=context.device)
         for batch in micro_batches:
-            loss = next_token_loss(engine(batch[:, :-1]), batch[:, 1:])
+            loss = next_token_loss(engine, batch, masking)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
             loss_sum += loss.detach()
@@ -186,7 +197,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
             "perf/data_wait_fraction": data_wait / step_seconds,
         }
         if (config.eval.interval and done % config.eval.interval == 0) or done == max_steps:
-            metrics["val/loss"] = validation_loss(engine, val_batches, context)
+            metrics["val/loss"] = validation_loss(engine, val_batches, context, masking)
         logger.log(done, metrics)
         if done % config.logging.print_every == 0 or done == max_steps:
             say(

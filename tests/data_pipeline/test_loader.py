@@ -5,10 +5,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
-from data_pipeline.loader import GlobalOrder, TrainBatches, Windows, iterate_steps, validation_batches, verify_shards
+from data_pipeline.loader import (
+    GlobalOrder,
+    TrainBatches,
+    Windows,
+    document_ids,
+    iterate_steps,
+    validation_batches,
+    verify_shards,
+)
 from data_pipeline.prepare import Manifest
 from pretrain.config import BatchLayout
 from tests.data_pipeline.test_prepare import split_stream
@@ -163,3 +172,9 @@ def test_shards_can_be_read_through_a_url_and_are_verified_on_read(damaged, tmp_
     shard.write_bytes(shard.read_bytes()[:-512])
     with pytest.raises(DataError, match=re.escape(f"pipe:cat {shard}: sha256 differs")):
         Windows(damaged, "train", SEQ_LEN, shard_url=url).read(np.arange(4))
+
+
+def test_document_ids_start_a_new_document_after_each_end_of_document_token():
+    end = 0
+    windows = torch.tensor([[5, 6, end, 7, end, end, 8, 9]])
+    assert document_ids(windows, end).tolist() == [[0, 0, 0, 1, 1, 2, 3]]

@@ -60,3 +60,20 @@ def test_a_sequence_longer_than_the_context_is_refused():
     model = GPT(ModelConfig(vocab_size=32, seq_len=4, n_layer=1, n_head=1, d_model=8))
     with pytest.raises(ValueError, match="model.seq_len=4"):
         model(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_with_document_ids_no_token_sees_another_document():
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=50, seq_len=12, n_layer=2, n_head=2, d_model=16)).eval()
+    tokens = torch.randint(0, 50, (2, 12))
+    documents = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
+    with torch.no_grad():
+        before = model(tokens, documents)
+        changed = tokens.clone()
+        changed[:, 2] = (changed[:, 2] + 1) % 50  # inside the first document of both rows
+        after = model(changed, documents)
+        # Row 0: the second document (positions 5..) never saw position 2; row 1 is one document and did.
+        assert torch.equal(before[0, 5:], after[0, 5:])
+        assert not torch.allclose(before[1, 5:], after[1, 5:])
+        # A window that is one document gives what the plain causal model gives.
+        assert torch.allclose(model(tokens[1:], documents[1:]), model(tokens[1:]), atol=1e-6)

@@ -116,3 +116,9 @@ def test_resume_never_refuses_to_train_over_existing_checkpoints(tiny_config, tm
     assert result.returncode == 2
     assert result.stderr.startswith("config error: train.resume:") and "runs/tiny" in result.stderr
     assert checkpoint_file.read_bytes() == before
+
+
+def test_training_with_document_masking_lowers_the_loss(tiny_config, tmp_path):
+    result = launch(tiny_config({"data": {"document_masking": True}, "train": {"max_steps": 8}}))
+    first, last = map(float, re.search(r"validation loss: (\S+) at step 0 -> (\S+) at step 8", result.stdout).groups())
+    assert last < 0.9 * first
