@@ -189,7 +189,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         metrics = {
             "train/loss": train_loss,
             "train/lr": lr,
-            "train/grad_norm": float(engine.get_global_grad_norm()),
+            # DeepSpeed computes the norm inside its ZeRO and mixed-precision optimizers, not at stage 0 in fp32.
+            "train/grad_norm": None if (grad_norm := engine.get_global_grad_norm()) is None else float(grad_norm),
             "train/tokens": done * layout.tokens_per_step,
             "perf/tokens_per_second": tokens_per_second,
             "perf/mfu": flops_per_token * tokens_per_second / (peak_flops * context.world_size) if peak_flops else None,

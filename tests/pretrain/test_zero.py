@@ -1,0 +1,40 @@
+"""Whichever ZeRO stage and number of ranks a user picks, they train the same model (fp32, same global batch)."""
+
+import pytest
+import yaml
+
+from tests.helpers import TINY_CONFIG, deep_merge, launch
+from tests.pretrain.test_train import losses_by_step
+
+
+def train_losses(directory, stage: int, ranks: int) -> list[float]:
+    config = deep_merge(TINY_CONFIG, {
+        "name": f"zero{stage}-ranks{ranks}",
+        "output_dir": str(directory / "runs"),
+        "data": {"dir": str(directory / "data")},
+        "train": {"max_steps": 10, "checkpoint_every": 100},
+        "deepspeed": {"zero_stage": stage, "precision": "fp32"},
+        "eval": {"interval": 0, "batches": 1},
+    })
+    path = directory / f"zero{stage}-ranks{ranks}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launch(path, ranks=ranks)
+    losses = losses_by_step(directory / "runs" / config["name"])
+    return [losses[step] for step in range(1, 11)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("zero")
+
+
+@pytest.fixture(scope="module")
+def reference(workdir):
+    return train_losses(workdir, stage=0, ranks=1)
+
+
+@pytest.mark.parametrize(("stage", "ranks"), [(0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2)])
+def test_every_zero_stage_and_world_size_gives_the_losses_of_zero0_on_one_rank(workdir, reference, stage, ranks):
+    losses = train_losses(workdir, stage, ranks)
+    assert losses == pytest.approx(reference, rel=1e-4)
+    assert losses[-1] < losses[0]
