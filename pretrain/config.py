@@ -158,6 +158,9 @@ class DeepSpeedConfig(_Section):
         "auto", description="auto: bf16 where the device supports it, fp32 otherwise"
     )
     timeout_minutes: int = Field(10, ge=1, description="how long a collective waits for a missing rank")
+    activation_checkpointing: bool = Field(
+        False, description="recompute each block's activations in backward: less memory for ~1/3 more compute"
+    )
 
 
 class EvalConfig(_Section):

@@ -7,6 +7,7 @@ back to the residual stream. The output head shares its weights with the token e
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,9 +86,13 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, checkpoint_blocks: Callable | None = None):
+        """checkpoint_blocks: an activation-checkpointing function, called as checkpoint_blocks(block, x, mask),
+        that recomputes each block's activations in the backward pass instead of keeping them (the training
+        loop passes DeepSpeed's; None keeps activations)."""
         super().__init__()
         self.config = config
+        self.checkpoint_blocks = checkpoint_blocks
         self.token_embedding = nn.Embedding(config.vocab_size, config.d_model)
         self.position_embedding = (
             nn.Embedding(config.seq_len, config.d_model) if config.position == "learned" else None
@@ -130,7 +135,7 @@ class GPT(nn.Module):
             causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
             mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
         for block in self.blocks:
-            x = block(x, mask)
+            x = self.checkpoint_blocks(block, x, mask) if self.checkpoint_blocks and self.training else block(x, mask)
         return self.head(self.final_norm(x))
 
     def num_parameters(self, include_embeddings: bool = True) -> int:

@@ -126,7 +126,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
 
     # Model, optimizer, schedule, engine. The same seed on every rank gives every rank the same initial weights.
     torch.manual_seed(config.seed)
-    model = GPT(config.model)
+    checkpoint_blocks = deepspeed.checkpointing.checkpoint if config.deepspeed.activation_checkpointing else None
+    model = GPT(config.model, checkpoint_blocks)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, config.train.weight_decay),
         lr=config.train.lr,

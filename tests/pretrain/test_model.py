@@ -77,3 +77,22 @@ def test_with_document_ids_no_token_sees_another_document():
         assert not torch.allclose(before[1, 5:], after[1, 5:])
         # A window that is one document gives what the plain causal model gives.
         assert torch.allclose(model(tokens[1:], documents[1:]), model(tokens[1:]), atol=1e-6)
+
+
+def test_checkpointed_blocks_give_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=40, seq_len=8, n_layer=2, n_head=2, d_model=16)
+    plain = GPT(config)
+    calls = []
+
+    def checkpoint(block, x, mask):
+        calls.append(block)
+        return torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+
+    checkpointed = GPT(config, checkpoint_blocks=checkpoint)
+    checkpointed.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 40, (2, 8))
+    for model in (plain, checkpointed):
+        model(tokens).square().mean().backward()
+    assert len(calls) == 2
+    assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(plain.parameters(), checkpointed.parameters()))

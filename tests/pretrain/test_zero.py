@@ -7,16 +7,17 @@ from tests.helpers import TINY_CONFIG, deep_merge, launch
 from tests.pretrain.test_train import losses_by_step
 
 
-def train_losses(directory, stage: int, ranks: int) -> list[float]:
+def train_losses(directory, stage: int, ranks: int, activation_checkpointing: bool = False) -> list[float]:
+    name = f"zero{stage}-ranks{ranks}" + ("-checkpointed" if activation_checkpointing else "")
     config = deep_merge(TINY_CONFIG, {
-        "name": f"zero{stage}-ranks{ranks}",
+        "name": name,
         "output_dir": str(directory / "runs"),
         "data": {"dir": str(directory / "data")},
         "train": {"max_steps": 10, "checkpoint_every": 100},
-        "deepspeed": {"zero_stage": stage, "precision": "fp32"},
+        "deepspeed": {"zero_stage": stage, "precision": "fp32", "activation_checkpointing": activation_checkpointing},
         "eval": {"interval": 0, "batches": 1},
     })
-    path = directory / f"zero{stage}-ranks{ranks}.yaml"
+    path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     launch(path, ranks=ranks)
     losses = losses_by_step(directory / "runs" / config["name"])
@@ -38,3 +39,8 @@ def test_every_zero_stage_and_world_size_gives_the_losses_of_zero0_on_one_rank(w
     losses = train_losses(workdir, stage, ranks)
     assert losses == pytest.approx(reference, rel=1e-4)
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(("stage", "ranks"), [(2, 2), (3, 2)])
+def test_activation_checkpointing_changes_memory_not_the_model(workdir, reference, stage, ranks):
+    assert train_losses(workdir, stage, ranks, activation_checkpointing=True) == pytest.approx(reference, rel=1e-4)
