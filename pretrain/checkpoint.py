@@ -8,6 +8,7 @@ and `resume=auto` picks the newest checkpoint that has one. A crash mid-save lea
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,26 @@ def refuse_to_train_over_checkpoints(config: Config) -> None:
         )
 
 
-def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any]) -> Path:
+def save(engine, run_dir: Path, step: int, loop_state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint on every rank, mark it complete, then (keep > 0) delete all but the newest `keep`."""
     tag = tag_for_step(step)
     engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, client_state=loop_state, save_latest=False)
     dist.barrier()  # every rank has written its shard
     path = checkpoints_dir(run_dir) / tag
     if dist.get_rank() == 0:
         (path / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": dist.get_world_size()}) + "\n")
+        complete = complete_tags(run_dir)
+        if keep and len(complete) > keep:
+            remove_older_than(run_dir, complete[-keep])
     dist.barrier()
     return path
+
+
+def remove_older_than(run_dir: Path, oldest_kept: str) -> None:
+    """Delete every checkpoint, complete or not, older than `oldest_kept` (a complete one)."""
+    for directory in checkpoints_dir(run_dir).glob("step_*"):
+        if directory.is_dir() and directory.name < oldest_kept:
+            shutil.rmtree(directory)
 
 
 def load(engine, run_dir: Path, tag: str) -> dict[str, Any]:

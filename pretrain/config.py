@@ -142,13 +142,18 @@ class TrainConfig(_Section):
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per forward pass")
     max_steps: int = Field(1500, ge=1)
     lr: float = Field(3e-3, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr of the cosine decay, as a fraction of lr")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="lr at the end of the decay, as a fraction of lr")
     warmup_steps: int = Field(30, ge=0)
+    schedule: Literal["cosine", "wsd"] = Field(
+        "cosine", description="after warmup: cosine decay, or warmup-stable-decay (constant, then a linear decay)"
+    )
+    decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: the share of max_steps spent decaying")
     weight_decay: float = Field(0.1, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
+    keep_checkpoints: int = Field(0, ge=0, description="complete checkpoints kept, newest first; 0 keeps all")
     resume: Literal["auto", "never"] = "auto"
 
 

@@ -17,9 +17,18 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def lr_multiplier(step: int, train: TrainConfig) -> float:
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio of it at max_steps. `step` is 0-based."""
+    """The learning rate at `step` (0-based), as a fraction of the peak.
+
+    Linear warmup to the peak, then either cosine decay to min_lr_ratio at max_steps, or warmup-stable-decay:
+    the peak until the last decay_fraction of the steps, then a linear decay to min_lr_ratio. A WSD run's
+    stable phase can be branched into decays of several lengths, one run serving several token budgets.
+    """
     if step < train.warmup_steps:
         return (step + 1) / train.warmup_steps
+    if train.schedule == "wsd":
+        decay_steps = max(1, round(train.decay_fraction * train.max_steps))
+        progress = min(1.0, max(0, step - (train.max_steps - decay_steps)) / decay_steps)
+        return 1 - (1 - train.min_lr_ratio) * progress
     decay_steps = max(1, train.max_steps - train.warmup_steps)
     progress = min(1.0, (step - train.warmup_steps) / decay_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))

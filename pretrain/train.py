@@ -208,7 +208,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
             )
         if done % config.train.checkpoint_every == 0 or done == max_steps:
-            checkpoint.save(engine, run_dir, done, {"step": done, "data_fingerprint": data.fingerprint})
+            checkpoint.save(engine, run_dir, done, {"step": done, "data_fingerprint": data.fingerprint},
+                            keep=config.train.keep_checkpoints)
 
     logger.close()
     validation = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r] if context.is_main else []

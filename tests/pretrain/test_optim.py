@@ -23,3 +23,17 @@ def test_weight_decay_applies_to_matrices_only():
     assert all(p.dim() == 1 for p in not_decayed["params"])
     assert sum(p.numel() for group in (decayed, not_decayed) for p in group["params"]) == model.num_parameters()
     torch.optim.AdamW([decayed, not_decayed])  # every parameter appears exactly once
+
+
+def test_wsd_holds_the_peak_then_decays_linearly_over_the_last_fraction():
+    train = TrainConfig(max_steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule="wsd", decay_fraction=0.2)
+    multipliers = [lr_multiplier(step, train) for step in range(100)]
+    assert multipliers[9] == 1.0 and set(multipliers[10:81]) == {1.0}
+    assert multipliers[90] == pytest.approx(0.55) and multipliers[99] == pytest.approx(0.145)
+
+
+def test_wsd_runs_of_different_lengths_share_their_stable_phase():
+    # So one stable run can be branched into decays for several token budgets.
+    short = TrainConfig(max_steps=100, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    long = TrainConfig(max_steps=300, warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    assert [lr_multiplier(s, short) for s in range(80)] == [lr_multiplier(s, long) for s in range(80)]

@@ -122,3 +122,10 @@ def test_training_with_document_masking_lowers_the_loss(tiny_config, tmp_path):
     result = launch(tiny_config({"data": {"document_masking": True}, "train": {"max_steps": 8}}))
     first, last = map(float, re.search(r"validation loss: (\S+) at step 0 -> (\S+) at step 8", result.stdout).groups())
     assert last < 0.9 * first
+
+
+def test_only_the_newest_checkpoints_are_kept_when_asked(tiny_config, tmp_path):
+    launch(tiny_config({"train": {"max_steps": 8, "checkpoint_every": 2, "keep_checkpoints": 2}}))
+    checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000008"]
+    assert all((checkpoints / tag / "complete").exists() for tag in ("step_00000006", "step_00000008"))
