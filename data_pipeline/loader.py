@@ -29,6 +29,7 @@ import torch
 
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import Manifest, Shard
+from data_pipeline.tokenizer import file_sha256
 from pretrain.config import BatchLayout
 
 OPEN_SHARDS = 8  # shard indexes (and remote shards' bytes) kept per reader
@@ -48,8 +49,7 @@ def is_local(location: str) -> bool:
 
 def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
     """Check that every local shard exists with the sha256 the manifest records (remote ones: on read)."""
-    tokenizer_hash = hashlib.sha256(manifest.tokenizer_path.read_bytes()).hexdigest()
-    if tokenizer_hash != manifest.tokenizer_sha256:
+    if file_sha256(manifest.tokenizer_path) != manifest.tokenizer_sha256:
         raise DataError(
             f"{manifest.dir / 'manifest.json'}: was written for another tokenizer than"
             f" {manifest.tokenizer_path}; prepare the data again"
@@ -61,7 +61,7 @@ def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
                 continue
             if not Path(location).exists():
                 raise DataError(f"{location}: shard missing; restore it or prepare the data again")
-            actual = hashlib.sha256(Path(location).read_bytes()).hexdigest()
+            actual = file_sha256(location)  # streamed: shards can be larger than memory allows twice over
             if actual != shard.sha256:
                 raise DataError(
                     f"{location}: sha256 {actual[:16]}... differs from the manifest's {shard.sha256[:16]}...;"
