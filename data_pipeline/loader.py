@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import signal
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -263,8 +264,15 @@ def iterate_steps(
     """
     return iter(torch.utils.data.DataLoader(
         _StepStream(batches, start_step, end_step), batch_size=None, num_workers=workers,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
+        persistent_workers=False, prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals,
     ))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # SLURM signals every process of a job on preemption; a reader that died of it would fail the rank before
+    # the rank could save. The rank decides when to stop, and its readers end with it.
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
 
 
 def document_ids(tokens: torch.Tensor, end_of_document_id: int) -> torch.Tensor:

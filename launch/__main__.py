@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
-    return run_local(ranks, args.config, args.overrides, {VERIFIED_DATA_VARIABLE: manifest.fingerprint})
+    return run_local(ranks, args.config, args.overrides, {VERIFIED_DATA_VARIABLE: manifest.fingerprint},
+                     config.run_dir)
 
 
 if __name__ == "__main__":

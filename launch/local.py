@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+
+from pretrain.checkpoint import newest_complete, read_marker
+from pretrain.faults import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
 
 DEFAULT_CPU_RANKS = 2
 
@@ -24,8 +30,52 @@ def torchrun_command(ranks: int, config_path: str | None, overrides: list[str]) 
     return command + list(overrides)
 
 
-def run_local(ranks: int, config_path: str | None, overrides: list[str], extra_environment: dict[str, str]) -> int:
+def child_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended while we looked
+            continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def _ignore_preemption_warning() -> None:
+    # torchrun would die of SIGUSR1 (it does not handle it) and leave its ranks unsupervised; ignoring it is
+    # inherited, and the ranks install their own handler.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def run_local(ranks: int, config_path: str | None, overrides: list[str], extra_environment: dict[str, str],
+              run_dir: Path) -> int:
+    """Run torchrun to completion. A stop signal to this process reaches the ranks, which save a checkpoint;
+    the return code is then REQUEUE_EXIT_CODE, as it is when the ranks stopped on a signal of their own."""
     environment = {**os.environ, **extra_environment}
     # Share the cores between CPU ranks rather than oversubscribing them (torchrun would pin each to 1).
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-    return subprocess.call(torchrun_command(ranks, config_path, overrides), env=environment)
+    started = time.time()
+    torchrun = subprocess.Popen(torchrun_command(ranks, config_path, overrides), env=environment,
+                                preexec_fn=_ignore_preemption_warning)
+
+    def forward_to_ranks(signal_number: int, _frame) -> None:
+        # The ranks run in sessions of their own, so a signal to this process group does not reach them.
+        for rank_pid in child_pids(torchrun.pid):
+            try:
+                os.kill(rank_pid, signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
+            except ProcessLookupError:
+                pass
+
+    for stop_signal in (*PREEMPTION_SIGNALS, signal.SIGINT):
+        signal.signal(stop_signal, forward_to_ranks)
+    returncode = torchrun.wait()
+    newest = newest_complete(run_dir)
+    if returncode != 0 and newest is not None and newest.stat().st_mtime >= started:
+        marker = read_marker(newest)
+        if "preempted_by" in marker:
+            print(f"preempted ({marker['preempted_by']}): saved {newest} at step {marker['step']}; exit code"
+                  f" {REQUEUE_EXIT_CODE} asks for a requeue, and train.resume=auto continues from it", flush=True)
+            return REQUEUE_EXIT_CODE
+    return returncode

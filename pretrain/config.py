@@ -160,11 +160,36 @@ class TrainConfig(_Section):
 class DeepSpeedConfig(_Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="auto: bf16 where the device supports it, fp32 otherwise"
+        "auto", description="auto: bf16 where the device supports it, fp32 otherwise; fp16 uses dynamic loss scaling"
     )
     timeout_minutes: int = Field(10, ge=1, description="how long a collective waits for a missing rank")
     activation_checkpointing: bool = Field(
         False, description="recompute each block's activations in backward: less memory for ~1/3 more compute"
+    )
+    compile: bool = Field(False, description="torch.compile the model (DeepSpeed's engine.compile)")
+    # ZeRO knobs, under DeepSpeed's own names so its documentation applies. Buckets count elements.
+    overlap_comm: bool = Field(True, description="overlap gradient reduction with the backward pass (ZeRO 1-3)")
+    reduce_bucket_size: int = Field(500_000_000, ge=1, description="elements reduced together (ZeRO 1-3)")
+    allgather_bucket_size: int = Field(500_000_000, ge=1, description="elements all-gathered together (ZeRO 1-2)")
+    stage3_prefetch_bucket_size: int = Field(50_000_000, ge=0, description="ZeRO-3: parameters fetched ahead")
+    stage3_param_persistence_threshold: int = Field(
+        100_000, ge=0, description="ZeRO-3: parameters smaller than this stay whole on every rank"
+    )
+    stage3_max_live_parameters: int = Field(1_000_000_000, ge=1, description="ZeRO-3: gathered parameters held")
+    grad_accum_dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="micro-batch gradient sums; auto: fp32 under ZeRO 1-3 with bf16/fp16, else the model's"
+    )
+    communication_data_type: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="gradient reduction dtype; auto: the model's dtype"
+    )
+
+
+class FaultsConfig(_Section):
+    max_consecutive_skipped_steps: int = Field(
+        10, ge=1, description="steps in a row with a non-finite loss or gradient (each skipped) before the run stops"
+    )
+    nan_loss_at_steps: list[Annotated[int, Field(ge=1)]] = Field(
+        [], description="drill: rank 0's loss at these steps is made NaN, to rehearse the non-finite guard"
     )
 
 
@@ -190,6 +215,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @property
@@ -305,20 +331,42 @@ def exit_on_config_error():
 
 def deepspeed_config(config: Config, layout: BatchLayout, precision: str) -> dict[str, Any]:
     """The DeepSpeed JSON for this run, generated from the config (it is never written by hand)."""
+    knobs = config.deepspeed
+    zero: dict[str, Any] = {"stage": knobs.zero_stage}
+    if knobs.zero_stage >= 1:
+        zero.update(overlap_comm=knobs.overlap_comm, reduce_bucket_size=knobs.reduce_bucket_size)
+    if knobs.zero_stage in (1, 2):
+        zero.update(allgather_bucket_size=knobs.allgather_bucket_size, contiguous_gradients=True)
+    if knobs.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=knobs.stage3_prefetch_bucket_size,
+            stage3_param_persistence_threshold=knobs.stage3_param_persistence_threshold,
+            stage3_max_live_parameters=knobs.stage3_max_live_parameters,
+        )
     ds: dict[str, Any] = {
         "train_batch_size": layout.sequences_per_step,
         "train_micro_batch_size_per_gpu": layout.micro_batch_size,
         "gradient_accumulation_steps": layout.accumulation_steps,
         "gradient_clipping": config.train.grad_clip,
-        "zero_optimization": {"stage": config.deepspeed.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16", "loss_scale": 0},
-        # The optimizer is torch's AdamW, built by the training loop with per-parameter weight decay.
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0},  # 0: dynamic loss scaling
+        # The optimizer is the project's AdamW, built by the training loop with per-parameter weight decay.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-    if precision in ("bf16", "fp16") and config.deepspeed.zero_stage >= 1:
+    accumulation_dtype = knobs.grad_accum_dtype
+    if accumulation_dtype == "auto" and precision in ("bf16", "fp16") and knobs.zero_stage >= 1:
         # Accumulating micro-batch gradients in 16 bits loses small updates; keep the sum in fp32. DeepSpeed
         # supports this only under ZeRO (stage 0 refuses the mix).
-        ds["data_types"] = {"grad_accum_dtype": "fp32"}
+        accumulation_dtype = "fp32"
+    if accumulation_dtype != "auto":
+        if knobs.zero_stage == 0 and accumulation_dtype != precision:
+            raise ConfigError(
+                f"deepspeed.grad_accum_dtype: {accumulation_dtype} differs from the model's {precision}, which"
+                " DeepSpeed supports only under ZeRO; use zero_stage 1-3 or grad_accum_dtype=auto"
+            )
+        ds["data_types"] = {"grad_accum_dtype": accumulation_dtype}
+    if knobs.communication_data_type != "auto":
+        ds["communication_data_type"] = knobs.communication_data_type
     return ds

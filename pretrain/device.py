@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from pretrain.config import ConfigError
+
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s. Longer names first: the first
 # name contained in the device's name wins.
 BF16_PEAK_FLOPS = (
@@ -32,10 +34,25 @@ def bf16_supported(device: torch.device) -> bool:
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def fp16_supported(device: torch.device) -> bool:
+    # DeepSpeed's CPU accelerator has no fp16 (its loss scaler and kernels are GPU-only).
+    return device.type == "cuda"
+
+
 def resolve_precision(requested: str, device: torch.device) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16" if bf16_supported(device) else "fp32"
+    """The precision to train in: the requested one, or for "auto" bf16 where supported and fp32 otherwise.
+    Raises ConfigError for a 16-bit format the device lacks."""
+    if requested == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    # bf16 runs on any CPU (emulated where the matrix units lack it); an old GPU (V100) has none.
+    lacking = (requested == "fp16" and not fp16_supported(device)) or (
+        requested == "bf16" and device.type == "cuda" and not bf16_supported(device)
+    )
+    if lacking:
+        raise ConfigError(
+            f"deepspeed.precision: {requested} is not supported on this {device.type}; use fp32 or auto"
+        )
+    return requested
 
 
 def peak_bf16_flops(device: torch.device) -> float | None:

@@ -69,6 +69,13 @@ def mean_across_ranks(value: float | torch.Tensor, device: torch.device) -> floa
     return tensor.item() / dist.get_world_size()
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on at least one."""
+    tensor = torch.tensor(float(flag), device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
 class RankZeroFailed(RuntimeError):
     """Raised on the other ranks when rank 0 failed at work they wait for; rank 0 reports the cause."""
 

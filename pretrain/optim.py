@@ -1,9 +1,11 @@
-"""The optimizer's parameter groups and the learning-rate schedule."""
+"""The optimizer (AdamW that skips non-finite steps), its parameter groups, and the learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
 
+import torch
+import torch.distributed as dist
 from torch import nn
 
 from pretrain.config import TrainConfig
@@ -33,3 +35,41 @@ def lr_multiplier(step: int, train: TrainConfig) -> float:
     progress = min(1.0, (step - train.warmup_steps) / decay_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))
     return train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine
+
+
+class SkippingAdamW(torch.optim.AdamW):
+    """AdamW that skips its update, on every rank alike, when any rank saw a non-finite loss or gradient.
+
+    DeepSpeed checks gradients itself only in some modes (fp16; bf16, and fp32 under ZeRO 1-2); this covers
+    the others (ZeRO-3, fp32 at stage 0) and the loss, whose gradient can be finite when the loss is not.
+    DeepSpeed calls `step` on every rank (under ZeRO with the rank's partition of the fp32 weights), so one
+    all-reduce agrees the decision. The training loop calls `begin_step` and `observe_loss` around each step.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.skipped = False
+        self._loss_not_finite: torch.Tensor | None = None
+
+    def begin_step(self) -> None:
+        self.skipped = False
+        self._loss_not_finite = None
+
+    def observe_loss(self, loss: torch.Tensor) -> None:
+        # Kept as a tensor: checking it here would stall the device once per micro-batch.
+        not_finite = ~torch.isfinite(loss.detach())
+        self._loss_not_finite = not_finite if self._loss_not_finite is None else self._loss_not_finite | not_finite
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        bad = torch.zeros((), dtype=torch.float32, device=device)
+        if grads:
+            bad += ~torch.isfinite(torch.nn.utils.get_total_norm(grads))
+        if self._loss_not_finite is not None:
+            bad += self._loss_not_finite.to(device)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.skipped = bool(bad.item())
+        return None if self.skipped else super().step(closure)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -30,11 +32,13 @@ from data_pipeline.loader import (
 )
 from data_pipeline.prepare import Manifest, prepare
 from pretrain import checkpoint
+from pretrain.faults import NonFiniteSteps, Preempted, PreemptionWatch, TrainingStopped
 from pretrain.config import BatchLayout, Config, deepspeed_config, exit_on_config_error, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
     RankZeroFailed,
+    any_rank,
     init_distributed,
     mean_across_ranks,
     on_main_first,
@@ -42,7 +46,7 @@ from pretrain.distributed import (
 )
 from pretrain.metrics import RunLogger, read_metrics
 from pretrain.model import GPT
-from pretrain.optim import lr_multiplier, parameter_groups
+from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -128,7 +132,10 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     torch.manual_seed(config.seed)
     checkpoint_blocks = deepspeed.checkpointing.checkpoint if config.deepspeed.activation_checkpointing else None
     model = GPT(config.model, checkpoint_blocks)
-    optimizer = torch.optim.AdamW(
+    # Counted before ZeRO-3 partitions the weights, after which each rank holds only a slice.
+    parameters, non_embedding_parameters = model.num_parameters(), model.num_parameters(include_embeddings=False)
+    flops_per_token = model.flops_per_token()
+    optimizer = SkippingAdamW(
         parameter_groups(model, config.train.weight_decay),
         lr=config.train.lr,
         betas=config.train.betas,
@@ -141,6 +148,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     if context.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if config.deepspeed.compile:
+        engine.compile()
 
     start_step = 0
     if resume_tag is not None:
@@ -155,11 +164,10 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         say(f"resumed from {resume_tag} (step {start_step})")
     logger = RunLogger(config, context.is_main, resumed_from_step=start_step if resume_tag else None)
 
-    flops_per_token = model.flops_per_token()
     peak_flops = peak_bf16_flops(context.device)
     say(
-        f"{config.name}: {model.num_parameters():,} parameters ({model.num_parameters(False):,} without"
-        f" embeddings), {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
+        f"{config.name}: {parameters:,} parameters ({non_embedding_parameters:,} without embeddings)"
+        f", {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
         f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
         f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
         f" x {layout.seq_len}, run directory {run_dir}"
@@ -167,6 +175,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     if start_step == 0:
         logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking)})
 
+    preemption = PreemptionWatch()  # before the loader's workers start, so they inherit it
+    non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir)
     max_steps = config.train.max_steps
     steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
     for step in range(start_step, max_steps):
@@ -177,22 +187,32 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
         micro_batches = tokens.to(context.device, non_blocking=True).split(layout.micro_batch_size)
         data_wait = time.perf_counter() - step_start
+        done = step + 1
         loss_sum = torch.zeros((), device=context.device)
+        optimizer.begin_step()
         for batch in micro_batches:
             loss = next_token_loss(engine, batch, masking)
+            if done in config.faults.nan_loss_at_steps and context.is_main:
+                loss = loss * torch.nan
+            optimizer.observe_loss(loss)
             engine.backward(loss)
             engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
             loss_sum += loss.detach()
         train_loss = mean_across_ranks(loss_sum / layout.accumulation_steps, context.device)
         step_seconds = time.perf_counter() - step_start
         tokens_per_second = layout.tokens_per_step / step_seconds
-        done = step + 1
+        skipped = optimizer.skipped or not engine.was_step_applied()
+        # Under fp16, DeepSpeed's loss scaler also skips steps whose scaled gradients overflowed while it finds
+        # its scale; those are routine, not a sign of divergence.
+        loss_scaler_skip = precision == "fp16" and not optimizer.skipped and math.isfinite(train_loss)
+        non_finite.record(skipped and not loss_scaler_skip)
         metrics = {
             "train/loss": train_loss,
             "train/lr": lr,
             # DeepSpeed computes the norm inside its ZeRO and mixed-precision optimizers, not at stage 0 in fp32.
             "train/grad_norm": None if (grad_norm := engine.get_global_grad_norm()) is None else float(grad_norm),
             "train/tokens": done * layout.tokens_per_step,
+            "train/skipped_steps": non_finite.total,
             "perf/tokens_per_second": tokens_per_second,
             "perf/mfu": flops_per_token * tokens_per_second / (peak_flops * context.world_size) if peak_flops else None,
             "perf/step_seconds": step_seconds,
@@ -207,9 +227,19 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 f" | {tokens_per_second:,.0f} tokens/s | data wait {metrics['perf/data_wait_fraction']:.1%}"
                 + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
             )
-        if done % config.train.checkpoint_every == 0 or done == max_steps:
-            checkpoint.save(engine, run_dir, done, {"step": done, "data_fingerprint": data.fingerprint},
-                            keep=config.train.keep_checkpoints)
+        non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
+        preempted_by = (preemption.received or "a signal to another rank") if any_rank(
+            preemption.received is not None, context.device) else None
+        if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
+            loop_state = {"step": done, "data_fingerprint": data.fingerprint}
+            saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
+                                    preempted_by=preempted_by)
+        if preempted_by and done < max_steps:
+            logger.close()
+            raise Preempted(
+                f"{preempted_by} asked to stop: saved {saved} at step {done}; resume with train.resume=auto"
+                " (launchers requeue on this exit code)"
+            )
 
     logger.close()
     validation = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r] if context.is_main else []
@@ -221,6 +251,9 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    # DeepSpeed's ZeRO-3 calls collectives this torch deprecates, at every step; the notice is for DeepSpeed's
+    # developers, not for someone watching a run.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     with exit_on_config_error():
         config = load_config(args.config, args.overrides)
     context = init_distributed(config.deepspeed.timeout_minutes)
@@ -231,6 +264,9 @@ def main(argv: list[str] | None = None) -> None:
     except (DataError, checkpoint.CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
+    except TrainingStopped as stopped:
+        context.print(f"stopped: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_code)
     except RankZeroFailed:
         sys.exit(1)  # rank 0 has printed the cause
     finally:

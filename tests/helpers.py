@@ -6,7 +6,10 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+from launch.local import child_pids
 
 # Small enough for a 2-rank DeepSpeed run in seconds on 2 CPU cores; in-context episodes only, so preparing
 # the data takes about a second.
@@ -56,3 +59,47 @@ def launch(config: Path, *overrides: str, ranks: int = 2, timeout: float = 600) 
                         cwd=config.parent, timeout=timeout)
     assert result.returncode == 0, f"training failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def start_launch(config: Path, *overrides: str, ranks: int = 2) -> subprocess.Popen:
+    """Start a training job in the background, output discarded, to interrupt it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "launch", "run", "--config", str(config), "--ranks", str(ranks), *overrides],
+        cwd=config.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+
+
+def wait_for(path: Path, job: subprocess.Popen, timeout: float = 300, poll: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert job.poll() is None, f"the job ended (code {job.returncode}) before {path} appeared"
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        time.sleep(poll)
+
+
+def job_processes(job: subprocess.Popen) -> list[int]:
+    """The launcher and everything below it: torchrun, the ranks (each in a session of its own), readers."""
+    found, frontier = [], [job.pid]
+    while frontier:
+        pid = frontier.pop()
+        found.append(pid)
+        frontier += child_pids(pid)
+    return found
+
+
+def rank_pid(job: subprocess.Popen, rank: int) -> int:
+    """The process of one training rank: a child of torchrun, itself the launcher's child."""
+    (torchrun,) = child_pids(job.pid)
+    for pid in child_pids(torchrun):
+        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+            return pid
+    raise AssertionError(f"no process for rank {rank}")
+
+
+def signal_job(job: subprocess.Popen, signal_number: int) -> None:
+    """Signal every process of the job at once, as SLURM does on preemption or cancellation."""
+    for pid in job_processes(job):
+        try:
+            os.kill(pid, signal_number)
+        except ProcessLookupError:
+            pass

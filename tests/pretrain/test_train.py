@@ -55,32 +55,6 @@ def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wan
     assert "perf/tokens_per_second" in logged[16] and "train/grad_norm" in logged[16]
 
 
-def test_a_killed_run_resumes_from_its_last_checkpoint_with_the_losses_of_an_uninterrupted_run(tiny_config, tmp_path):
-    changes = {"train": {"max_steps": 40, "checkpoint_every": 4}}
-    launch(tiny_config({**changes, "name": "uninterrupted"}, name="uninterrupted.yaml"))
-    uninterrupted = losses_by_step(tmp_path / "runs" / "uninterrupted")
-
-    config = tiny_config({**changes, "name": "killed"}, name="killed.yaml")
-    run_dir = tmp_path / "runs" / "killed"
-    job = subprocess.Popen(
-        [sys.executable, "-m", "launch", "run", "--config", str(config), "--ranks", "2"],
-        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    deadline = time.monotonic() + 300
-    while not (run_dir / "checkpoints" / "step_00000004" / "complete").exists():
-        assert job.poll() is None and time.monotonic() < deadline, "the run ended before its first checkpoint"
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)  # every rank and the launcher, mid-run
-    job.wait()
-    assert max(losses_by_step(run_dir)) < 40
-
-    result = launch(config)
-    resumed_step = int(re.search(r"resumed from step_\d+ \(step (\d+)\)", result.stdout).group(1))
-    resumed = losses_by_step(run_dir)
-    assert sorted(resumed) == list(range(1, 41))
-    assert [resumed[s] for s in range(resumed_step + 1, 41)] == [uninterrupted[s] for s in range(resumed_step + 1, 41)]
-
-
 def test_a_damaged_shard_stops_the_launch_before_any_rank_starts(tiny_config, tmp_path):
     config = tiny_config()
     prepared = run_module("data_pipeline", "prepare", "--config", str(config), cwd=tmp_path)
