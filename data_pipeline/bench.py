@@ -28,7 +28,6 @@ from data_pipeline.prepare import all_documents, prepare
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain.config import BatchLayout, DataConfig
 
-
 EPOCHS = 4  # loader passes over the prepared text, so worker start-up is a small part of the time
 
 

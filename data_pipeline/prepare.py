@@ -34,7 +34,12 @@ from tqdm import tqdm
 
 from data_pipeline.errors import DataError
 from data_pipeline.sources import describe, text_hash, weighted_documents
-from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, load_tokenizer, train_bpe
+from data_pipeline.tokenizer import (
+    END_OF_DOCUMENT,
+    file_sha256,
+    load_tokenizer,
+    train_bpe,
+)
 from pretrain.config import DataConfig, exit_on_config_error, load_config
 
 FORMAT_VERSION = 2

@@ -105,7 +105,9 @@ def load(engine, run_dir: Path, tag: str) -> dict[str, Any]:
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's full fp32 weights, on the CPU, from a checkpoint of any ZeRO stage and number of ranks."""
     if any(checkpoint.glob("*zero_pp_rank_*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        from deepspeed.utils.zero_to_fp32 import (
+            get_fp32_state_dict_from_zero_checkpoint,
+        )
 
         # The fp32 master weights, gathered from every rank's partition.
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)

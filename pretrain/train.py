@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -32,8 +33,13 @@ from data_pipeline.loader import (
 )
 from data_pipeline.prepare import Manifest, prepare
 from pretrain import checkpoint
-from pretrain.faults import NonFiniteSteps, Preempted, PreemptionWatch, TrainingStopped
-from pretrain.config import BatchLayout, Config, deepspeed_config, exit_on_config_error, load_config
+from pretrain.config import (
+    BatchLayout,
+    Config,
+    deepspeed_config,
+    exit_on_config_error,
+    load_config,
+)
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
@@ -44,6 +50,7 @@ from pretrain.distributed import (
     on_main_first,
     shutdown,
 )
+from pretrain.faults import NonFiniteSteps, Preempted, PreemptionWatch, TrainingStopped
 from pretrain.metrics import RunLogger, read_metrics
 from pretrain.model import GPT
 from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
@@ -107,8 +114,64 @@ def prepare_run_dir(config: Config, context: DistributedContext) -> None:
     saved.write_text(resolved)
 
 
+@dataclass
+class EngineSetup:
+    """A DeepSpeed engine around the model, with what the loop needs to know about it."""
+
+    engine: object  # deepspeed.DeepSpeedEngine; called and stepped like the model
+    optimizer: SkippingAdamW
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    precision: str
+    ds_config: dict
+    parameters: int
+    non_embedding_parameters: int
+    flops_per_token: int
+
+
+def build_engine(config: Config, layout: BatchLayout, context: DistributedContext) -> EngineSetup:
+    """Model, optimizer, schedule and DeepSpeed engine, as configured. The same seed on every rank gives every
+    rank the same initial weights."""
+    import deepspeed
+
+    torch.manual_seed(config.seed)
+    checkpoint_blocks = deepspeed.checkpointing.checkpoint if config.deepspeed.activation_checkpointing else None
+    model = GPT(config.model, checkpoint_blocks)
+    # Counted before ZeRO-3 partitions the weights, after which each rank holds only a slice.
+    parameters, non_embedding_parameters = model.num_parameters(), model.num_parameters(include_embeddings=False)
+    optimizer = SkippingAdamW(
+        parameter_groups(model, config.train.weight_decay),
+        lr=config.train.lr,
+        betas=config.train.betas,
+        eps=config.train.eps,
+        fused=context.device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=config.train))
+    precision = resolve_precision(config.deepspeed.precision, context.device)
+    ds_config = deepspeed_config(config, layout, precision)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    if config.deepspeed.compile:
+        engine.compile()
+    return EngineSetup(engine, optimizer, scheduler, precision, ds_config, parameters, non_embedding_parameters,
+                  model.flops_per_token())
+
+
+def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | None, poison: bool = False):
+    """Forward and backward over one step's micro-batches and the optimizer update; returns the summed
+    micro-batch losses (a tensor, so the device is not stalled). `poison` makes the loss NaN (a fault drill)."""
+    loss_sum = torch.zeros((), device=micro_batches[0].device)
+    optimizer.begin_step()
+    for batch in micro_batches:
+        loss = next_token_loss(engine, batch, masking)
+        if poison:
+            loss = loss * torch.nan
+        optimizer.observe_loss(loss)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
+        loss_sum += loss.detach()
+    return loss_sum
+
+
 def train(config: Config, layout: BatchLayout, context: DistributedContext) -> None:
-    import deepspeed  # deferred: slow to import, and not needed to validate a config
 
     say = context.print
     run_dir = config.run_dir
@@ -128,28 +191,10 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None
 
-    # Model, optimizer, schedule, engine. The same seed on every rank gives every rank the same initial weights.
-    torch.manual_seed(config.seed)
-    checkpoint_blocks = deepspeed.checkpointing.checkpoint if config.deepspeed.activation_checkpointing else None
-    model = GPT(config.model, checkpoint_blocks)
-    # Counted before ZeRO-3 partitions the weights, after which each rank holds only a slice.
-    parameters, non_embedding_parameters = model.num_parameters(), model.num_parameters(include_embeddings=False)
-    flops_per_token = model.flops_per_token()
-    optimizer = SkippingAdamW(
-        parameter_groups(model, config.train.weight_decay),
-        lr=config.train.lr,
-        betas=config.train.betas,
-        eps=config.train.eps,
-        fused=context.device.type == "cuda",
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=config.train))
-    precision = resolve_precision(config.deepspeed.precision, context.device)
-    ds_config = deepspeed_config(config, layout, precision)
+    setup = build_engine(config, layout, context)
+    engine, optimizer, scheduler, precision = setup.engine, setup.optimizer, setup.scheduler, setup.precision
     if context.is_main:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    if config.deepspeed.compile:
-        engine.compile()
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
     start_step = 0
     if resume_tag is not None:
@@ -166,7 +211,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
 
     peak_flops = peak_bf16_flops(context.device)
     say(
-        f"{config.name}: {parameters:,} parameters ({non_embedding_parameters:,} without embeddings)"
+        f"{config.name}: {setup.parameters:,} parameters ({setup.non_embedding_parameters:,} without embeddings)"
         f", {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
         f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
         f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
@@ -188,16 +233,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         micro_batches = tokens.to(context.device, non_blocking=True).split(layout.micro_batch_size)
         data_wait = time.perf_counter() - step_start
         done = step + 1
-        loss_sum = torch.zeros((), device=context.device)
-        optimizer.begin_step()
-        for batch in micro_batches:
-            loss = next_token_loss(engine, batch, masking)
-            if done in config.faults.nan_loss_at_steps and context.is_main:
-                loss = loss * torch.nan
-            optimizer.observe_loss(loss)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed updates the weights only at the accumulation boundary
-            loss_sum += loss.detach()
+        poison = done in config.faults.nan_loss_at_steps and context.is_main
+        loss_sum = train_step(engine, optimizer, micro_batches, masking, poison)
         train_loss = mean_across_ranks(loss_sum / layout.accumulation_steps, context.device)
         step_seconds = time.perf_counter() - step_start
         tokens_per_second = layout.tokens_per_step / step_seconds
@@ -214,7 +251,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
             "train/tokens": done * layout.tokens_per_step,
             "train/skipped_steps": non_finite.total,
             "perf/tokens_per_second": tokens_per_second,
-            "perf/mfu": flops_per_token * tokens_per_second / (peak_flops * context.world_size) if peak_flops else None,
+            "perf/mfu": setup.flops_per_token * tokens_per_second / (peak_flops * context.world_size) if peak_flops else None,
             "perf/step_seconds": step_seconds,
             "perf/data_wait_fraction": data_wait / step_seconds,
         }

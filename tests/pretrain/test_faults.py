@@ -12,7 +12,15 @@ import pytest
 from pretrain.checkpoint import consolidated_state_dict
 from pretrain.faults import REQUEUE_EXIT_CODE
 from pretrain.metrics import read_metrics
-from tests.helpers import job_processes, launch, rank_pid, run_module, signal_job, start_launch, wait_for
+from tests.helpers import (
+    job_processes,
+    launch,
+    rank_pid,
+    run_module,
+    signal_job,
+    start_launch,
+    wait_for,
+)
 from tests.pretrain.test_train import losses_by_step
 
 

@@ -1,12 +1,9 @@
 """Real training runs: two DeepSpeed ranks over gloo on the CPU, started the way a user starts them."""
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
