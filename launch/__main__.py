@@ -13,7 +13,8 @@ import sys
 from data_pipeline.errors import DataError
 from launch.local import default_ranks, run_local
 from pretrain.checkpoint import refuse_to_train_over_checkpoints
-from pretrain.config import ConfigError, exit_on_config_error, load_config
+from pretrain.config import ConfigError, deepspeed_config, exit_on_config_error, load_config
+from pretrain.device import device_here, resolve_precision
 from pretrain.train import VERIFIED_DATA_VARIABLE, prepare_and_verify
 
 
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
         if ranks < 1:
             raise ConfigError(f"--ranks: must be at least 1, got {ranks}")
         config = load_config(args.config, args.overrides)
-        config.batch_layout(ranks)
+        # The DeepSpeed config is generated here too, so what it refuses is refused before any rank starts.
+        deepspeed_config(config, config.batch_layout(ranks), resolve_precision(config.deepspeed.precision, device_here()))
         refuse_to_train_over_checkpoints(config)
     try:
         manifest = prepare_and_verify(config, is_main=True, log=print)

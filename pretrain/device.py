@@ -27,6 +27,11 @@ def pick_device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def device_here() -> torch.device:
+    """The kind of device ranks started on this machine train on (for checks made before they start)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from tests.helpers import run_module
 
@@ -8,6 +9,23 @@ def test_zero_ranks_is_refused_before_anything_starts(tiny_config, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: --ranks: must be at least 1, got 0"
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["deepspeed.precision=fp16"], "config error: deepspeed.precision: fp16 is not supported on this cpu; use fp32"
+                                   " or auto"),
+    (["deepspeed.zero_stage=0", "deepspeed.precision=bf16", "deepspeed.grad_accum_dtype=fp32"],
+     "config error: deepspeed.grad_accum_dtype: fp32 differs from the model's bf16, which DeepSpeed supports only"
+     " under ZeRO; use zero_stage 1-3 or grad_accum_dtype=auto"),
+])
+def test_a_precision_setup_deepspeed_cannot_run_is_refused_before_anything_starts(tiny_config, tmp_path, overrides,
+                                                                                   message):
+    if "fp16" in overrides[0] and torch.cuda.is_available():
+        pytest.skip("this machine has fp16")
+    result = run_module("launch", "run", "--config", str(tiny_config()), *overrides, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == message
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
 
 
 def test_a_single_rank_run_trains_and_records_its_world_size(tiny_config, tmp_path):

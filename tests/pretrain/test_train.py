@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from pretrain.metrics import read_metrics
@@ -100,3 +101,13 @@ def test_only_the_newest_checkpoints_are_kept_when_asked(tiny_config, tmp_path):
     checkpoints = tmp_path / "runs" / "tiny" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000006", "step_00000008"]
     assert all((checkpoints / tag / "complete").exists() for tag in ("step_00000006", "step_00000008"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_sixteen_bit_training_on_a_gpu_lowers_the_loss(tiny_config, tmp_path, precision):
+    config = tiny_config({"train": {"global_batch_tokens": 1024, "max_steps": 16}, "deepspeed": {"precision": precision}})
+    result = launch(config, ranks=1)
+    assert f"1 rank(s) on cuda, {precision}" in result.stdout
+    first, last = map(float, re.search(r"validation loss: (\S+) at step 0 -> (\S+) at step 16", result.stdout).groups())
+    assert last < 0.8 * first

@@ -7,14 +7,21 @@ from tests.helpers import TINY_CONFIG, deep_merge, launch
 from tests.pretrain.test_train import losses_by_step
 
 
-def train_losses(directory, stage: int, ranks: int, activation_checkpointing: bool = False) -> list[float]:
-    name = f"zero{stage}-ranks{ranks}" + ("-checkpointed" if activation_checkpointing else "")
+def train_losses(directory, stage: int, ranks: int, activation_checkpointing: bool = False,
+                 compile: bool = False) -> list[float]:
+    name = f"zero{stage}-ranks{ranks}" + ("-checkpointed" if activation_checkpointing else "") + (
+        "-compiled" if compile else "")
     config = deep_merge(TINY_CONFIG, {
         "name": name,
         "output_dir": str(directory / "runs"),
         "data": {"dir": str(directory / "data")},
         "train": {"max_steps": 10, "checkpoint_every": 100},
-        "deepspeed": {"zero_stage": stage, "precision": "fp32", "activation_checkpointing": activation_checkpointing},
+        "deepspeed": {
+            "zero_stage": stage,
+            "precision": "fp32",
+            "activation_checkpointing": activation_checkpointing,
+            "compile": compile,
+        },
         "eval": {"interval": 0, "batches": 1},
     })
     path = directory / f"{name}.yaml"
@@ -44,3 +51,7 @@ def test_every_zero_stage_and_world_size_gives_the_losses_of_zero0_on_one_rank(w
 @pytest.mark.parametrize(("stage", "ranks"), [(2, 2), (3, 2)])
 def test_activation_checkpointing_changes_memory_not_the_model(workdir, reference, stage, ranks):
     assert train_losses(workdir, stage, ranks, activation_checkpointing=True) == pytest.approx(reference, rel=1e-4)
+
+
+def test_compiling_the_model_changes_speed_not_the_model(workdir, reference):
+    assert train_losses(workdir, stage=2, ranks=1, compile=True) == pytest.approx(reference, rel=1e-4)
