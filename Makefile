@@ -9,7 +9,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test data bench-data
+.PHONY: setup train test data bench-data bench
 
 setup: $(VENV)/.installed
 
@@ -33,3 +33,8 @@ data: setup
 
 bench-data: setup
 	$(PY) -m data_pipeline.bench $(ARGS)
+
+# Training step: the DeepSpeed path against a plain PyTorch loop (GPT-2 124M and 350M on CUDA, a tiny shape
+# elsewhere), e.g. ARGS="--shapes gpt2-124m --json bench.json".
+bench: setup
+	$(PY) -m pretrain.bench $(ARGS)

@@ -12,8 +12,18 @@ import sys
 
 from data_pipeline.errors import DataError
 from launch.local import default_ranks, run_local
-from pretrain.checkpoint import refuse_to_train_over_checkpoints
-from pretrain.config import ConfigError, deepspeed_config, exit_on_config_error, load_config
+from pretrain.checkpoint import (
+    CheckpointError,
+    newest_complete,
+    refuse_to_train_over_checkpoints,
+    resume_plan,
+)
+from pretrain.config import (
+    ConfigError,
+    deepspeed_config,
+    exit_on_config_error,
+    load_config,
+)
 from pretrain.device import device_here, resolve_precision
 from pretrain.train import VERIFIED_DATA_VARIABLE, prepare_and_verify
 
@@ -36,8 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         deepspeed_config(config, config.batch_layout(ranks), resolve_precision(config.deepspeed.precision, device_here()))
         refuse_to_train_over_checkpoints(config)
     try:
+        resume_from = newest_complete(config.run_dir) if config.train.resume == "auto" else None
+        if resume_from is not None:
+            resume_plan(resume_from, ranks, config.deepspeed.zero_stage)
         manifest = prepare_and_verify(config, is_main=True, log=print)
-    except DataError as error:
+    except (DataError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     return run_local(ranks, args.config, args.overrides, {VERIFIED_DATA_VARIABLE: manifest.fingerprint},

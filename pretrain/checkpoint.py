@@ -8,6 +8,7 @@ and `resume=auto` picks the newest checkpoint that has one. A crash mid-save lea
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def save(
     dist.barrier()  # every rank has written its shard
     path = checkpoints_dir(run_dir) / tag
     if dist.get_rank() == 0:
-        marker = {"step": step, "world_size": dist.get_world_size()}
+        marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
         if preempted_by:
             marker["preempted_by"] = preempted_by
         (path / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
@@ -87,24 +88,84 @@ def remove_older_than(run_dir: Path, oldest_kept: str) -> None:
             shutil.rmtree(directory)
 
 
-def load(engine, run_dir: Path, tag: str) -> dict[str, Any]:
-    """Restore the engine (model, optimizer, scheduler) and return the loop state saved with it."""
-    path = checkpoints_dir(run_dir) / tag
-    written_by = read_marker(path)["world_size"]
-    if written_by != dist.get_world_size():
+def has_partitioned_optimizer(checkpoint: Path) -> bool:
+    """Whether each rank wrote its own slice of the optimizer state (ZeRO 1-3, and bf16 at stage 0)."""
+    return any(checkpoint.glob("*zero_pp_rank_*_optim_states.pt"))
+
+
+def resume_plan(checkpoint: Path, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming `checkpoint` on `world_size` ranks needs DeepSpeed's universal form (partitioned
+    optimizer state, written by another number of ranks). Raises CheckpointError for what cannot resume."""
+    marker = read_marker(checkpoint)
+    written_stage = marker.get("zero_stage", zero_stage)
+    if written_stage != zero_stage:
         raise CheckpointError(
-            f"{path}: was written by {written_by} ranks and this run has {dist.get_world_size()}; resume it with"
-            f" {written_by} ranks, or start a new run (a new name)"
+            f"{checkpoint}: was written with ZeRO-{written_stage} and this run uses ZeRO-{zero_stage}; resume it"
+            f" with deepspeed.zero_stage={written_stage}, or start a new run (a new name)"
         )
-    _, loop_state = engine.load_checkpoint(str(checkpoints_dir(run_dir)), tag=tag)
+    return marker["world_size"] != world_size and has_partitioned_optimizer(checkpoint)
+
+
+UNIVERSAL = "universal"
+
+
+def convert_to_universal(checkpoint: Path) -> Path:
+    """Write (once) DeepSpeed's universal form of a checkpoint inside it: every parameter's fp32 weights and
+    Adam moments whole, which any number of ranks can load and partition their own way."""
+    universal = checkpoint / UNIVERSAL
+    if (universal / COMPLETE_MARKER).exists():
+        return universal
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    partial = checkpoint / f"{UNIVERSAL}.partial"  # renamed once whole, so a crash leaves no half conversion
+    shutil.rmtree(partial, ignore_errors=True)
+    workers = max(1, min(8, os.cpu_count() or 1))
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(checkpoint),
+        output_folder=str(partial),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,  # the metadata Megatron models carry and a plain torch model lacks
+    ))
+    (partial / COMPLETE_MARKER).write_text(json.dumps(read_marker(checkpoint)) + "\n")
+    partial.rename(universal)
+    return universal
+
+
+def load(engine, checkpoint: Path, universal: bool) -> dict[str, Any]:
+    """Restore the engine (model, optimizer, scheduler) and return the loop state saved with it. With
+    `universal`, from the checkpoint's universal form (the engine must be built with load_universal)."""
+    if universal:
+        _, loop_state = engine.load_checkpoint(str(checkpoint), tag=UNIVERSAL)
+        if engine.zero_optimization_stage() == 3:
+            _repair_zero3_universal_load(engine, checkpoint / UNIVERSAL)
+    else:
+        _, loop_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     if loop_state is None:
-        raise CheckpointError(f"{path}: DeepSpeed could not load it; move it aside to resume from the one before")
+        raise CheckpointError(f"{checkpoint}: DeepSpeed could not load it; move it aside to resume from the one before")
     return loop_state
+
+
+def _repair_zero3_universal_load(engine, universal: Path) -> None:
+    # DeepSpeed 0.19's ZeRO-3 universal loader gives every parameter group the first group's settings (so
+    # weight decay lands on norms and biases) and one shared Adam step counter to all groups (advanced once per
+    # group per step, which breaks the bias correction). Put back the saved settings and one counter per group.
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", map_location="cpu", weights_only=False)
+    for group, saved_group in zip(engine.optimizer.param_groups, saved["param_groups"]):
+        group.update({key: value for key, value in saved_group.items() if key != "params"})
+    for flat in engine.optimizer.fp32_partitioned_groups_flat:
+        state = engine.optimizer.optimizer.state[flat]
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's full fp32 weights, on the CPU, from a checkpoint of any ZeRO stage and number of ranks."""
-    if any(checkpoint.glob("*zero_pp_rank_*_optim_states.pt")):
+    if has_partitioned_optimizer(checkpoint):
         from deepspeed.utils.zero_to_fp32 import (
             get_fp32_state_dict_from_zero_checkpoint,
         )

@@ -128,9 +128,10 @@ class EngineSetup:
     flops_per_token: int
 
 
-def build_engine(config: Config, layout: BatchLayout, context: DistributedContext) -> EngineSetup:
+def build_engine(config: Config, layout: BatchLayout, context: DistributedContext,
+                 load_universal: bool = False) -> EngineSetup:
     """Model, optimizer, schedule and DeepSpeed engine, as configured. The same seed on every rank gives every
-    rank the same initial weights."""
+    rank the same initial weights. `load_universal`: the engine will load a universal checkpoint."""
     import deepspeed
 
     torch.manual_seed(config.seed)
@@ -148,6 +149,8 @@ def build_engine(config: Config, layout: BatchLayout, context: DistributedContex
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_multiplier, train=config.train))
     precision = resolve_precision(config.deepspeed.precision, context.device)
     ds_config = deepspeed_config(config, layout, precision)
+    if load_universal:
+        ds_config["checkpoint"] = {"load_universal": True}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if config.deepspeed.compile:
         engine.compile()
@@ -175,8 +178,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
 
     say = context.print
     run_dir = config.run_dir
-    resume_tags = checkpoint.complete_tags(run_dir) if config.train.resume == "auto" else []
-    resume_tag = resume_tags[-1] if resume_tags else None
+    resume_from = checkpoint.newest_complete(run_dir) if config.train.resume == "auto" else None
     prepare_run_dir(config, context)
 
     # Data: rank 0 prepares (once) and verifies the shards, the other ranks then open what it checked.
@@ -191,23 +193,30 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None
 
-    setup = build_engine(config, layout, context)
+    # A checkpoint from another number of ranks resumes through DeepSpeed's universal form, converted once.
+    universal = resume_from is not None and checkpoint.resume_plan(
+        resume_from, context.world_size, config.deepspeed.zero_stage)
+    if universal:
+        on_main_first(context, functools.partial(checkpoint.convert_to_universal, resume_from))
+    setup = build_engine(config, layout, context, load_universal=universal)
     engine, optimizer, scheduler, precision = setup.engine, setup.optimizer, setup.scheduler, setup.precision
     if context.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
     start_step = 0
-    if resume_tag is not None:
-        loop_state = checkpoint.load(engine, run_dir, resume_tag)
+    if resume_from is not None:
+        loop_state = checkpoint.load(engine, resume_from, universal)
         if loop_state["data_fingerprint"] != data.fingerprint:
             raise DataError(
-                f"{run_dir / 'checkpoints' / resume_tag}: was trained on other data (fingerprint"
+                f"{resume_from}: was trained on other data (fingerprint"
                 f" {loop_state['data_fingerprint'][:12]}, now {data.fingerprint[:12]}); restore data.dir or start a"
                 " new run"
             )
         start_step = loop_state["step"]
-        say(f"resumed from {resume_tag} (step {start_step})")
-    logger = RunLogger(config, context.is_main, resumed_from_step=start_step if resume_tag else None)
+        written_by = checkpoint.read_marker(resume_from)["world_size"]
+        say(f"resumed from {resume_from.name} (step {start_step})" + (
+            f", written by {written_by} ranks, through its universal form" if universal else ""))
+    logger = RunLogger(config, context.is_main, resumed_from_step=start_step if resume_from else None)
 
     peak_flops = peak_bf16_flops(context.device)
     say(

@@ -34,7 +34,7 @@ def test_a_single_rank_run_trains_and_records_its_world_size(tiny_config, tmp_pa
     assert result.returncode == 0, result.stderr
     assert "1 rank(s) on cpu" in result.stdout
     marker = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000002" / "complete"
-    assert marker.read_text().strip() == '{"step": 2, "world_size": 1}'
+    assert marker.read_text().strip() == '{"step": 2, "world_size": 1, "zero_stage": 2}'
 
 
 @pytest.mark.gpu

@@ -83,7 +83,8 @@ def test_a_preemption_signal_saves_a_checkpoint_at_that_step_and_asks_for_a_requ
 
     last_step = max(losses_by_step(run_dir))
     assert 4 < last_step < 1000
-    assert marker(run_dir, last_step) == {"step": last_step, "world_size": 2, "preempted_by": stop_signal.name}
+    assert marker(run_dir, last_step) == {
+        "step": last_step, "world_size": 2, "zero_stage": 2, "preempted_by": stop_signal.name}
     result = launch(config, "train.max_steps=" + str(last_step + 2))
     assert f"resumed from step_{last_step:08d} (step {last_step})" in result.stdout
 

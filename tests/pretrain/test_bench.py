@@ -1,0 +1,61 @@
+"""The training benchmark, run on the CPU as a user runs it: the tiny shape through both paths."""
+
+import json
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from pretrain.config import load_config
+from pretrain.model import GPT
+from tests.helpers import run_module
+
+
+def test_bench_times_the_deepspeed_path_against_the_plain_pytorch_baseline(tmp_path):
+    output = tmp_path / "bench.json"
+    result = run_module("pretrain.bench", "--steps", "3", "--warmup-steps", "1", "--repeats", "2",
+                        "--json", str(output), cwd=tmp_path)
+    assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
+
+    summary = json.loads(output.read_text())
+    assert summary["torch"] and summary["deepspeed"] and summary["device"]
+    assert summary["command"].startswith("python -m pretrain.bench --steps 3")
+    records = {record["path"]: record for record in summary["records"]}
+    assert sorted(records) == ["baseline", "deepspeed"]
+    tiny = load_config(None, ["model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.seq_len=64",
+                              "model.vocab_size=512"])
+    for record in records.values():
+        assert record["shape"] == "tiny"
+        assert record["parameters"] == GPT(tiny.model).num_parameters()
+        assert len(record["step_tokens_per_second"]) == 3 * 2  # timed steps x rounds; warmup discarded
+        assert record["tokens_per_second_median"] == statistics.median(record["step_tokens_per_second"]) > 0
+        assert record["mfu"] is None and record["peak_memory_bytes"] is None  # no peak FLOP/s or split on a CPU
+    baseline, deepspeed = (records[path]["tokens_per_second_median"] for path in ("baseline", "deepspeed"))
+    assert records["deepspeed"]["ratio_to_baseline"] == pytest.approx(deepspeed / baseline)
+    assert records["baseline"]["ratio_to_baseline"] == 1.0
+    assert records["deepspeed"]["zero_stage"] == 2 and records["baseline"]["zero_stage"] is None
+
+    table = result.stdout.splitlines()
+    assert any(line.startswith("tiny") and "baseline" in line for line in table)
+    assert any(line.startswith("tiny") and "deepspeed (ZeRO-2)" in line for line in table)
+
+
+def test_an_unknown_shape_is_one_line_naming_the_option(tmp_path):
+    result = run_module("pretrain.bench", "--shapes", "tiny,gpt2-xl", cwd=tmp_path)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "--shapes" in result.stderr and "gpt2-xl" in result.stderr
+
+
+def test_steps_below_one_are_refused(tmp_path):
+    result = run_module("pretrain.bench", "--steps", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["config error: --steps: must be at least 1 (got 0)"]
+
+
+def test_the_bench_imports_neither_wandb_nor_pyarrow():
+    # The GPU image it runs on has neither.
+    probe = "import sys, pretrain.bench; print(sorted({'wandb', 'pyarrow'} & {m.split('.')[0] for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
