@@ -1,0 +1,78 @@
+"""Export a checkpoint as one file of whole fp32 weights, for evaluation and other tools:
+
+    python -m pretrain.export runs/quickstart [--step N] [--out PATH]
+
+Whatever ZeRO stage and number of ranks wrote the checkpoint, the file holds {"model": the run's model config,
+"state_dict": fp32 weights by parameter name, "step": N}. `load_exported` turns it back into a GPT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pretrain import checkpoint
+from pretrain.config import ModelConfig, exit_on_config_error, load_config
+from pretrain.model import GPT
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The newest complete checkpoint of the run, or the one at `step`; CheckpointError if there is none."""
+    tags = checkpoint.complete_tags(run_dir)
+    if not tags:
+        raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint; train it first")
+    if step is None:
+        return checkpoint.checkpoints_dir(run_dir) / tags[-1]
+    tag = checkpoint.tag_for_step(step)
+    if tag not in tags:
+        steps = ", ".join(str(int(t.removeprefix("step_"))) for t in tags)
+        raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint at step {step}; it has: {steps}")
+    return checkpoint.checkpoints_dir(run_dir) / tag
+
+
+def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
+    config = load_config(run_dir / "config.yaml")
+    source = find_checkpoint(run_dir, step)
+    written_at = checkpoint.read_marker(source)["step"]
+    out = out or run_dir / "export" / f"{source.name}.pt"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    exported = {
+        "model": config.model.model_dump(mode="json"),
+        "state_dict": checkpoint.consolidated_state_dict(source),
+        "step": written_at,
+    }
+    partial = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good file
+    torch.save(exported, partial)
+    partial.rename(out)
+    return out
+
+
+def load_exported(path: Path) -> tuple[GPT, int]:
+    """The exported model (on the CPU, in eval mode) and the step it was trained to."""
+    exported = torch.load(path, map_location="cpu", weights_only=True)
+    model = GPT(ModelConfig.model_validate(exported["model"]))
+    model.load_state_dict(exported["state_dict"])
+    return model.eval(), exported["step"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path, help="the run directory (output_dir/name)")
+    parser.add_argument("--step", type=int, help="the checkpoint's step; default: the newest complete one")
+    parser.add_argument("--out", type=Path, help="default: RUN_DIR/export/step_<N>.pt")
+    args = parser.parse_args(argv)
+    with exit_on_config_error():
+        try:
+            out = export(args.run_dir, args.step, args.out)
+        except checkpoint.CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    print(f"exported {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

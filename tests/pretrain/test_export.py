@@ -1,0 +1,56 @@
+"""An exported checkpoint is the trained model: whole fp32 weights, whatever ZeRO stage and ranks wrote it."""
+
+import pytest
+import torch
+
+from data_pipeline.loader import Windows, validation_batches
+from data_pipeline.prepare import Manifest
+from pretrain.config import load_config
+from pretrain.export import load_exported
+from pretrain.metrics import read_metrics
+from pretrain.train import next_token_loss
+from tests.helpers import launch, run_module
+
+
+def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(tiny_config, tmp_path):
+    config_path = tiny_config({"train": {"max_steps": 4}, "deepspeed": {"zero_stage": 3}})
+    launch(config_path)
+    run_dir = tmp_path / "runs" / "tiny"
+
+    result = run_module("pretrain.export", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    exported = run_dir / "export" / "step_00000004.pt"
+    assert result.stdout.strip().splitlines()[-1] == f"exported {exported}"
+    model, step = load_exported(exported)
+    assert step == 4
+    assert model.head.weight is model.token_embedding.weight
+
+    # The run's last validation loss: each of 2 ranks' batches, averaged, as the training loop computes it.
+    config = load_config(config_path)
+    windows = Windows(Manifest.load(tmp_path / "data"), "val", config.model.seq_len, None)
+    layout = config.batch_layout(2)
+    with torch.no_grad():
+        per_rank = [
+            sum(next_token_loss(model, batch, None).item() for batch in batches) / len(batches)
+            for batches in (validation_batches(windows, layout, rank, config.eval.batches) for rank in (0, 1))
+        ]
+    logged = next(r["val/loss"] for r in read_metrics(run_dir) if r["step"] == 4 and "val/loss" in r)
+    assert sum(per_rank) / 2 == pytest.approx(logged, rel=1e-5)
+
+
+def test_exporting_a_step_without_a_checkpoint_names_the_steps_there_are(tiny_config, tmp_path):
+    launch(tiny_config({"train": {"max_steps": 8, "checkpoint_every": 4}}))
+    run_dir = tmp_path / "runs" / "tiny"
+    result = run_module("pretrain.export", str(run_dir), "--step", "5", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {run_dir}: has no complete checkpoint at step 5; it has: 4, 8"
+    assert not (run_dir / "export").exists()
+
+
+def test_exporting_a_run_without_checkpoints_says_to_train_it_first(tmp_path):
+    run_dir = tmp_path / "runs" / "never-trained"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: never-trained\n")
+    result = run_module("pretrain.export", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {run_dir}: has no complete checkpoint; train it first"
