@@ -175,7 +175,8 @@ def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | N
 
 
 def train(config: Config, layout: BatchLayout, context: DistributedContext) -> None:
-
+    # From here on a preemption signal is recorded, and acted on after the next step, instead of killing the rank.
+    preemption = PreemptionWatch()
     say = context.print
     run_dir = config.run_dir
     resume_from = checkpoint.newest_complete(run_dir) if config.train.resume == "auto" else None
@@ -229,7 +230,6 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     if start_step == 0:
         logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking)})
 
-    preemption = PreemptionWatch()  # before the loader's workers start, so they inherit it
     non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir)
     max_steps = config.train.max_steps
     steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
@@ -274,8 +274,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
             )
         non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
-        preempted_by = (preemption.received or "a signal to another rank") if any_rank(
-            preemption.received is not None, context.device) else None
+        stop_requested = any_rank(preemption.received is not None, context.device)
+        preempted_by = (preemption.received or "a signal to another rank") if stop_requested else None
         if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
             loop_state = {"step": done, "data_fingerprint": data.fingerprint}
             saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
