@@ -1,17 +1,34 @@
-"""`python -m launch run --config CONFIG [--ranks N] [KEY=VALUE ...]`: check the config, then start the run.
+"""Start a run anywhere, with one command and one config:
 
-The config is validated here, for the world size it will run at, and the data is prepared (once) and its
-shards checked, before any training process starts: a bad config costs one line and exit code 2, bad data
-one line naming the file and exit code 1, not a cluster allocation.
+    python -m launch run --config CONFIG [--backend local|hostfile|slurm] [--nodes N] [--gpus-per-node G]
+                         [--ranks R] [--hostfile FILE] [--hostfile-launcher torchrun|deepspeed]
+                         [--max-restarts K] [--dry-run] [KEY=VALUE ...]
+
+The config is validated here, for the world size the run will have, and the data is prepared (once) and its
+shards checked, before any training process starts: a bad request costs one line and exit code 2, bad data
+or an unusable checkpoint one line and exit code 1, not a cluster allocation. `--dry-run` prints exactly what
+would run and starts nothing. `python -m launch node` is the per-node step the sbatch script runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
+import socket
 import sys
+from pathlib import Path
 
 from data_pipeline.errors import DataError
-from launch.local import default_ranks, run_local
+from launch import hostfile, slurm
+from launch.local import (
+    DEFAULT_CPU_RANKS,
+    Rendezvous,
+    gpus_here,
+    run_node,
+    torchrun_command,
+)
+from launch.record import record_launch
 from pretrain.checkpoint import (
     CheckpointError,
     newest_complete,
@@ -19,6 +36,7 @@ from pretrain.checkpoint import (
     resume_plan,
 )
 from pretrain.config import (
+    Config,
     ConfigError,
     deepspeed_config,
     exit_on_config_error,
@@ -28,33 +46,168 @@ from pretrain.device import device_here, resolve_precision
 from pretrain.train import VERIFIED_DATA_VARIABLE, prepare_and_verify
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="train a model on this machine")
-    run.add_argument("--config", help="YAML config (configs/quickstart.yaml for the quickstart)")
-    run.add_argument("--ranks", type=int, help="processes to start; default: one per GPU, or 2 on CPU")
-    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
-    args = parser.parse_args(argv)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line and exit code 2, like every other refused request.
+        print(f"config error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
-    with exit_on_config_error():
-        ranks = args.ranks if args.ranks is not None else default_ranks()
-        if ranks < 1:
-            raise ConfigError(f"--ranks: must be at least 1, got {ranks}")
-        config = load_config(args.config, args.overrides)
-        # The DeepSpeed config is generated here too, so what it refuses is refused before any rank starts.
-        deepspeed_config(config, config.batch_layout(ranks), resolve_precision(config.deepspeed.precision, device_here()))
-        refuse_to_train_over_checkpoints(config)
-    try:
-        resume_from = newest_complete(config.run_dir) if config.train.resume == "auto" else None
-        if resume_from is not None:
-            resume_plan(resume_from, ranks, config.deepspeed.zero_stage)
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _Parser(prog="python -m launch")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = commands.add_parser("run", help="train a model here, across hosts, or on SLURM")
+    run.add_argument("--config", help="YAML config (configs/quickstart.yaml for the quickstart)")
+    run.add_argument("--backend", choices=("local", "hostfile", "slurm"), default="local")
+    run.add_argument("--nodes", type=int, help="nodes (slurm); the first N hosts of the hostfile (hostfile)")
+    run.add_argument("--gpus-per-node", type=int, help="default: every GPU here (local), none asked (slurm)")
+    run.add_argument("--ranks", type=int, help="processes per node where there are no GPUs (default 2)")
+    run.add_argument("--hostfile", type=Path, help="hostfile backend: lines of `host slots=N`")
+    run.add_argument("--hostfile-launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                     help="torchrun: run this command on every host; deepspeed: on the first, pdsh/ssh reaches the rest")
+    run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of failed ranks (local, hostfile)")
+    run.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+    node = commands.add_parser("node", help="one node's share of a multi-node run (what the sbatch script runs)")
+    node.add_argument("--config")
+    node.add_argument("--nodes", type=int, required=True)
+    node.add_argument("--ranks-per-node", type=int, required=True)
+    node.add_argument("--rendezvous", required=True, metavar="HOST:PORT")
+    node.add_argument("--rendezvous-id", required=True)
+    node.add_argument("--max-restarts", type=int, default=0)
+    node.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    return parser.parse_args(argv)
+
+
+def _at_least_one(option: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"--{option}: must be at least 1, got {value}")
+
+
+def ranks_per_node(args: argparse.Namespace, gpus_available: int | None) -> int:
+    """Processes per node: one per GPU, or --ranks CPU processes. `gpus_available` is None for remote nodes."""
+    _at_least_one("ranks", args.ranks)
+    if args.gpus_per_node is not None:
+        _at_least_one("gpus-per-node", args.gpus_per_node)
+        if gpus_available is not None and args.gpus_per_node > gpus_available:
+            raise ConfigError(f"--gpus-per-node: {args.gpus_per_node} requested, this host has {gpus_available} GPU(s)")
+        return args.gpus_per_node
+    if args.ranks is not None:
+        return args.ranks
+    return gpus_available or DEFAULT_CPU_RANKS
+
+
+def check_config(config: Config, world_size: int, remote_gpus: bool | None) -> None:
+    """What can be known before anything starts: the batch layout, the DeepSpeed config, the checkpoint."""
+    layout = config.batch_layout(world_size)
+    requested = config.deepspeed.precision
+    if remote_gpus is None:
+        precision = resolve_precision(requested, device_here())
+    else:  # SLURM nodes: their devices cannot be asked from here
+        precision = requested if requested != "auto" else ("bf16" if remote_gpus else "fp32")
+    deepspeed_config(config, layout, precision)
+    refuse_to_train_over_checkpoints(config)
+
+
+def check_checkpoint(config: Config, world_size: int) -> None:
+    resume_from = newest_complete(config.run_dir) if config.train.resume == "auto" else None
+    if resume_from is not None:
+        resume_plan(resume_from, world_size, config.deepspeed.zero_stage)
+
+
+def show(commands: list[list[str]]) -> str:
+    return "\n".join(shlex.join(command) for command in commands)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    _at_least_one("nodes", args.nodes)
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts: must be 0 or more, got {args.max_restarts}")
+    config = load_config(args.config, args.overrides)
+    environment = dict(config.launch.environment)
+    hosts: list[hostfile.Host] = []
+    if args.backend == "local":
+        if args.nodes not in (None, 1):
+            raise ConfigError("--nodes: the local backend runs on this machine only; use --backend hostfile or slurm")
+        per_node = ranks_per_node(args, gpus_here())
+        world_size = ranks_here = per_node
+        first_host = True
+        check_config(config, world_size, None)
+        commands = [torchrun_command(per_node, args.config, args.overrides, max_restarts=args.max_restarts)]
+    elif args.backend == "hostfile":
+        if args.hostfile is None:
+            raise ConfigError("--hostfile: the hostfile backend needs one (lines of `host slots=N`)")
+        hosts = hostfile.read_hostfile(args.hostfile)
+        if args.nodes is not None:
+            if args.nodes > len(hosts):
+                raise ConfigError(f"--nodes: {args.nodes} requested, {args.hostfile} lists {len(hosts)} host(s)")
+            hosts = hosts[: args.nodes]
+        hostfile.check_reachable(hosts)
+        world_size = sum(host.slots for host in hosts)
+        check_config(config, world_size, None)
+        port = config.launch.rendezvous_port
+        if args.hostfile_launcher == "deepspeed":
+            first_host = hostfile.this_host(hosts, args.hostfile) == 0 if not args.dry_run else True
+            if not first_host:
+                raise ConfigError(f"--hostfile-launcher deepspeed: run it on the first host of {args.hostfile}")
+            commands = [hostfile.deepspeed_command(args.hostfile, hosts, port, args.config, args.overrides)]
+            ranks_here = hosts[0].slots
+        else:
+            here = hostfile.this_host(hosts, args.hostfile)
+            first_host, ranks_here = here == 0, hosts[here].slots
+            rendezvous = Rendezvous(len(hosts), f"{hosts[0].name}:{port}", config.name)
+            commands = [torchrun_command(ranks_here, args.config, args.overrides, rendezvous, args.max_restarts)]
+    else:
+        nodes = args.nodes or 1
+        per_node = ranks_per_node(args, None)
+        world_size, first_host = nodes * per_node, True
+        check_config(config, world_size, bool(args.gpus_per_node))
+        script = slurm.render_sbatch(config, Path(args.config) if args.config else None, args.overrides, nodes,
+                                     args.gpus_per_node or 0, per_node, Path.cwd())
+    check_checkpoint(config, world_size)
+
+    if args.dry_run:
+        print(script if args.backend == "slurm" else show(commands))
+        return 0
+    if first_host:  # the other hosts' rank 0 is elsewhere; it prepares what is missing, once
         manifest = prepare_and_verify(config, is_main=True, log=print)
-    except (DataError, CheckpointError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        return 1
-    return run_local(ranks, args.config, args.overrides, {VERIFIED_DATA_VARIABLE: manifest.fingerprint},
-                     config.run_dir)
+        environment[VERIFIED_DATA_VARIABLE] = manifest.fingerprint
+    host_names = [host.name for host in hosts]
+    if args.backend == "slurm":
+        job_id, script_path = slurm.submit(script, config.run_dir)
+        record_launch(config.run_dir, "slurm", argv, script, host_names, config.launch.environment)
+        print(f"submitted job {job_id}: script {script_path}, log {slurm.log_path(config.run_dir, job_id)},"
+              f" run directory {config.run_dir}")
+        return 0
+    record_launch(config.run_dir, args.backend, argv, commands, host_names, config.launch.environment)
+    if args.backend == "hostfile" and args.hostfile_launcher == "deepspeed":
+        environment_file = config.run_dir / "launches" / "deepspeed_env"  # what DeepSpeed exports to every host
+        environment_file.write_text("".join(f"{name}={value}\n" for name, value in config.launch.environment.items()))
+        environment["DS_ENV_FILE"] = str(environment_file)
+    return run_node(commands[0], environment, ranks_here, config.run_dir)
+
+
+def node(args: argparse.Namespace, argv: list[str]) -> int:
+    _at_least_one("nodes", args.nodes)
+    _at_least_one("ranks-per-node", args.ranks_per_node)
+    config = load_config(args.config, args.overrides)
+    rendezvous = Rendezvous(args.nodes, args.rendezvous, args.rendezvous_id)
+    command = torchrun_command(args.ranks_per_node, args.config, args.overrides, rendezvous, args.max_restarts)
+    # The sbatch script exported the configured variables; record what this node actually received.
+    received = {name: os.environ[name] for name in config.launch.environment if name in os.environ}
+    record_launch(config.run_dir, "node", argv, [command], [socket.gethostname()], received)
+    return run_node(command, dict(config.launch.environment), args.ranks_per_node, config.run_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    with exit_on_config_error():
+        try:
+            return (run if args.command == "run" else node)(args, argv)
+        except (DataError, CheckpointError) as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            return 1
 
 
 if __name__ == "__main__":

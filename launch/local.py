@@ -1,4 +1,8 @@
-"""Start a run on this machine: one rank per GPU, or CPU ranks over gloo where there is no GPU."""
+"""Run the ranks of one node under torchrun, and supervise them: this module is what every backend ends in.
+
+`local` runs it for this machine alone; `hostfile` on each host with a c10d rendezvous on the first; `slurm`
+once per node from the sbatch script (`python -m launch node`).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.checkpoint import newest_complete, read_marker
@@ -15,15 +20,32 @@ from pretrain.faults import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
 DEFAULT_CPU_RANKS = 2
 
 
-def default_ranks() -> int:
+def gpus_here() -> int:
     import torch
 
-    return torch.cuda.device_count() or DEFAULT_CPU_RANKS
+    return torch.cuda.device_count()
 
 
-def torchrun_command(ranks: int, config_path: str | None, overrides: list[str]) -> list[str]:
-    """The command that starts `ranks` training processes here, as an argument list (no shell involved)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+@dataclass(frozen=True)
+class Rendezvous:
+    """Where the nodes of a multi-node run meet (torchrun's c10d rendezvous, hosted by the first node)."""
+
+    nodes: int
+    endpoint: str  # host:port
+    run_id: str
+
+
+def torchrun_command(ranks_per_node: int, config_path: str | None, overrides: list[str],
+                     rendezvous: Rendezvous | None = None, max_restarts: int = 0) -> list[str]:
+    """The command that starts this node's ranks, as an argument list (no shell involved)."""
+    command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks_per_node}"]
+    if rendezvous is None:
+        command.append("--standalone")
+    else:
+        command += [f"--nnodes={rendezvous.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous.endpoint}",
+                    f"--rdzv_id={rendezvous.run_id}"]
+    if max_restarts:
+        command.append(f"--max_restarts={max_restarts}")
     command += ["-m", "pretrain.train"]
     if config_path is not None:
         command += ["--config", config_path]
@@ -49,16 +71,14 @@ def _ignore_preemption_warning() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-def run_local(ranks: int, config_path: str | None, overrides: list[str], extra_environment: dict[str, str],
-              run_dir: Path) -> int:
+def run_node(command: list[str], environment: dict[str, str], ranks_per_node: int, run_dir: Path) -> int:
     """Run torchrun to completion. A stop signal to this process reaches the ranks, which save a checkpoint;
     the return code is then REQUEUE_EXIT_CODE, as it is when the ranks stopped on a signal of their own."""
-    environment = {**os.environ, **extra_environment}
+    environment = {**os.environ, **environment}
     # Share the cores between CPU ranks rather than oversubscribing them (torchrun would pin each to 1).
-    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
+    environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node)))
     started = time.time()
-    torchrun = subprocess.Popen(torchrun_command(ranks, config_path, overrides), env=environment,
-                                preexec_fn=_ignore_preemption_warning)
+    torchrun = subprocess.Popen(command, env=environment, preexec_fn=_ignore_preemption_warning)
 
     def forward_to_ranks(signal_number: int, _frame) -> None:
         # The ranks run in sessions of their own, so a signal to this process group does not reach them.

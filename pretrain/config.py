@@ -206,6 +206,36 @@ class LoggingConfig(_Section):
     print_every: int = Field(50, ge=1, description="steps between progress lines on the console")
 
 
+ENVIRONMENT_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SlurmConfig(_Section):
+    """What `python -m launch run --backend slurm` asks SLURM for; None leaves a setting to the cluster."""
+
+    partition: str | None = None
+    account: str | None = None
+    time: str = Field("24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$", description="[D-]HH[:MM[:SS]]")
+    cpus_per_task: int | None = Field(None, ge=1)
+    job_name: str | None = Field(None, description="default: the run's name")
+    mode: Literal["torchrun", "tasks"] = Field(
+        "torchrun", description="torchrun: one torchrun per node, c10d rendezvous; tasks: one SLURM task per rank"
+    )
+    preemption_warning_seconds: int = Field(
+        120, ge=10, description="SIGUSR1 this long before the time limit, so the run checkpoints and requeues"
+    )
+    extra_sbatch: list[Annotated[str, Field(pattern=r"^--[A-Za-z][^\n\r]*$")]] = Field(
+        [], description='more #SBATCH options, each as "--option=value"'
+    )
+
+
+class LaunchConfig(_Section):
+    environment: dict[Annotated[str, Field(pattern=ENVIRONMENT_NAME)], str] = Field(
+        {}, description="environment variables for every rank (NCCL settings and the like)"
+    )
+    rendezvous_port: int = Field(29500, ge=1024, le=65535, description="multi-node: the c10d rendezvous port")
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+
 class Config(_Section):
     name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = "runs"
@@ -216,6 +246,7 @@ class Config(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    launch: LaunchConfig = Field(default_factory=LaunchConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @property

@@ -1,7 +1,8 @@
 """Process-group setup and the few collectives the training loop needs.
 
-Ranks are started by a launcher (torchrun, the DeepSpeed launcher, srun) that sets RANK, LOCAL_RANK,
-WORLD_SIZE, MASTER_ADDR and MASTER_PORT. A plain `python -m pretrain.train` is a world of one.
+Ranks are started by a launcher (torchrun, the DeepSpeed launcher) that sets RANK, LOCAL_RANK, WORLD_SIZE,
+MASTER_ADDR and MASTER_PORT, or as SLURM tasks (RANK and the rest come from SLURM's variables). A plain
+`python -m pretrain.train` is a world of one.
 """
 
 from __future__ import annotations
@@ -47,6 +48,11 @@ def _free_port() -> int:
 def init_distributed(timeout_minutes: int) -> DistributedContext:
     import deepspeed  # deferred: importing it is slow, and the config can be checked without it
 
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        # One SLURM task per rank (srun without torchrun): SLURM numbers the tasks, the sbatch script exports
+        # the address of the first node.
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], LOCAL_RANK=os.environ["SLURM_LOCALID"],
+                          WORLD_SIZE=os.environ["SLURM_NTASKS"])
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

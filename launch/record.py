@@ -1,0 +1,37 @@
+"""What a launch ran with, written into the run directory (`launches/<time>-<host>-<backend>.json`), so a run
+can be reproduced and a failure explained: the command, the hosts, and the environment that matters."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+import time
+from pathlib import Path
+
+# Variables that change how a distributed run behaves; secrets are never recorded, whatever their prefix.
+RECORDED = re.compile(r"^(NCCL_|CUDA_|TORCH|OMP_|MASTER_|SLURM_(JOB_ID|JOB_NODELIST|NNODES|RESTART_COUNT)$|GLOO_)")
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+
+
+def record_launch(run_dir: Path, backend: str, argv: list[str], commands: list[list[str]] | str, hosts: list[str],
+                  configured_environment: dict[str, str]) -> Path:
+    environment = {name: value for name, value in os.environ.items() if RECORDED.match(name)}
+    environment.update(configured_environment)
+    environment = {name: ("<hidden>" if SECRET.search(name) else value) for name, value in sorted(environment.items())}
+    record = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": socket.gethostname(),
+        "backend": backend,
+        "argv": [sys.executable, "-m", "launch", *argv],
+        "commands": commands,
+        "hosts": hosts,
+        "environment": environment,
+    }
+    directory = run_dir / "launches"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{socket.gethostname()}-{backend}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
