@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 CONFIG ?= configs/quickstart.yaml
+BACKEND ?= local
 ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
@@ -21,8 +22,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	touch $@
 
+# BACKEND=local|hostfile|slurm; launcher options and overrides go in ARGS, e.g.
+# make train BACKEND=slurm ARGS="--nodes 2 --gpus-per-node 8 --dry-run train.lr=1e-3"
 train: setup
-	$(PY) -m launch run --config $(CONFIG) $(ARGS)
+	$(PY) -m launch run --backend $(BACKEND) --config $(CONFIG) $(ARGS)
 
 test: setup
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -103,3 +104,13 @@ def signal_job(job: subprocess.Popen, signal_number: int) -> None:
             os.kill(pid, signal_number)
         except ProcessLookupError:
             pass
+
+
+def install_where_missing(tools: dict[str, str]) -> None:
+    """apt-get install the package of each tool ({tool: package}) not on PATH: tests use the real thing."""
+    packages = sorted({package for tool, package in tools.items() if not shutil.which(tool)})
+    if not packages:
+        return
+    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=environment)
+    subprocess.run(["apt-get", "install", "-y", "-q", *packages], check=True, capture_output=True, env=environment)

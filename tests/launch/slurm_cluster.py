@@ -11,15 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-PACKAGES = ("slurm-wlm", "munge")
-
-
-def install_where_missing() -> None:
-    if all(shutil.which(tool) for tool in ("sbatch", "slurmctld", "slurmd", "munged")):
-        return
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=environment)
-    subprocess.run(["apt-get", "install", "-y", "-q", *PACKAGES], check=True, capture_output=True, env=environment)
+from tests.helpers import install_where_missing
 
 
 def node_resources() -> str:
@@ -42,7 +34,7 @@ class SlurmCluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def start(self) -> SlurmCluster:
-        install_where_missing()
+        install_where_missing({tool: "slurm-wlm" for tool in ("sbatch", "slurmctld", "slurmd")} | {"munged": "munge"})
         state, spool = self.directory / "state", self.directory / "spool"
         state.mkdir(parents=True)
         spool.mkdir()
@@ -83,7 +75,7 @@ class SlurmCluster:
         self.processes.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
-        while "idle" not in self.scontrol("show", "node", self.host, check=False):
+        while "State=IDLE" not in self.scontrol("show", "node", self.host, check=False):
             assert time.monotonic() < deadline, "the SLURM node did not come up:\n" + self.logs()
             time.sleep(0.5)
         return self
