@@ -98,7 +98,7 @@ def ranks_per_node(args: argparse.Namespace, gpus_available: int | None) -> int:
 
 
 def check_config(config: Config, world_size: int, remote_gpus: bool | None) -> None:
-    """What can be known before anything starts: the batch layout, the DeepSpeed config, the checkpoint."""
+    """What can be known before anything starts: the batch layout, the DeepSpeed config, resume=never."""
     layout = config.batch_layout(world_size)
     requested = config.deepspeed.precision
     if remote_gpus is None:

@@ -90,7 +90,7 @@ def job_processes(job: subprocess.Popen) -> list[int]:
 
 def rank_pid(job: subprocess.Popen, rank: int) -> int:
     """The process of one training rank: a child of torchrun, itself the launcher's child."""
-    (torchrun,) = child_pids(job.pid)
+    (torchrun,) = [pid for pid in child_pids(job.pid) if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     for pid in child_pids(torchrun):
         if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
             return pid

@@ -110,3 +110,4 @@ def test_dry_runs_print_what_would_run_and_start_nothing(tiny_config, tmp_path):
     assert any(line.startswith("srun ") and " -m launch node --nodes \"$SLURM_NNODES\" --ranks-per-node 2 " in line
                for line in lines)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "data").exists()
+
