@@ -19,7 +19,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.faults import REQUEUE_EXIT_CODE
 
 
-def _sbatch_line(option: str, value: object | None) -> str:
+def _sbatch_line(option: str, value: object | None = None) -> str:
     """`#SBATCH --option=value` (or a bare `--option`). sbatch reads these lines, the shell skips them as
     comments; a newline would end one and start a shell command, so control characters are refused."""
     line = f"#SBATCH --{option}" + ("" if value is None else f"={value}")
@@ -52,8 +52,7 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
             options[option] = value
     lines = ["#!/bin/bash"] + [_sbatch_line(option, value) for option, value in options.items()]
     lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
-    lines += [_sbatch_line(*extra[2:].split("=", 1)) if "=" in extra else _sbatch_line(extra[2:], None)
-              for extra in slurm.extra_sbatch]
+    lines += [_sbatch_line(*extra[2:].split("=", 1)) for extra in slurm.extra_sbatch]
 
     config_args = ["--config", str(config_path.resolve())] if config_path else []
     train_args = [shlex.quote(arg) for arg in config_args + list(overrides)]

@@ -69,17 +69,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def mean_across_ranks(value: float | torch.Tensor, device: torch.device) -> float:
-    tensor = torch.as_tensor(value, dtype=torch.float64, device=device).clone()
+def means_across_ranks(values: list[float | torch.Tensor], device: torch.device) -> list[float]:
+    """Each value's mean over the ranks, in one all-reduce."""
+    tensor = torch.stack([torch.as_tensor(value, dtype=torch.float64, device=device) for value in values])
     dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+    return (tensor / dist.get_world_size()).tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on at least one."""
-    tensor = torch.tensor(float(flag), device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return bool(tensor.item())
+def mean_across_ranks(value: float | torch.Tensor, device: torch.device) -> float:
+    return means_across_ranks([value], device)[0]
 
 
 class RankZeroFailed(RuntimeError):

@@ -21,11 +21,12 @@ from pretrain.model import GPT
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     """The newest complete checkpoint of the run, or the one at `step`; CheckpointError if there is none."""
-    tags = checkpoint.complete_tags(run_dir)
-    if not tags:
+    newest = checkpoint.newest_complete(run_dir)
+    if newest is None:
         raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint; train it first")
     if step is None:
-        return checkpoint.checkpoints_dir(run_dir) / tags[-1]
+        return newest
+    tags = checkpoint.complete_tags(run_dir)
     tag = checkpoint.tag_for_step(step)
     if tag not in tags:
         steps = ", ".join(str(int(t.removeprefix("step_"))) for t in tags)

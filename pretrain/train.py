@@ -44,9 +44,9 @@ from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
     RankZeroFailed,
-    any_rank,
     init_distributed,
     mean_across_ranks,
+    means_across_ranks,
     on_main_first,
     shutdown,
 )
@@ -244,7 +244,9 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         done = step + 1
         poison = done in config.faults.nan_loss_at_steps and context.is_main
         loss_sum = train_step(engine, optimizer, micro_batches, masking, poison)
-        train_loss = mean_across_ranks(loss_sum / layout.accumulation_steps, context.device)
+        # One collective for the step's loss and the preemption vote (any rank that got a signal stops them all).
+        train_loss, stop_votes = means_across_ranks(
+            [loss_sum / layout.accumulation_steps, float(preemption.received is not None)], context.device)
         step_seconds = time.perf_counter() - step_start
         tokens_per_second = layout.tokens_per_step / step_seconds
         skipped = optimizer.skipped or not engine.was_step_applied()
@@ -274,8 +276,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
             )
         non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
-        stop_requested = any_rank(preemption.received is not None, context.device)
-        preempted_by = (preemption.received or "a signal to another rank") if stop_requested else None
+        preempted_by = (preemption.received or "a signal to another rank") if stop_votes > 0 else None
         if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
             loop_state = {"step": done, "data_fingerprint": data.fingerprint}
             saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
