@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ERROR_EXIT_CODE = 2
 
@@ -193,9 +193,34 @@ class FaultsConfig(_Section):
     )
 
 
+class FewShotConfig(_Section):
+    """In-context few-shot evaluation (evals/fewshot.py): accuracy against the number of examples k."""
+
+    tasks: list[str] = Field(
+        default_factory=lambda: ["word_labels"], min_length=1,
+        description="built-in task names (word_labels, word_labels_generate) or .jsonl task files",
+    )
+    shots: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16], min_length=1)
+    items: int | None = Field(1000, ge=1, description="items per task (the first N); None: all of a file's")
+    interval: int = Field(0, ge=0, description="steps between evaluations during training; 0: none in the loop")
+    seed: int = Field(0, description="draws each item's examples; the same seed gives the same prompts")
+    example_delimiter: str | None = Field(None, description="between examples; None: the task's own")
+    target_delimiter: str | None = Field(None, description="between a context and its answer; None: the task's own")
+    batch_size: int = Field(32, ge=1, description="prompts per forward pass")
+    max_new_tokens: int = Field(16, ge=1, description="greedy tokens at most, for generation tasks")
+
+    @field_validator("shots")
+    @classmethod
+    def _shots_are_counts(cls, shots: list[int]) -> list[int]:
+        if any(k < 0 for k in shots):
+            raise ValueError("numbers of examples cannot be negative")
+        return sorted(set(shots))
+
+
 class EvalConfig(_Section):
     interval: int = Field(250, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
     batches: int = Field(4, ge=1, description="validation micro-batches per rank at each evaluation")
+    fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
 
 
 class LoggingConfig(_Section):

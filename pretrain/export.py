@@ -13,9 +13,13 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+
+from data_pipeline.errors import DataError
+from data_pipeline.tokenizer import load_tokenizer
 
 from pretrain import checkpoint
-from pretrain.config import ModelConfig, exit_on_config_error, load_config
+from pretrain.config import Config, ModelConfig, exit_on_config_error, load_config
 from pretrain.model import GPT
 
 
@@ -34,15 +38,41 @@ def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     return checkpoint.checkpoints_dir(run_dir) / tag
 
 
-def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
-    config = load_config(run_dir / "config.yaml")
+def run_config(run_dir: Path) -> Config:
+    """The resolved config a run saved; CheckpointError if the directory is not a run."""
+    if not (run_dir / "config.yaml").is_file():
+        raise checkpoint.CheckpointError(f"{run_dir}: is not a run directory (it has no config.yaml)")
+    return load_config(run_dir / "config.yaml")
+
+
+def run_tokenizer(config: Config) -> Tokenizer:
+    """The tokenizer the run trained with, from its data directory; DataError if it is not there."""
+    path = Path(config.data.dir) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(
+            f"{path}: the run's tokenizer is missing; run from the directory training ran in, or prepare the data"
+            " again with `make data`"
+        )
+    return load_tokenizer(path, config.model.vocab_size)
+
+
+def load_checkpoint(run_dir: Path, step: int | None = None) -> tuple[GPT, int, Config]:
+    """The run's model at its newest complete checkpoint (or at `step`), whole fp32 weights on the CPU in eval
+    mode, with the step it was trained to and the run's config."""
+    config = run_config(run_dir)
     source = find_checkpoint(run_dir, step)
-    written_at = checkpoint.read_marker(source)["step"]
-    out = out or run_dir / "export" / f"{source.name}.pt"
+    model = GPT(config.model)
+    model.load_state_dict(checkpoint.consolidated_state_dict(source))
+    return model.eval(), checkpoint.read_marker(source)["step"], config
+
+
+def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
+    model, written_at, config = load_checkpoint(run_dir, step)
+    out = out or run_dir / "export" / f"{checkpoint.tag_for_step(written_at)}.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     exported = {
         "model": config.model.model_dump(mode="json"),
-        "state_dict": checkpoint.consolidated_state_dict(source),
+        "state_dict": model.state_dict(),
         "step": written_at,
     }
     partial = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good file

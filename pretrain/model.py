@@ -29,10 +29,11 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, heads, time, head_dim)."""
-        length = x.shape[-2]
-        cos, sin = self.cos[:length].to(x.dtype), self.sin[:length].to(x.dtype)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x: (batch, heads, time, head_dim); positions: (time,) or (batch, time)."""
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
+        if positions.dim() == 2:
+            cos, sin = cos[:, None], sin[:, None]  # the same angles for every head
         first, second = x.chunk(2, dim=-1)
         return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
@@ -50,11 +51,11 @@ class CausalSelfAttention(nn.Module):
             else None
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
         if self.rotary is not None:
-            q, k = self.rotary(q), self.rotary(k)
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
         dropout = self.dropout if self.training else 0.0
         # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
@@ -80,14 +81,14 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask, positions))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig, checkpoint_blocks: Callable | None = None):
-        """checkpoint_blocks: an activation-checkpointing function, called as checkpoint_blocks(block, x, mask),
+        """checkpoint_blocks: an activation-checkpointing function, called as checkpoint_blocks(block, *inputs),
         that recomputes each block's activations in the backward pass instead of keeping them (the training
         loop passes DeepSpeed's; None keeps activations)."""
         super().__init__()
@@ -117,25 +118,44 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, mean=0.0, std=residual_std)
             nn.init.normal_(block.mlp.proj.weight, mean=0.0, std=residual_std)
 
-    def forward(self, tokens: torch.Tensor, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size).
 
-        With document_ids (batch, time), a token attends only to earlier tokens of its own document, so
-        documents packed into one window do not see each other.
+        By default token t sits at position t and attends to tokens 0..t. Otherwise:
+        - document_ids (batch, time): a token attends only to earlier tokens of its own document, so documents
+          packed into one window do not see each other;
+        - positions (batch, time) and attention_mask (batch, time, time), True where a token may attend: any
+          layout, e.g. several continuations packed after one shared prompt, each at the positions it would
+          have right after the prompt and seeing only the prompt and itself (the few-shot scorer's trick).
         """
         length = tokens.shape[1]
-        if length > self.config.seq_len:
-            raise ValueError(f"sequence of {length} tokens is longer than model.seq_len={self.config.seq_len}")
+        if positions is None:
+            if length > self.config.seq_len:
+                raise ValueError(f"sequence of {length} tokens is longer than model.seq_len={self.config.seq_len}")
+            positions = torch.arange(length, device=tokens.device)
+        elif int(positions.max()) >= self.config.seq_len:
+            raise ValueError(f"position {int(positions.max())} is beyond model.seq_len={self.config.seq_len}")
         x = self.token_embedding(tokens)
         if self.position_embedding is not None:
-            x = x + self.position_embedding(torch.arange(length, device=tokens.device))
+            x = x + self.position_embedding(positions)
         x = self.dropout(x)
-        mask = None
+        if document_ids is not None and attention_mask is not None:
+            raise ValueError("pass document_ids or attention_mask, not both")
+        mask = None if attention_mask is None else attention_mask[:, None]
         if document_ids is not None:
             causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
             mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
         for block in self.blocks:
-            x = self.checkpoint_blocks(block, x, mask) if self.checkpoint_blocks and self.training else block(x, mask)
+            if self.checkpoint_blocks and self.training:
+                x = self.checkpoint_blocks(block, x, mask, positions)
+            else:
+                x = block(x, mask, positions)
         return self.head(self.final_norm(x))
 
     def num_parameters(self, include_embeddings: bool = True) -> int:

@@ -1,0 +1,176 @@
+"""Hand models and tasks to the tools the field already uses.
+
+- `export_hf`: a checkpoint as a Hugging Face `transformers` model directory (config, safetensors weights,
+  tokenizer) that `AutoModelForCausalLM.from_pretrained` loads. The project's GPT is GPT-2's architecture
+  when positions are learned (GPT2LMHeadModel) and GPT-NeoX's, sequential residual, when they are rotary
+  (GPTNeoXForCausalLM); biases the project leaves out are exported as zeros, which changes nothing.
+- `write_lm_eval_tasks`: few-shot tasks as lm-evaluation-harness local tasks, one per task and k, whose
+  documents hold the project's own k-shot prompts (same examples, same order, same delimiters), so both
+  tools score exactly the same text. Run them with `--num_fewshot 0`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from data_pipeline.tokenizer import END_OF_DOCUMENT
+from evals.tasks import MULTIPLE_CHOICE, TaskError, load_tasks
+from pretrain.model import GPT, MLP_RATIO
+
+
+def _weight_or_zeros(layer, size: int) -> torch.Tensor:
+    bias = getattr(layer, "bias", None)
+    return bias.detach().clone() if bias is not None else torch.zeros(size)
+
+
+def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """GPT2LMHeadModel's names for the weights; its Conv1D layers store (in, out), hence the transposes."""
+    width = model.config.d_model
+    weights = {
+        "transformer.wte.weight": model.token_embedding.weight,
+        "transformer.wpe.weight": model.position_embedding.weight,
+        "transformer.ln_f.weight": model.final_norm.weight,
+        "transformer.ln_f.bias": _weight_or_zeros(model.final_norm, width),
+        "lm_head.weight": model.head.weight,
+    }
+    for number, block in enumerate(model.blocks):
+        prefix = f"transformer.h.{number}."
+        weights.update({
+            prefix + "ln_1.weight": block.attn_norm.weight,
+            prefix + "ln_1.bias": _weight_or_zeros(block.attn_norm, width),
+            prefix + "attn.c_attn.weight": block.attn.qkv.weight.t(),
+            prefix + "attn.c_attn.bias": _weight_or_zeros(block.attn.qkv, 3 * width),
+            prefix + "attn.c_proj.weight": block.attn.proj.weight.t(),
+            prefix + "attn.c_proj.bias": _weight_or_zeros(block.attn.proj, width),
+            prefix + "ln_2.weight": block.mlp_norm.weight,
+            prefix + "ln_2.bias": _weight_or_zeros(block.mlp_norm, width),
+            prefix + "mlp.c_fc.weight": block.mlp.fc.weight.t(),
+            prefix + "mlp.c_fc.bias": _weight_or_zeros(block.mlp.fc, MLP_RATIO * width),
+            prefix + "mlp.c_proj.weight": block.mlp.proj.weight.t(),
+            prefix + "mlp.c_proj.bias": _weight_or_zeros(block.mlp.proj, width),
+        })
+    return weights
+
+
+def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """GPTNeoXForCausalLM's names. NeoX lays the fused projection out head by head ([q, k, v] of head 0, then
+    of head 1, ...) where the project has all queries, then all keys, then all values."""
+    width, heads = model.config.d_model, model.config.n_head
+
+    def per_head(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(3, heads, width // heads, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
+
+    weights = {
+        "gpt_neox.embed_in.weight": model.token_embedding.weight,
+        "gpt_neox.final_layer_norm.weight": model.final_norm.weight,
+        "gpt_neox.final_layer_norm.bias": _weight_or_zeros(model.final_norm, width),
+        "lm_head.weight": model.head.weight,
+    }
+    for number, block in enumerate(model.blocks):
+        prefix = f"gpt_neox.layers.{number}."
+        weights.update({
+            prefix + "input_layernorm.weight": block.attn_norm.weight,
+            prefix + "input_layernorm.bias": _weight_or_zeros(block.attn_norm, width),
+            prefix + "attention.query_key_value.weight": per_head(block.attn.qkv.weight),
+            prefix + "attention.query_key_value.bias": per_head(_weight_or_zeros(block.attn.qkv, 3 * width)),
+            prefix + "attention.dense.weight": block.attn.proj.weight,
+            prefix + "attention.dense.bias": _weight_or_zeros(block.attn.proj, width),
+            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
+            prefix + "post_attention_layernorm.bias": _weight_or_zeros(block.mlp_norm, width),
+            prefix + "mlp.dense_h_to_4h.weight": block.mlp.fc.weight,
+            prefix + "mlp.dense_h_to_4h.bias": _weight_or_zeros(block.mlp.fc, MLP_RATIO * width),
+            prefix + "mlp.dense_4h_to_h.weight": block.mlp.proj.weight,
+            prefix + "mlp.dense_4h_to_h.bias": _weight_or_zeros(block.mlp.proj, width),
+        })
+    return weights
+
+
+def to_hf(model: GPT, end_of_document_id: int):
+    """The same network as a `transformers` model, fp32, on the CPU, in eval mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = model.config
+    common = dict(vocab_size=config.vocab_size, bos_token_id=end_of_document_id, eos_token_id=end_of_document_id,
+                  tie_word_embeddings=True)
+    if config.position == "learned":
+        hf_config = GPT2Config(
+            n_positions=config.seq_len, n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
+            n_inner=MLP_RATIO * config.d_model, activation_function="gelu", layer_norm_epsilon=1e-5,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
+        )
+        hf_model, weights = GPT2LMHeadModel(hf_config), gpt2_state_dict(model)
+    else:
+        hf_config = GPTNeoXConfig(
+            hidden_size=config.d_model, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
+            intermediate_size=MLP_RATIO * config.d_model, hidden_act="gelu", rotary_pct=1.0,
+            rotary_emb_base=config.rotary_base, max_position_embeddings=config.seq_len, layer_norm_eps=1e-5,
+            use_parallel_residual=False, attention_bias=True, attention_dropout=0.0, hidden_dropout=0.0, **common,
+        )
+        hf_model, weights = GPTNeoXForCausalLM(hf_config), neox_state_dict(model)
+    missing, unexpected = hf_model.load_state_dict({k: v.detach().float() for k, v in weights.items()}, strict=False)
+    # Buffers transformers derives itself (causal masks, rotary frequencies) are the only names left out.
+    missing = [name for name in missing if not name.endswith(("attn.bias", "attn.masked_bias", "inv_freq"))]
+    if missing or unexpected:
+        raise RuntimeError(f"weight names do not line up with transformers: missing {missing}, unexpected {unexpected}")
+    return hf_model.eval()
+
+
+def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    from pretrain.checkpoint import tag_for_step
+    from pretrain.export import load_checkpoint, run_tokenizer
+
+    model, written_at, config = load_checkpoint(run_dir, step)
+    tokenizer = run_tokenizer(config)
+    eod = tokenizer.token_to_id(END_OF_DOCUMENT)
+    out = out or run_dir / "hf" / tag_for_step(written_at)
+    partial = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good directory
+    shutil.rmtree(partial, ignore_errors=True)
+    to_hf(model, eod).save_pretrained(partial)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT,
+        model_max_length=config.model.seq_len,
+    ).save_pretrained(partial)
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
+
+
+def write_lm_eval_tasks(specs: list[str], shots: list[int], items: int, seed: int, out: Path) -> list[Path]:
+    """For each task and k: `<task>_<k>shot.jsonl` (context = the k-shot prompt, choices, gold) and a YAML
+    lm-evaluation-harness reads with `--include_path OUT --tasks <task>_<k>shot --num_fewshot 0`."""
+    tasks = load_tasks(specs, items=items)
+    generation = [task.name for task in tasks if task.kind != MULTIPLE_CHOICE]
+    if generation:
+        raise TaskError(f"{', '.join(generation)}: only multiple-choice tasks are written for lm-evaluation-harness")
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for task in tasks:
+        for k in shots:
+            name = f"{task.name}_{k}shot"
+            documents = out / f"{name}.jsonl"
+            with documents.open("w") as file:
+                for index, item in enumerate(task.items):
+                    prompt = task.prompt(item, task.shots(index, k, seed))
+                    file.write(json.dumps({"context": prompt, "choices": list(item.choices), "gold": item.gold}) + "\n")
+            spec = out / f"{name}.yaml"
+            spec.write_text(
+                f"task: {name}\n"
+                "dataset_path: json\n"
+                f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(documents.resolve()))}\n"
+                "test_split: test\n"
+                "output_type: multiple_choice\n"
+                'doc_to_text: "{{context}}"\n'
+                'doc_to_choice: "{{choices}}"\n'
+                'doc_to_target: "{{gold}}"\n'
+                f"target_delimiter: {json.dumps(task.target_delimiter)}\n"
+                "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+            )
+            written += [documents, spec]
+    return written

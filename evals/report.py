@@ -1,0 +1,106 @@
+"""Few-shot results as a user reads them: a console table, JSON and CSV files, a PNG of the curves, and W&B."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from evals.fewshot import Score
+
+CSV_COLUMNS = list(Score.__dataclass_fields__)
+
+
+def table(scores: list[Score]) -> str:
+    """Accuracy (with its standard error) per task and k, one row per task, one column per k."""
+    shots = sorted({score.k for score in scores})
+    tasks = list(dict.fromkeys(score.task for score in scores))
+    by_key = {(score.task, score.k): score for score in scores}
+    width = max(len(task) for task in tasks) + 2
+    lines = ["acc ± stderr".ljust(width) + "".join(f"k={k}".rjust(15) for k in shots)]
+    for task in tasks:
+        cells = "".join(f"{by_key[task, k].acc:.3f} ± {by_key[task, k].acc_stderr:.3f}".rjust(15) for k in shots)
+        lines.append(task.ljust(width) + cells)
+    dropped = [score for score in scores if score.dropped_examples or score.truncated_items]
+    for score in dropped:
+        lines.append(
+            f"{score.task} k={score.k}: {score.dropped_examples} examples dropped to fit the context,"
+            f" {score.truncated_items} prompts truncated"
+        )
+    return "\n".join(lines)
+
+
+def write_files(scores: list[Score], out_dir: Path, about: dict) -> list[Path]:
+    """fewshot.json (the scores with what was evaluated), fewshot.csv and fewshot.png, written whole or not at
+    all, so an interrupted evaluation never leaves a half-written file in place of an earlier good one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    def write(name: str, fill) -> None:
+        path = out_dir / name
+        partial = path.with_name(f".{name}.partial")
+        fill(partial)
+        partial.replace(path)
+        written.append(path)
+
+    def fill_json(path: Path) -> None:
+        path.write_text(json.dumps({**about, "scores": [score.as_dict() for score in scores]}, indent=2) + "\n")
+
+    def fill_csv(path: Path) -> None:
+        with path.open("w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
+            writer.writeheader()
+            writer.writerows(score.as_dict() for score in scores)
+
+    write("fewshot.json", fill_json)
+    write("fewshot.csv", fill_csv)
+    write("fewshot.png", lambda path: plot(scores, path, about.get("title", "")))
+    return written
+
+
+def plot(scores: list[Score], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
+    for task in dict.fromkeys(score.task for score in scores):
+        points = sorted((s for s in scores if s.task == task), key=lambda s: s.k)
+        errors = [0.0 if math.isnan(s.acc_stderr) else s.acc_stderr for s in points]
+        axes.errorbar([s.k for s in points], [s.acc for s in points], yerr=errors, marker="o", capsize=3, label=task)
+    # k = 0 belongs on the axis, so the scale is linear near zero and logarithmic beyond.
+    axes.set_xscale("symlog", base=2, linthresh=1)
+    shots = sorted({score.k for score in scores})
+    axes.set_xticks(shots, [str(k) for k in shots])
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("examples in the prompt (k)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title or "in-context few-shot accuracy")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    plt.close(figure)
+
+
+def log_to_wandb(scores: list[Score], run) -> None:
+    """A table of every score and a line chart of accuracy against k, one line per task, into a W&B run."""
+    import wandb  # deferred: only a run that logs to W&B needs it
+
+    rows = [[getattr(score, column) for column in CSV_COLUMNS] for score in scores]
+    run.log({"eval/fewshot/table": wandb.Table(columns=CSV_COLUMNS, data=rows)})
+    tasks = list(dict.fromkeys(score.task for score in scores))
+    shots = sorted({score.k for score in scores})
+    by_key = {(score.task, score.k): score.acc for score in scores}
+    chart = wandb.plot.line_series(
+        xs=shots, ys=[[by_key[task, k] for k in shots] for task in tasks], keys=tasks,
+        title="few-shot accuracy against k", xname="k",
+    )
+    run.log({"eval/fewshot/curve": chart})
+
+
+def metrics_for_logging(scores: list[Score]) -> dict[str, float]:
+    """`eval/fewshot/<task>/k=<k>` -> accuracy, the names the training loop logs at each evaluation."""
+    return {f"eval/fewshot/{score.task}/k={score.k}": score.acc for score in scores}
