@@ -18,9 +18,12 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import (
@@ -32,6 +35,9 @@ from data_pipeline.loader import (
     verify_shards,
 )
 from data_pipeline.prepare import Manifest, prepare
+from evals.fewshot import evaluate as evaluate_fewshot
+from evals.report import metrics_for_logging
+from evals.tasks import TaskError, load_tasks
 from pretrain import checkpoint
 from pretrain.config import (
     BatchLayout,
@@ -193,6 +199,11 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed)
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None
+    fewshot = config.eval.fewshot
+    # Loaded before the engine is built, so a bad task file stops the run before any work is spent.
+    fewshot_tasks = load_tasks(fewshot.tasks, items=fewshot.items, example_delimiter=fewshot.example_delimiter,
+                               target_delimiter=fewshot.target_delimiter) if fewshot.interval else []
+    tokenizer = Tokenizer.from_file(str(data.tokenizer_path)) if fewshot_tasks else None
 
     # A checkpoint from another number of ranks resumes through DeepSpeed's universal form, converted once.
     universal = resume_from is not None and checkpoint.resume_plan(
@@ -268,6 +279,18 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         }
         if (config.eval.interval and done % config.eval.interval == 0) or done == max_steps:
             metrics["val/loss"] = validation_loss(engine, val_batches, context, masking)
+        if fewshot_tasks and (done % fewshot.interval == 0 or done == max_steps):
+            # Every rank scores its share of the items; every rank gets the whole table back.
+            scores = evaluate_fewshot(
+                engine.module, tokenizer, fewshot_tasks, fewshot.shots, context_length=config.model.seq_len,
+                end_of_document_id=data.end_of_document_id, seed=fewshot.seed, batch_size=fewshot.batch_size,
+                max_new_tokens=fewshot.max_new_tokens,
+            )
+            metrics.update(metrics_for_logging(scores))
+            for task in fewshot.tasks:
+                name = Path(task).stem
+                curve = ", ".join(f"k={s.k} {s.acc:.2f}" for s in scores if s.task == name)
+                say(f"step {done} few-shot {name}: {curve}")
         logger.log(done, metrics)
         if done % config.logging.print_every == 0 or done == max_steps:
             say(
@@ -308,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
         with exit_on_config_error():
             layout = config.batch_layout(context.world_size)
             train(config, layout, context)
-    except (DataError, checkpoint.CheckpointError) as error:
+    except (DataError, checkpoint.CheckpointError, TaskError) as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(1)
     except TrainingStopped as stopped:

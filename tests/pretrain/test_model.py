@@ -85,9 +85,9 @@ def test_checkpointed_blocks_give_the_same_outputs_and_gradients():
     plain = GPT(config)
     calls = []
 
-    def checkpoint(block, x, mask):
+    def checkpoint(block, *inputs):
         calls.append(block)
-        return torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
 
     checkpointed = GPT(config, checkpoint_blocks=checkpoint)
     checkpointed.load_state_dict(plain.state_dict())

@@ -1,0 +1,114 @@
+"""The few-shot evaluation as a user runs it on a trained checkpoint: in the training loop, from the command
+line, through Hugging Face transformers, and against lm-evaluation-harness."""
+
+import csv
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from data_pipeline.tokenizer import END_OF_DOCUMENT
+from evals.fewshot import evaluate
+from evals.tasks import load_task
+from pretrain.export import load_checkpoint, run_tokenizer
+from pretrain.metrics import read_metrics
+from tests.helpers import TINY_CONFIG, deep_merge, launch, run_module
+
+FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "interval": 4}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny 2-rank run whose loop evaluated few-shot accuracy at steps 4 and 8."""
+    import yaml
+
+    root = tmp_path_factory.mktemp("fewshot")
+    config = deep_merge(TINY_CONFIG, {"eval": {"fewshot": FEWSHOT}})
+    config.update(output_dir=str(root / "runs"))
+    config["data"]["dir"] = str(root / "data")
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    launch(path)
+    return root, root / "runs" / "tiny"
+
+
+def test_the_training_loop_logs_accuracy_at_each_k_and_the_command_line_reproduces_it(trained):
+    root, run_dir = trained
+    logged = {r["step"]: r for r in read_metrics(run_dir) if "eval/fewshot/word_labels/k=0" in r}
+    assert sorted(logged) == [4, 8]
+
+    result = run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--no-wandb", cwd=root)
+    assert result.returncode == 0, result.stderr
+    out = run_dir / "fewshot" / "step_00000008"
+    written = json.loads((out / "fewshot.json").read_text())
+    assert written["step"] == 8 and [s["k"] for s in written["scores"]] == [0, 2, 4]
+    for score in written["scores"]:
+        assert score["items"] == 24
+        assert score["acc"] == pytest.approx(logged[8][f"eval/fewshot/word_labels/k={score['k']}"], abs=1e-9)
+    rows = list(csv.DictReader((out / "fewshot.csv").open()))
+    assert [(r["task"], int(r["k"])) for r in rows] == [("word_labels", 0), ("word_labels", 2), ("word_labels", 4)]
+    assert (out / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "word_labels" in result.stdout and "k=4" in result.stdout
+
+
+def test_a_bad_task_file_is_named_and_earlier_results_are_kept(trained, tmp_path):
+    root, run_dir = trained
+    out = tmp_path / "out"
+    assert run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--no-wandb", "--shots", "0",
+                      "--out", str(out), cwd=root).returncode == 0
+    before = (out / "fewshot.json").read_text()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"context": "a", "choices": ["x", "y"], "gold": 0}\n{"context": "b", "choices": ["x"], "gold": 0}\n')
+    result = run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--no-wandb", "--tasks", str(broken),
+                        "--out", str(out), cwd=root)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {broken}:2: 'choices' must be a list of at least two strings"
+    assert (out / "fewshot.json").read_text() == before
+
+
+def test_the_exported_transformers_model_gives_the_projects_logits(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, run_dir = trained
+    result = run_module("evals", "export-hf", "--checkpoint", str(run_dir), cwd=root)
+    assert result.returncode == 0, result.stderr
+    hf_dir = run_dir / "hf" / "step_00000008"
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+
+    model, _, config = load_checkpoint(run_dir)
+    text = "vuvi lili dolu vuru vuvi lili mobu"
+    ids = run_tokenizer(config).encode(text).ids
+    assert hf_tokenizer(text)["input_ids"] == ids
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))
+        theirs = hf_model(torch.tensor([ids])).logits
+    assert torch.allclose(ours, theirs, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-evaluation-harness not installed")
+def test_lm_evaluation_harness_agrees_on_the_same_prompts(trained, tmp_path):
+    root, run_dir = trained
+    hf_dir = tmp_path / "hf"
+    assert run_module("evals", "export-hf", "--checkpoint", str(run_dir), "--out", str(hf_dir), cwd=root).returncode == 0
+    tasks_dir = tmp_path / "tasks"
+    result = run_module("evals", "lm-eval-tasks", "--tasks", "word_labels", "--shots", "4", "--items", "60",
+                        "--out", str(tasks_dir), cwd=root)
+    assert result.returncode == 0, result.stderr
+    harness = run_module(
+        "lm_eval", "--model", "hf", "--model_args", f"pretrained={hf_dir},dtype=float32", "--tasks",
+        "word_labels_4shot", "--include_path", str(tasks_dir), "--num_fewshot", "0", "--device", "cpu",
+        "--batch_size", "16", "--output_path", str(tmp_path / "lm_eval"), cwd=root,
+    )
+    assert harness.returncode == 0, harness.stderr[-3000:]
+    [results_file] = (tmp_path / "lm_eval").rglob("results_*.json")
+    theirs = json.loads(results_file.read_text())["results"]["word_labels_4shot"]
+
+    model, _, config = load_checkpoint(run_dir)
+    tokenizer = run_tokenizer(config)
+    [ours] = evaluate(model, tokenizer, [load_task("word_labels", items=60)], [4], context_length=config.model.seq_len,
+                      end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT))
+    assert ours.items == 60
+    assert abs(ours.acc - theirs["acc,none"]) <= 0.005
+    assert abs(ours.acc_norm - theirs["acc_norm,none"]) <= 0.005
