@@ -10,7 +10,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test data bench-data bench
+.PHONY: setup train test data bench-data bench eval
 
 setup: $(VENV)/.installed
 
@@ -41,3 +41,9 @@ bench-data: setup
 # elsewhere), e.g. ARGS="--shapes gpt2-124m --json bench.json".
 bench: setup
 	$(PY) -m pretrain.bench $(ARGS)
+
+# Few-shot accuracy against the number of in-context examples, for a trained run (default: the one `make train`
+# made), e.g. ARGS="--tasks word_labels,my_task.jsonl --shots 0,1,8 --step 1000".
+RUN ?= runs/quickstart
+eval: setup
+	$(PY) -m evals fewshot --checkpoint $(RUN) $(ARGS)

@@ -2,8 +2,8 @@
 logits. Nothing here knows how the model was trained, so the training loop calls it in-loop and the command
 line calls it on a checkpoint.
 
-The model is called as `model(tokens, positions=..., attention_mask=...)` (batch, time) -> (batch, time, vocab),
-the calling convention of pretrain's GPT. That lets the shared prompt of a multiple-choice item be computed once:
+The model is called as `model(tokens, positions=..., attention_mask=..., logits_at=...)`, the calling
+convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out. That lets the shared prompt of a multiple-choice item be computed once:
 one row holds the prompt followed by every choice's tokens, each choice at the positions it would have right
 after the prompt and attending only to the prompt and to itself. The log-likelihoods equal those of scoring
 prompt + choice separately, as lm-evaluation-harness does, at a fraction of the tokens.
@@ -109,26 +109,45 @@ def packed_row(prompt: Prompt) -> tuple[list[int], list[int], list[int]]:
     return tokens, positions, segments
 
 
-def choice_log_likelihoods(prompt: Prompt, log_probs: torch.Tensor) -> list[float]:
-    """Summed log-probabilities of each continuation, read from the packed row's log-softmax (time, vocab)."""
-    totals, start = [], len(prompt.context)
+def scored_positions(prompt: Prompt) -> tuple[list[int], list[int]]:
+    """Where in the packed row each continuation token is predicted, and the token: token 0 of every
+    continuation at the prompt's last position, token j > 0 right after the continuation's token j - 1."""
+    positions, tokens, start = [], [], len(prompt.context)
     for continuation in prompt.continuations:
-        # Token 0 is predicted at the prompt's last position; token j > 0 after the continuation's token j - 1.
-        predicted_at = [len(prompt.context) - 1] + list(range(start, start + len(continuation) - 1))
+        positions += [len(prompt.context) - 1] + list(range(start, start + len(continuation) - 1))
+        tokens += continuation
         start += len(continuation) - 1
-        totals.append(float(log_probs[predicted_at, continuation].sum()))
+    return positions, tokens
+
+
+def choice_log_likelihoods(prompt: Prompt, log_probs: torch.Tensor) -> list[float]:
+    """Summed log-probabilities of each continuation; log_probs (n, vocab) at the row's scored positions."""
+    _, tokens = scored_positions(prompt)
+    token_log_probs = log_probs[torch.arange(len(tokens)), tokens].tolist()
+    totals, start = [], 0
+    for continuation in prompt.continuations:
+        totals.append(sum(token_log_probs[start : start + len(continuation)]))
+        start += len(continuation)
     return totals
 
 
+def gather_index(positions: list[list[int]], device: torch.device) -> torch.Tensor:
+    """(rows, most positions) time indices, each row padded by repeating its first."""
+    width = max(len(row) for row in positions)
+    return torch.tensor([row + row[:1] * (width - len(row)) for row in positions], device=device)
+
+
+def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
+    """The rows right-padded with `fill` to the longest, as one (rows, longest) tensor."""
+    length = max(len(row) for row in rows)
+    return torch.tensor([row + [fill] * (length - len(row)) for row in rows], dtype=torch.long)
+
+
 def batch_tensors(rows: list[tuple[list[int], list[int], list[int]]], device: torch.device):
-    length = max(len(tokens) for tokens, _, _ in rows)
-    tokens = torch.zeros(len(rows), length, dtype=torch.long)
-    positions = torch.zeros(len(rows), length, dtype=torch.long)
-    segments = torch.full((len(rows), length), PADDING, dtype=torch.long)
-    for row, (row_tokens, row_positions, row_segments) in enumerate(rows):
-        tokens[row, : len(row_tokens)] = torch.tensor(row_tokens)
-        positions[row, : len(row_positions)] = torch.tensor(row_positions)
-        segments[row, : len(row_segments)] = torch.tensor(row_segments)
+    """Token ids, positions and the attention mask (batch, time, time) of packed rows."""
+    tokens, positions, segments = (padded([row[part] for row in rows], fill) for part, fill in
+                                   ((0, 0), (1, 0), (2, PADDING)))
+    length = tokens.shape[1]
     earlier = torch.ones(length, length, dtype=torch.bool).tril()
     query, key = segments[:, :, None], segments[:, None, :]
     mask = earlier & ((key == PROMPT) | (key == query)) & (key != PADDING)
@@ -174,7 +193,14 @@ def score_multiple_choice(model, prompts: list[tuple[int, Item, Prompt]], batch_
         batch = batches[number] if number < len(batches) else []
         rows = [packed_row(prompt) for _, _, prompt in batch] or [([0], [0], [PROMPT])]  # an idle rank's filler
         tokens, positions, mask = batch_tensors(rows, device)
-        log_probs = model(tokens, positions=positions, attention_mask=mask).float().log_softmax(-1).cpu()
+        logits_at = gather_index([scored_positions(prompt)[0] for _, _, prompt in batch] or [[0]], device)
+        if all(segment == PROMPT for _, _, segments in rows for segment in segments):
+            # Only prompts (every choice a single token): right-padded causal rows need no mask, which lets
+            # attention take its fastest kernel.
+            logits = model(tokens, logits_at=logits_at)
+        else:
+            logits = model(tokens, positions=positions, attention_mask=mask, logits_at=logits_at)
+        log_probs = logits.float().log_softmax(-1).cpu()
         for row, (index, item, prompt) in enumerate(batch):
             likelihoods = choice_log_likelihoods(prompt, log_probs[row])
             normalised = [ll / max(len(choice), 1) for ll, choice in zip(likelihoods, item.choices)]
@@ -215,11 +241,10 @@ def score_generation(
         sequences = [list(prompt.context) for _, _, prompt in batch] or [[0]]
         starts = [len(sequence) for sequence in sequences]
         for _ in range(new_tokens):
-            rows = [(seq, list(range(len(seq))), [PROMPT] * len(seq)) for seq in sequences]
-            tokens, positions, mask = batch_tensors(rows, device)
-            logits = model(tokens, positions=positions, attention_mask=mask)
-            last = torch.tensor([len(sequence) - 1 for sequence in sequences], device=device)
-            chosen = logits[torch.arange(len(sequences), device=device), last].argmax(-1).tolist()
+            # Right-padded and causal: a row's own tokens never see the padding after them.
+            tokens = padded(sequences, 0).to(device)
+            last = gather_index([[len(sequence) - 1] for sequence in sequences], device)
+            chosen = model(tokens, logits_at=last)[:, 0].argmax(-1).tolist()
             for sequence, token in zip(sequences, chosen):
                 sequence.append(token)
         for (index, item, prompt), sequence, start in zip(batch, sequences, starts):

@@ -203,6 +203,7 @@ class FewShotConfig(_Section):
     shots: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16], min_length=1)
     items: int | None = Field(1000, ge=1, description="items per task (the first N); None: all of a file's")
     interval: int = Field(0, ge=0, description="steps between evaluations during training; 0: none in the loop")
+    items_in_loop: int | None = Field(200, ge=1, description="items per task during training; None: as many as items")
     seed: int = Field(0, description="draws each item's examples; the same seed gives the same prompts")
     example_delimiter: str | None = Field(None, description="between examples; None: the task's own")
     target_delimiter: str | None = Field(None, description="between a context and its answer; None: the task's own")

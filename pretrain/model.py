@@ -124,8 +124,11 @@ class GPT(nn.Module):
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size).
+        """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size), or with
+        logits_at (batch, n) the logits at those time indices only (batch, n, vocab_size): the output head is
+        a large share of the work when only a few positions are scored.
 
         By default token t sits at position t and attends to tokens 0..t. Otherwise:
         - document_ids (batch, time): a token attends only to earlier tokens of its own document, so documents
@@ -156,6 +159,8 @@ class GPT(nn.Module):
                 x = self.checkpoint_blocks(block, x, mask, positions)
             else:
                 x = block(x, mask, positions)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(self.final_norm(x))
 
     def num_parameters(self, include_embeddings: bool = True) -> int:

@@ -201,7 +201,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     masking = data.end_of_document_id if config.data.document_masking else None
     fewshot = config.eval.fewshot
     # Loaded before the engine is built, so a bad task file stops the run before any work is spent.
-    fewshot_tasks = load_tasks(fewshot.tasks, items=fewshot.items, example_delimiter=fewshot.example_delimiter,
+    fewshot_tasks = load_tasks(fewshot.tasks, items=fewshot.items_in_loop or fewshot.items, example_delimiter=fewshot.example_delimiter,
                                target_delimiter=fewshot.target_delimiter) if fewshot.interval else []
     tokenizer = Tokenizer.from_file(str(data.tokenizer_path)) if fewshot_tasks else None
 

@@ -15,7 +15,7 @@ from pretrain.export import load_checkpoint, run_tokenizer
 from pretrain.metrics import read_metrics
 from tests.helpers import TINY_CONFIG, deep_merge, launch, run_module
 
-FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "interval": 4}
+FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_loop": 24, "interval": 4}
 
 
 @pytest.fixture(scope="module")

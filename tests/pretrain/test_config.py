@@ -27,6 +27,8 @@ def test_the_quickstart_config_is_valid():
         (["data.sources=[{kind: icl_episodes, episode: 3}]"], "data.sources.0.episode: unknown key"),
         (["model.n_layer.deep=1"], "model.n_layer: is a value, not a section"),
         (["train.lr"], "override 'train.lr': expected KEY=VALUE"),
+        (["eval.fewshot.shots=[0, -2]"], "eval.fewshot.shots: Value error, numbers of examples cannot be negative"),
+        (["eval.fewshot.tasks=[]"], "eval.fewshot.tasks: List should have at least 1 item"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, message_start):
