@@ -91,11 +91,16 @@ def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
 
 def to_hf(model: GPT, end_of_document_id: int):
     """The same network as a `transformers` model, fp32, on the CPU, in eval mode."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+    )
 
     config = model.config
-    common = dict(vocab_size=config.vocab_size, bos_token_id=end_of_document_id, eos_token_id=end_of_document_id,
-                  tie_word_embeddings=True)
+    common = {"vocab_size": config.vocab_size, "bos_token_id": end_of_document_id,
+              "eos_token_id": end_of_document_id, "tie_word_embeddings": True}
     if config.position == "learned":
         hf_config = GPT2Config(
             n_positions=config.seq_len, n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,

@@ -17,7 +17,6 @@ from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import load_tokenizer
-
 from pretrain import checkpoint
 from pretrain.config import Config, ModelConfig, exit_on_config_error, load_config
 from pretrain.model import GPT

@@ -18,8 +18,6 @@ import time
 import warnings
 from dataclasses import dataclass
 
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -201,8 +199,10 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     masking = data.end_of_document_id if config.data.document_masking else None
     fewshot = config.eval.fewshot
     # Loaded before the engine is built, so a bad task file stops the run before any work is spent.
-    fewshot_tasks = load_tasks(fewshot.tasks, items=fewshot.items_in_loop or fewshot.items, example_delimiter=fewshot.example_delimiter,
-                               target_delimiter=fewshot.target_delimiter) if fewshot.interval else []
+    fewshot_tasks = load_tasks(
+        fewshot.tasks, items=fewshot.items_in_loop or fewshot.items, example_delimiter=fewshot.example_delimiter,
+        target_delimiter=fewshot.target_delimiter,
+    ) if fewshot.interval else []
     tokenizer = Tokenizer.from_file(str(data.tokenizer_path)) if fewshot_tasks else None
 
     # A checkpoint from another number of ranks resumes through DeepSpeed's universal form, converted once.
@@ -287,10 +287,9 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 max_new_tokens=fewshot.max_new_tokens,
             )
             metrics.update(metrics_for_logging(scores))
-            for task in fewshot.tasks:
-                name = Path(task).stem
-                curve = ", ".join(f"k={s.k} {s.acc:.2f}" for s in scores if s.task == name)
-                say(f"step {done} few-shot {name}: {curve}")
+            for task in fewshot_tasks:
+                curve = ", ".join(f"k={score.k} {score.acc:.2f}" for score in scores if score.task == task.name)
+                say(f"step {done} few-shot {task.name}: {curve}")
         logger.log(done, metrics)
         if done % config.logging.print_every == 0 or done == max_steps:
             say(
