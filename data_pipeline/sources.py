@@ -64,22 +64,26 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of each non-blank line of a JSON Lines file, plain or compressed; a line
+    that is not JSON is a DataError naming the file and line."""
+    with _open_text(path) as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+
+
 def _jsonl_documents(source: JsonlSource) -> Iterator[str]:
     for path in expand_paths(source.paths):
-        with _open_text(path) as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-                if not isinstance(record, dict) or source.text_field not in record:
-                    raise DataError(
-                        f"{path}:{number}: has no field {source.text_field!r}; set text_field in data.sources"
-                    )
-                if text := record[source.text_field]:
-                    yield str(text)
+        for number, record in jsonl_records(path):
+            if not isinstance(record, dict) or source.text_field not in record:
+                raise DataError(f"{path}:{number}: has no field {source.text_field!r}; set text_field in data.sources")
+            if text := record[source.text_field]:
+                yield str(text)
 
 
 def _text_documents(source: TextSource) -> Iterator[str]:

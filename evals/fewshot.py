@@ -3,8 +3,8 @@ logits. Nothing here knows how the model was trained, so the training loop calls
 line calls it on a checkpoint.
 
 The model is called as `model(tokens, positions=..., attention_mask=..., logits_at=...)`, the calling
-convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out. That lets the shared prompt of a multiple-choice item be computed once:
-one row holds the prompt followed by every choice's tokens, each choice at the positions it would have right
+convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out. That lets
+the shared prompt of a multiple-choice item be computed once: one row holds the prompt followed by every choice's tokens, each choice at the positions it would have right
 after the prompt and attending only to the prompt and to itself. The log-likelihoods equal those of scoring
 prompt + choice separately, as lm-evaluation-harness does, at a fraction of the tokens.
 
@@ -120,9 +120,9 @@ def scored_positions(prompt: Prompt) -> tuple[list[int], list[int]]:
     return positions, tokens
 
 
-def choice_log_likelihoods(prompt: Prompt, log_probs: torch.Tensor) -> list[float]:
-    """Summed log-probabilities of each continuation; log_probs (n, vocab) at the row's scored positions."""
-    _, tokens = scored_positions(prompt)
+def choice_log_likelihoods(prompt: Prompt, tokens: list[int], log_probs: torch.Tensor) -> list[float]:
+    """Summed log-probabilities of each continuation; `tokens` and log_probs (n, vocab) as scored_positions
+    lists them."""
     token_log_probs = log_probs[torch.arange(len(tokens)), tokens].tolist()
     totals, start = [], 0
     for continuation in prompt.continuations:
@@ -185,24 +185,25 @@ def _model_device(model: Callable) -> torch.device:
 @torch.no_grad()
 def score_multiple_choice(model, prompts: list[tuple[int, Item, Prompt]], batch_size: int) -> list[ItemResult]:
     device = _model_device(model)
+    packed = [(entry, packed_row(entry[2]), scored_positions(entry[2])) for entry in prompts]
     # Longest first, so the padding in each batch is small and a batch too big for memory fails at once.
-    ordered = sorted(prompts, key=lambda entry: -len(packed_row(entry[2])[0]))
-    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    packed.sort(key=lambda row: -len(row[1][0]))
+    batches = [packed[start : start + batch_size] for start in range(0, len(packed), batch_size)]
     results = []
     for number in range(_batches_on_every_rank(len(batches), device)):
         batch = batches[number] if number < len(batches) else []
-        rows = [packed_row(prompt) for _, _, prompt in batch] or [([0], [0], [PROMPT])]  # an idle rank's filler
-        tokens, positions, mask = batch_tensors(rows, device)
-        logits_at = gather_index([scored_positions(prompt)[0] for _, _, prompt in batch] or [[0]], device)
+        rows = [row for _, row, _ in batch] or [([0], [0], [PROMPT])]  # an idle rank's filler
+        logits_at = gather_index([scored[0] for _, _, scored in batch] or [[0]], device)
         if all(segment == PROMPT for _, _, segments in rows for segment in segments):
             # Only prompts (every choice a single token): right-padded causal rows need no mask, which lets
             # attention take its fastest kernel.
-            logits = model(tokens, logits_at=logits_at)
+            logits = model(padded([tokens for tokens, _, _ in rows], 0).to(device), logits_at=logits_at)
         else:
+            tokens, positions, mask = batch_tensors(rows, device)
             logits = model(tokens, positions=positions, attention_mask=mask, logits_at=logits_at)
         log_probs = logits.float().log_softmax(-1).cpu()
-        for row, (index, item, prompt) in enumerate(batch):
-            likelihoods = choice_log_likelihoods(prompt, log_probs[row])
+        for row, ((index, item, prompt), _, (_, scored_tokens)) in enumerate(batch):
+            likelihoods = choice_log_likelihoods(prompt, scored_tokens, log_probs[row])
             normalised = [ll / max(len(choice), 1) for ll, choice in zip(likelihoods, item.choices)]
             results.append(
                 ItemResult(

@@ -11,49 +11,58 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.tasks import MULTIPLE_CHOICE, TaskError, load_tasks
 from pretrain.model import GPT, MLP_RATIO
 
 
-def _weight_or_zeros(layer, size: int) -> torch.Tensor:
-    bias = getattr(layer, "bias", None)
-    return bias.detach().clone() if bias is not None else torch.zeros(size)
+def _weights(layer: nn.Module, name: str, convert: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """A layer's weight and bias under `name`; a bias the project leaves out is exported as zeros."""
+    bias = layer.bias if getattr(layer, "bias", None) is not None else torch.zeros(layer.weight.shape[0])
+    return {f"{name}.weight": convert(layer.weight), f"{name}.bias": convert(bias)}
+
+
+def _block_weights(model: GPT, prefix: str, names: dict[str, str], convert) -> dict[str, torch.Tensor]:
+    """Every block's layers, the project's submodule names mapped to `names`, `convert(our name, tensor)` applied."""
+    weights = {}
+    for number, block in enumerate(model.blocks):
+        for ours, theirs in names.items():
+            weights |= _weights(block.get_submodule(ours), f"{prefix}{number}.{theirs}",
+                                functools.partial(convert, ours))
+    return weights
+
+
+GPT2_BLOCK_NAMES = {
+    "attn_norm": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj",
+    "mlp_norm": "ln_2", "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj",
+}
+NEOX_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "attn.qkv": "attention.query_key_value", "attn.proj": "attention.dense",
+    "mlp_norm": "post_attention_layernorm", "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h",
+}
 
 
 def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's names for the weights; its Conv1D layers store (in, out), hence the transposes."""
-    width = model.config.d_model
-    weights = {
+    def transpose_matrices(_: str, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.t() if tensor.dim() == 2 else tensor
+
+    return {
         "transformer.wte.weight": model.token_embedding.weight,
         "transformer.wpe.weight": model.position_embedding.weight,
-        "transformer.ln_f.weight": model.final_norm.weight,
-        "transformer.ln_f.bias": _weight_or_zeros(model.final_norm, width),
+        **_weights(model.final_norm, "transformer.ln_f", lambda tensor: tensor),
         "lm_head.weight": model.head.weight,
+        **_block_weights(model, "transformer.h.", GPT2_BLOCK_NAMES, transpose_matrices),
     }
-    for number, block in enumerate(model.blocks):
-        prefix = f"transformer.h.{number}."
-        weights.update({
-            prefix + "ln_1.weight": block.attn_norm.weight,
-            prefix + "ln_1.bias": _weight_or_zeros(block.attn_norm, width),
-            prefix + "attn.c_attn.weight": block.attn.qkv.weight.t(),
-            prefix + "attn.c_attn.bias": _weight_or_zeros(block.attn.qkv, 3 * width),
-            prefix + "attn.c_proj.weight": block.attn.proj.weight.t(),
-            prefix + "attn.c_proj.bias": _weight_or_zeros(block.attn.proj, width),
-            prefix + "ln_2.weight": block.mlp_norm.weight,
-            prefix + "ln_2.bias": _weight_or_zeros(block.mlp_norm, width),
-            prefix + "mlp.c_fc.weight": block.mlp.fc.weight.t(),
-            prefix + "mlp.c_fc.bias": _weight_or_zeros(block.mlp.fc, MLP_RATIO * width),
-            prefix + "mlp.c_proj.weight": block.mlp.proj.weight.t(),
-            prefix + "mlp.c_proj.bias": _weight_or_zeros(block.mlp.proj, width),
-        })
-    return weights
 
 
 def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
@@ -61,32 +70,17 @@ def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     of head 1, ...) where the project has all queries, then all keys, then all values."""
     width, heads = model.config.d_model, model.config.n_head
 
-    def per_head(tensor: torch.Tensor) -> torch.Tensor:
+    def qkv_per_head(ours: str, tensor: torch.Tensor) -> torch.Tensor:
+        if ours != "attn.qkv":
+            return tensor
         return tensor.reshape(3, heads, width // heads, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
-    weights = {
+    return {
         "gpt_neox.embed_in.weight": model.token_embedding.weight,
-        "gpt_neox.final_layer_norm.weight": model.final_norm.weight,
-        "gpt_neox.final_layer_norm.bias": _weight_or_zeros(model.final_norm, width),
+        **_weights(model.final_norm, "gpt_neox.final_layer_norm", lambda tensor: tensor),
         "lm_head.weight": model.head.weight,
+        **_block_weights(model, "gpt_neox.layers.", NEOX_BLOCK_NAMES, qkv_per_head),
     }
-    for number, block in enumerate(model.blocks):
-        prefix = f"gpt_neox.layers.{number}."
-        weights.update({
-            prefix + "input_layernorm.weight": block.attn_norm.weight,
-            prefix + "input_layernorm.bias": _weight_or_zeros(block.attn_norm, width),
-            prefix + "attention.query_key_value.weight": per_head(block.attn.qkv.weight),
-            prefix + "attention.query_key_value.bias": per_head(_weight_or_zeros(block.attn.qkv, 3 * width)),
-            prefix + "attention.dense.weight": block.attn.proj.weight,
-            prefix + "attention.dense.bias": _weight_or_zeros(block.attn.proj, width),
-            prefix + "post_attention_layernorm.weight": block.mlp_norm.weight,
-            prefix + "post_attention_layernorm.bias": _weight_or_zeros(block.mlp_norm, width),
-            prefix + "mlp.dense_h_to_4h.weight": block.mlp.fc.weight,
-            prefix + "mlp.dense_h_to_4h.bias": _weight_or_zeros(block.mlp.fc, MLP_RATIO * width),
-            prefix + "mlp.dense_4h_to_h.weight": block.mlp.proj.weight,
-            prefix + "mlp.dense_4h_to_h.bias": _weight_or_zeros(block.mlp.proj, width),
-        })
-    return weights
 
 
 def to_hf(model: GPT, end_of_document_id: int):

@@ -16,13 +16,13 @@ and the answer (a choice, or the generated text) follows after `target_delimiter
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.embedded import episode_inventories
+from data_pipeline.sources import jsonl_records
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
@@ -134,20 +134,10 @@ def _item(record: object, where: str) -> Item:
 
 
 def read_items(path: Path) -> tuple[Item, ...]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise TaskError(f"{path}: task file not found; give a built-in task ({', '.join(BUILTIN_TASKS)}) or a .jsonl") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise TaskError(f"{path}: cannot be read as UTF-8 text ({error})") from None
+    if not path.is_file():
+        raise TaskError(f"{path}: task file not found; give a built-in task ({', '.join(BUILTIN_TASKS)}) or a .jsonl")
     items = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise TaskError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for number, record in jsonl_records(path):
         items.append(_item(record, f"{path}:{number}"))
         if items[-1].kind != items[0].kind:
             raise TaskError(f"{path}:{number}: is {items[-1].kind} but the file's first item is {items[0].kind}")

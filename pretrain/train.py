@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError
 from data_pipeline.loader import (
@@ -33,6 +32,7 @@ from data_pipeline.loader import (
     verify_shards,
 )
 from data_pipeline.prepare import Manifest, prepare
+from data_pipeline.tokenizer import load_tokenizer
 from evals.fewshot import evaluate as evaluate_fewshot
 from evals.report import metrics_for_logging
 from evals.tasks import TaskError, load_tasks
@@ -203,7 +203,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         fewshot.tasks, items=fewshot.items_in_loop or fewshot.items, example_delimiter=fewshot.example_delimiter,
         target_delimiter=fewshot.target_delimiter,
     ) if fewshot.interval else []
-    tokenizer = Tokenizer.from_file(str(data.tokenizer_path)) if fewshot_tasks else None
+    tokenizer = load_tokenizer(data.tokenizer_path, config.model.vocab_size) if fewshot_tasks else None
 
     # A checkpoint from another number of ranks resumes through DeepSpeed's universal form, converted once.
     universal = resume_from is not None and checkpoint.resume_plan(
