@@ -226,10 +226,17 @@ class EvalConfig(_Section):
 
 class LoggingConfig(_Section):
     wandb_project: str = "gpt-pretrain"
+    wandb_entity: str | None = Field(None, description="W&B team or user; None: the API key's default entity")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
         "auto", description="auto: online when an API key is configured, offline otherwise"
     )
-    print_every: int = Field(50, ge=1, description="steps between progress lines on the console")
+    wandb_group: str | None = Field(None, description="W&B group; the runs of a sweep share the sweep's name")
+    wandb_job_type: str = "train"
+    wandb_tags: list[Annotated[str, Field(min_length=1, max_length=64)]] = []
+    print_every: int = Field(50, ge=1, description="steps between progress lines (and system/ metrics)")
+    stall_alert_minutes: float = Field(
+        30.0, ge=0, description="alert when no step has completed for this long (a hung job); 0: never"
+    )
 
 
 ENVIRONMENT_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"

@@ -55,7 +55,7 @@ from pretrain.distributed import (
     shutdown,
 )
 from pretrain.faults import NonFiniteSteps, Preempted, PreemptionWatch, TrainingStopped
-from pretrain.metrics import RunLogger, read_metrics
+from pretrain.metrics import RunLogger, launch_details, read_metrics, system_metrics
 from pretrain.model import GPT
 from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
 
@@ -228,89 +228,94 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         written_by = checkpoint.read_marker(resume_from)["world_size"]
         say(f"resumed from {resume_from.name} (step {start_step})" + (
             f", written by {written_by} ranks, through its universal form" if universal else ""))
-    logger = RunLogger(config, context.is_main, resumed_from_step=start_step if resume_from else None)
+    launch = launch_details(run_dir, context.world_size, context.device) if context.is_main else None
+    with RunLogger(config, context.is_main, start_step if resume_from else None, launch) as logger:
+        peak_flops = peak_bf16_flops(context.device)
+        say(
+            f"{config.name}: {setup.parameters:,} parameters ({setup.non_embedding_parameters:,} without embeddings)"
+            f", {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
+            f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
+            f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
+            f" x {layout.seq_len}, run directory {run_dir}"
+        )
+        if start_step == 0:
+            logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking), "train/tokens": 0})
 
-    peak_flops = peak_bf16_flops(context.device)
-    say(
-        f"{config.name}: {setup.parameters:,} parameters ({setup.non_embedding_parameters:,} without embeddings)"
-        f", {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
-        f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
-        f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
-        f" x {layout.seq_len}, run directory {run_dir}"
-    )
-    if start_step == 0:
-        logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking)})
+        non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir)
+        max_steps = config.train.max_steps
+        steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
+        for step in range(start_step, max_steps):
+            seed_step(config.seed, step, context.rank)
+            lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+            step_start = time.perf_counter()
+            loaded_step, (tokens, _window_ids) = next(steps)
+            assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
+            micro_batches = tokens.to(context.device, non_blocking=True).split(layout.micro_batch_size)
+            data_wait = time.perf_counter() - step_start
+            done = step + 1
+            poison = done in config.faults.nan_loss_at_steps and context.is_main
+            loss_sum = train_step(engine, optimizer, micro_batches, masking, poison)
+            # One collective for the step's loss and the preemption vote (any rank that got a signal stops them all).
+            train_loss, stop_votes = means_across_ranks(
+                [loss_sum / layout.accumulation_steps, float(preemption.received is not None)], context.device)
+            step_seconds = time.perf_counter() - step_start
+            tokens_per_second = layout.tokens_per_step / step_seconds
+            skipped = optimizer.skipped or not engine.was_step_applied()
+            # Under fp16, DeepSpeed's loss scaler also skips steps whose scaled gradients overflowed while it finds
+            # its scale; those are routine, not a sign of divergence.
+            loss_scaler_skip = precision == "fp16" and not optimizer.skipped and math.isfinite(train_loss)
+            non_finite.record(skipped and not loss_scaler_skip)
+            if non_finite.in_a_row == 1:  # once per streak; a streak too long stops the run below
+                logger.alert("non-finite loss", f"step {done}: loss {train_loss} (or its gradient) is not finite; the"
+                             f" step was skipped ({non_finite.total} skipped so far)")
+            metrics = {
+                "train/loss": train_loss,
+                "train/lr": lr,
+                # DeepSpeed computes the norm inside its ZeRO and mixed-precision optimizers, not at stage 0 in fp32.
+                "train/grad_norm": None if (grad_norm := engine.get_global_grad_norm()) is None else float(grad_norm),
+                "train/tokens": done * layout.tokens_per_step,
+                "train/skipped_steps": non_finite.total,
+                "perf/tokens_per_second": tokens_per_second,
+                "perf/mfu": (setup.flops_per_token * tokens_per_second / (peak_flops * context.world_size)
+                             if peak_flops else None),
+                "perf/step_seconds": step_seconds,
+                "perf/data_wait_fraction": data_wait / step_seconds,
+            }
+            if (config.eval.interval and done % config.eval.interval == 0) or done == max_steps:
+                metrics["val/loss"] = validation_loss(engine, val_batches, context, masking)
+            if fewshot_tasks and (done % fewshot.interval == 0 or done == max_steps):
+                # Every rank scores its share of the items; every rank gets the whole table back.
+                scores = evaluate_fewshot(
+                    engine.module, tokenizer, fewshot_tasks, fewshot.shots, context_length=config.model.seq_len,
+                    end_of_document_id=data.end_of_document_id, seed=fewshot.seed, batch_size=fewshot.batch_size,
+                    max_new_tokens=fewshot.max_new_tokens,
+                )
+                metrics.update(metrics_for_logging(scores))
+                for task in fewshot_tasks:
+                    curve = ", ".join(f"k={score.k} {score.acc:.2f}" for score in scores if score.task == task.name)
+                    say(f"step {done} few-shot {task.name}: {curve}")
+            report_now = done % config.logging.print_every == 0 or done == max_steps
+            if report_now:
+                metrics.update(system_metrics(context.device))
+            logger.log(done, metrics)
+            if report_now:
+                say(
+                    f"step {done}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
+                    f" | {tokens_per_second:,.0f} tokens/s | data wait {metrics['perf/data_wait_fraction']:.1%}"
+                    + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
+                )
+            non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
+            preempted_by = (preemption.received or "a signal to another rank") if stop_votes > 0 else None
+            if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
+                loop_state = {"step": done, "data_fingerprint": data.fingerprint}
+                saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
+                                        preempted_by=preempted_by)
+            if preempted_by and done < max_steps:
+                raise Preempted(
+                    f"{preempted_by} asked to stop: saved {saved} at step {done}; resume with train.resume=auto"
+                    " (launchers requeue on this exit code)"
+                )
 
-    non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir)
-    max_steps = config.train.max_steps
-    steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
-    for step in range(start_step, max_steps):
-        seed_step(config.seed, step, context.rank)
-        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
-        step_start = time.perf_counter()
-        loaded_step, (tokens, _window_ids) = next(steps)
-        assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
-        micro_batches = tokens.to(context.device, non_blocking=True).split(layout.micro_batch_size)
-        data_wait = time.perf_counter() - step_start
-        done = step + 1
-        poison = done in config.faults.nan_loss_at_steps and context.is_main
-        loss_sum = train_step(engine, optimizer, micro_batches, masking, poison)
-        # One collective for the step's loss and the preemption vote (any rank that got a signal stops them all).
-        train_loss, stop_votes = means_across_ranks(
-            [loss_sum / layout.accumulation_steps, float(preemption.received is not None)], context.device)
-        step_seconds = time.perf_counter() - step_start
-        tokens_per_second = layout.tokens_per_step / step_seconds
-        skipped = optimizer.skipped or not engine.was_step_applied()
-        # Under fp16, DeepSpeed's loss scaler also skips steps whose scaled gradients overflowed while it finds
-        # its scale; those are routine, not a sign of divergence.
-        loss_scaler_skip = precision == "fp16" and not optimizer.skipped and math.isfinite(train_loss)
-        non_finite.record(skipped and not loss_scaler_skip)
-        metrics = {
-            "train/loss": train_loss,
-            "train/lr": lr,
-            # DeepSpeed computes the norm inside its ZeRO and mixed-precision optimizers, not at stage 0 in fp32.
-            "train/grad_norm": None if (grad_norm := engine.get_global_grad_norm()) is None else float(grad_norm),
-            "train/tokens": done * layout.tokens_per_step,
-            "train/skipped_steps": non_finite.total,
-            "perf/tokens_per_second": tokens_per_second,
-            "perf/mfu": setup.flops_per_token * tokens_per_second / (peak_flops * context.world_size) if peak_flops else None,
-            "perf/step_seconds": step_seconds,
-            "perf/data_wait_fraction": data_wait / step_seconds,
-        }
-        if (config.eval.interval and done % config.eval.interval == 0) or done == max_steps:
-            metrics["val/loss"] = validation_loss(engine, val_batches, context, masking)
-        if fewshot_tasks and (done % fewshot.interval == 0 or done == max_steps):
-            # Every rank scores its share of the items; every rank gets the whole table back.
-            scores = evaluate_fewshot(
-                engine.module, tokenizer, fewshot_tasks, fewshot.shots, context_length=config.model.seq_len,
-                end_of_document_id=data.end_of_document_id, seed=fewshot.seed, batch_size=fewshot.batch_size,
-                max_new_tokens=fewshot.max_new_tokens,
-            )
-            metrics.update(metrics_for_logging(scores))
-            for task in fewshot_tasks:
-                curve = ", ".join(f"k={score.k} {score.acc:.2f}" for score in scores if score.task == task.name)
-                say(f"step {done} few-shot {task.name}: {curve}")
-        logger.log(done, metrics)
-        if done % config.logging.print_every == 0 or done == max_steps:
-            say(
-                f"step {done}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
-                f" | {tokens_per_second:,.0f} tokens/s | data wait {metrics['perf/data_wait_fraction']:.1%}"
-                + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
-            )
-        non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
-        preempted_by = (preemption.received or "a signal to another rank") if stop_votes > 0 else None
-        if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
-            loop_state = {"step": done, "data_fingerprint": data.fingerprint}
-            saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
-                                    preempted_by=preempted_by)
-        if preempted_by and done < max_steps:
-            logger.close()
-            raise Preempted(
-                f"{preempted_by} asked to stop: saved {saved} at step {done}; resume with train.resume=auto"
-                " (launchers requeue on this exit code)"
-            )
-
-    logger.close()
     validation = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r] if context.is_main else []
     if validation:
         (first_step, first_loss), (last_step, last_loss) = validation[0], validation[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -104,6 +105,15 @@ def signal_job(job: subprocess.Popen, signal_number: int) -> None:
             os.kill(pid, signal_number)
         except ProcessLookupError:
             pass
+
+
+def wandb_records(offline_run: Path) -> list[dict]:
+    """Every record of an offline W&B run directory, as `wandb leet inspect --json` reads them."""
+    inspected = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(offline_run)],
+        capture_output=True, text=True, check=True,
+    )
+    return [json.loads(line) for line in inspected.stdout.splitlines() if line.strip()]
 
 
 def install_where_missing(tools: dict[str, str]) -> None:

@@ -29,6 +29,8 @@ def test_the_quickstart_config_is_valid():
         (["train.lr"], "override 'train.lr': expected KEY=VALUE"),
         (["eval.fewshot.shots=[0, -2]"], "eval.fewshot.shots: Value error, numbers of examples cannot be negative"),
         (["eval.fewshot.tasks=[]"], "eval.fewshot.tasks: List should have at least 1 item"),
+        (["logging.wandb_tags=[ok, '']"], "logging.wandb_tags.1: String should have at least 1 character"),
+        (["logging.stall_alert_minutes=-5"], "logging.stall_alert_minutes: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, message_start):

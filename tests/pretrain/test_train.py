@@ -1,16 +1,13 @@
 """Real training runs: two DeepSpeed ranks over gloo on the CPU, started the way a user starts them."""
 
-import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pretrain.metrics import read_metrics
-from tests.helpers import launch, run_module
+from tests.helpers import launch, run_module, wandb_records
 
 
 def losses_by_step(run_dir: Path) -> dict[int, float]:
@@ -19,12 +16,7 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
 
 def wandb_history(run_dir: Path) -> list[dict]:
     (offline_run,) = (run_dir / "wandb").glob("offline-run-*")
-    inspected = subprocess.run(
-        [str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(offline_run)],
-        capture_output=True, text=True, check=True,
-    )
-    records = [json.loads(line) for line in inspected.stdout.splitlines() if line.strip()]
-    return [record["history"] for record in records if record["type"] == "history"]
+    return [record["history"] for record in wandb_records(offline_run) if record["type"] == "history"]
 
 
 def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wandb(tiny_config, tmp_path):
