@@ -10,7 +10,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test data bench-data bench eval
+.PHONY: setup train test data bench-data bench eval report sync
 
 setup: $(VENV)/.installed
 
@@ -47,3 +47,13 @@ bench: setup
 RUN ?= runs/quickstart
 eval: setup
 	$(PY) -m evals fewshot --checkpoint $(RUN) $(ARGS)
+
+# A self-contained HTML page of a run's curves (loss, learning rate, throughput, few-shot), from its own files:
+# RUN/report.html, viewable with no network.
+report: setup
+	$(PY) -m pretrain.report $(RUN) $(ARGS)
+
+# Upload every offline W&B run under RUNS (each resumed run's attempts in order); ARGS=--dry-run prints it.
+RUNS ?= runs
+sync: setup
+	$(PY) -m pretrain.metrics sync $(RUNS) $(ARGS)

@@ -31,18 +31,18 @@ def table(scores: list[Score]) -> str:
     return "\n".join(lines)
 
 
-def write_files(scores: list[Score], out_dir: Path, about: dict) -> list[Path]:
-    """fewshot.json (the scores with what was evaluated), fewshot.csv and fewshot.png, written whole or not at
-    all, so an interrupted evaluation never leaves a half-written file in place of an earlier good one."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+def write_whole(path: Path, fill) -> Path:
+    """Write `path` through `fill(partial_path)` and rename it into place: an interrupted write never leaves a
+    half-written file where an earlier good one stood."""
+    partial = path.with_name(f".{path.name}.partial")
+    fill(partial)
+    partial.replace(path)
+    return path
 
-    def write(name: str, fill) -> None:
-        path = out_dir / name
-        partial = path.with_name(f".{name}.partial")
-        fill(partial)
-        partial.replace(path)
-        written.append(path)
+
+def write_files(scores: list[Score], out_dir: Path, about: dict) -> list[Path]:
+    """fewshot.json (the scores with what was evaluated), fewshot.csv and fewshot.png, each written whole."""
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     def fill_json(path: Path) -> None:
         path.write_text(json.dumps({**about, "scores": [score.as_dict() for score in scores]}, indent=2) + "\n")
@@ -53,10 +53,30 @@ def write_files(scores: list[Score], out_dir: Path, about: dict) -> list[Path]:
             writer.writeheader()
             writer.writerows(score.as_dict() for score in scores)
 
-    write("fewshot.json", fill_json)
-    write("fewshot.csv", fill_csv)
-    write("fewshot.png", lambda path: plot(scores, path, about.get("title", "")))
-    return written
+    return [
+        write_whole(out_dir / "fewshot.json", fill_json),
+        write_whole(out_dir / "fewshot.csv", fill_csv),
+        write_whole(out_dir / "fewshot.png", lambda path: plot(scores, path, about.get("title", ""))),
+    ]
+
+
+def draw_accuracy_against_k(axes, curves: dict[str, list[tuple[int, float, float]]], title: str) -> None:
+    """One line per task through its (k, accuracy, standard error) points."""
+    for task, points in curves.items():
+        points = sorted(points)
+        errors = [0.0 if math.isnan(stderr) else stderr for _k, _acc, stderr in points]
+        axes.errorbar([k for k, _, _ in points], [acc for _, acc, _ in points], yerr=errors, marker="o", capsize=3,
+                      label=task)
+    # k = 0 belongs on the axis, so the scale is linear near zero and logarithmic beyond.
+    axes.set_xscale("symlog", base=2, linthresh=1)
+    shots = sorted({k for points in curves.values() for k, _, _ in points})
+    axes.set_xticks(shots, [str(k) for k in shots])
+    axes.set_ylim(0, 1)
+    axes.set_xlabel("examples in the prompt (k)")
+    axes.set_ylabel("accuracy")
+    axes.set_title(title or "in-context few-shot accuracy")
+    axes.grid(alpha=0.3)
+    axes.legend()
 
 
 def plot(scores: list[Score], path: Path, title: str) -> None:
@@ -66,20 +86,10 @@ def plot(scores: list[Score], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
-    for task in dict.fromkeys(score.task for score in scores):
-        points = sorted((s for s in scores if s.task == task), key=lambda s: s.k)
-        errors = [0.0 if math.isnan(s.acc_stderr) else s.acc_stderr for s in points]
-        axes.errorbar([s.k for s in points], [s.acc for s in points], yerr=errors, marker="o", capsize=3, label=task)
-    # k = 0 belongs on the axis, so the scale is linear near zero and logarithmic beyond.
-    axes.set_xscale("symlog", base=2, linthresh=1)
-    shots = sorted({score.k for score in scores})
-    axes.set_xticks(shots, [str(k) for k in shots])
-    axes.set_ylim(0, 1)
-    axes.set_xlabel("examples in the prompt (k)")
-    axes.set_ylabel("accuracy")
-    axes.set_title(title or "in-context few-shot accuracy")
-    axes.grid(alpha=0.3)
-    axes.legend()
+    curves: dict[str, list[tuple[int, float, float]]] = {}
+    for score in scores:
+        curves.setdefault(score.task, []).append((score.k, score.acc, score.acc_stderr))
+    draw_accuracy_against_k(axes, curves, title)
     figure.tight_layout()
     figure.savefig(path, format="png")
     plt.close(figure)

@@ -46,10 +46,10 @@ class PreemptionWatch:
 class NonFiniteSteps:
     """Counts skipped non-finite steps, and how many in a row; `limit` in a row stop the run."""
 
-    def __init__(self, limit: int, run_dir: Path):
+    def __init__(self, limit: int, run_dir: Path, total: int = 0):
         self.limit = limit
         self.run_dir = run_dir
-        self.total = 0
+        self.total = total  # a resumed run carries on the count of the run it continues
         self.in_a_row = 0
 
     def record(self, not_finite: bool) -> None:

@@ -13,6 +13,7 @@ when the run finishes, is preempted or fails.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import netrc
@@ -21,6 +22,7 @@ import platform
 import re
 import secrets
 import shlex
+import subprocess
 import sys
 import threading
 import time
@@ -246,3 +248,36 @@ class RunLogger:
             attempts = sorted(str(path) for path in (self.config.run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
             print(f"W&B ran offline; upload this run with: {shlex.join([wandb_command(), 'sync', *attempts])}"
                   " (or `make sync` for every run under a directory)", flush=True)
+
+
+def offline_runs_to_sync(directory: Path) -> list[Path]:
+    """Every offline W&B run directory under `directory` not uploaded yet, each run's attempts in the order they
+    ran (their names start with the time), so a resumed run is uploaded as one run in step order."""
+    found = sorted(directory.rglob("wandb/offline-run-*"), key=lambda path: (path.parent, path.name))
+    # `wandb sync` leaves <run file>.synced beside a run it has uploaded.
+    return [path for path in found if path.is_dir() and not any(path.glob("*.wandb.synced"))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.metrics", description="W&B housekeeping for runs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sync = commands.add_parser("sync", help="upload every offline W&B run under a directory (make sync)")
+    sync.add_argument("directory", type=Path, nargs="?", default=Path("runs"))
+    sync.add_argument("--dry-run", action="store_true", help="print the wandb command instead of running it")
+    args = parser.parse_args(argv)
+    if not args.directory.is_dir():
+        print(f"error: {args.directory}: no such directory; pass the directory that holds the runs", file=sys.stderr)
+        return 1
+    pending = offline_runs_to_sync(args.directory)
+    if not pending:
+        print(f"nothing to sync: no offline W&B run under {args.directory} that is not uploaded already")
+        return 0
+    command = [wandb_command(), "sync", *map(str, pending)]
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    return subprocess.run(command).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -215,7 +215,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     if context.is_main:
         (run_dir / "deepspeed_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
 
-    start_step = 0
+    start_step, skipped_before = 0, 0
     if resume_from is not None:
         loop_state = checkpoint.load(engine, resume_from, universal)
         if loop_state["data_fingerprint"] != data.fingerprint:
@@ -225,6 +225,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 " new run"
             )
         start_step = loop_state["step"]
+        # DeepSpeed keeps a "skipped_steps" of its own in the same state; absent from checkpoints made before this.
+        skipped_before = loop_state.get("non_finite_steps_skipped", 0)
         written_by = checkpoint.read_marker(resume_from)["world_size"]
         say(f"resumed from {resume_from.name} (step {start_step})" + (
             f", written by {written_by} ranks, through its universal form" if universal else ""))
@@ -241,7 +243,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         if start_step == 0:
             logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking), "train/tokens": 0})
 
-        non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir)
+        non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir, skipped_before)
         max_steps = config.train.max_steps
         steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
         for step in range(start_step, max_steps):
@@ -307,7 +309,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
             non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
             preempted_by = (preemption.received or "a signal to another rank") if stop_votes > 0 else None
             if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
-                loop_state = {"step": done, "data_fingerprint": data.fingerprint}
+                loop_state = {"step": done, "data_fingerprint": data.fingerprint,
+                              "non_finite_steps_skipped": non_finite.total}
                 saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
                                         preempted_by=preempted_by)
             if preempted_by and done < max_steps:
