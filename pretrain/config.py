@@ -34,6 +34,10 @@ class ModelConfig(_Section):
     n_head: int = Field(4, ge=1)
     d_model: int = Field(128, ge=1)
     position: Literal["learned", "rotary"] = "learned"
+    attention_kernel: Literal["auto", "math"] = Field(
+        "auto", description="auto: PyTorch's choice (flash where it can); math: the plain matmul-softmax path, which"
+        " is faster on CPUs for small heads in bf16 (BENCHMARKS.md)"
+    )
     rotary_base: float = Field(10000.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False

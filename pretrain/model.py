@@ -6,12 +6,14 @@ back to the residual stream. The output head shares its weights with the token e
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pretrain.config import ModelConfig
 
@@ -50,6 +52,7 @@ class CausalSelfAttention(nn.Module):
             if config.position == "rotary"
             else None
         )
+        self.math_kernel = config.attention_kernel == "math"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -57,8 +60,9 @@ class CausalSelfAttention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         dropout = self.dropout if self.training else 0.0
-        # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+        # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel, unless the config asks for math.
+        with sdpa_kernel(SDPBackend.MATH) if self.math_kernel else contextlib.nullcontext():
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 

@@ -96,3 +96,21 @@ def test_checkpointed_blocks_give_the_same_outputs_and_gradients():
         model(tokens).square().mean().backward()
     assert len(calls) == 2
     assert all(torch.allclose(a.grad, b.grad, atol=1e-6) for a, b in zip(plain.parameters(), checkpointed.parameters()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_math_attention_kernel_gives_the_same_outputs_and_gradients(dtype):
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=40, seq_len=16, n_layer=2, n_head=8, d_model=64, position="rotary")
+    auto, math = GPT(config), GPT(config.model_copy(update={"attention_kernel": "math"}))
+    math.load_state_dict(auto.state_dict())
+    tokens = torch.randint(0, 40, (4, 16))
+    outputs = []
+    for model in (auto, math):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = model(tokens)
+        logits.float().square().mean().backward()
+        outputs.append(logits.float())
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert torch.allclose(outputs[0], outputs[1], atol=tolerance)
+    assert all(torch.allclose(a.grad, b.grad, atol=tolerance) for a, b in zip(auto.parameters(), math.parameters()))
