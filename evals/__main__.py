@@ -3,6 +3,8 @@
     python -m evals fewshot --checkpoint runs/quickstart --tasks word_labels --shots 0,1,2,4,8,16
     python -m evals export-hf --checkpoint runs/quickstart --out runs/quickstart/hf
     python -m evals lm-eval-tasks --tasks word_labels --shots 8 --out runs/quickstart/lm_eval_tasks
+    python -m evals scaling --runs runs/my-sweep --target-flops 1e21 --out runs/my-sweep/scaling
+    python -m evals scaling --csv ladder.csv --out scaling      # (parameters, tokens, loss) from anywhere
 
 `fewshot` shards the items across ranks when started by torchrun (`torchrun --nproc_per_node 8 -m evals fewshot
 ...`). Its settings default to the run's own `eval.fewshot` section; flags override them.
@@ -58,7 +60,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lm_eval.add_argument("--items", type=int, default=1000)
     lm_eval.add_argument("--seed", type=int, default=0)
     lm_eval.add_argument("--out", type=Path, required=True)
+
+    scaling = commands.add_parser("scaling", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder of runs")
+    source = scaling.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
+    source.add_argument("--csv", type=Path, help="a CSV with columns parameters, tokens, loss (name, compute)")
+    scaling.add_argument("--target-flops", type=float, help="also give the compute-optimal N and D for this budget")
+    scaling.add_argument("--bootstrap", type=int, default=200, help="resamplings for the intervals")
+    scaling.add_argument("--holdout", type=int, default=0,
+                         help="refit without the K largest-compute runs and report the error predicting them")
+    scaling.add_argument("--out", type=Path, required=True, help="where scaling.json, fit.png, frontier.png go")
     return parser.parse_args(argv)
+
+
+def run_scaling(args: argparse.Namespace) -> int:
+    import json
+
+    from evals import scaling
+    from evals.report import write_whole
+
+    runs = scaling.read_csv(args.csv) if args.csv else scaling.find_runs(args.runs)
+    if args.holdout and len(runs) - args.holdout < 5:
+        raise scaling.ScalingError(
+            f"--holdout {args.holdout} leaves {len(runs) - args.holdout} runs; the fit needs at least 5")
+    result = scaling.analyse(runs, args.target_flops, args.bootstrap, args.holdout)
+    args.out.mkdir(parents=True, exist_ok=True)
+    law, intervals = result["law"], result["intervals_95"]
+    print(f"{len(runs)} runs; L(N, D) = E + A / N^alpha + B / D^beta, 95% bootstrap intervals:")
+    for name, value in law.items():
+        print(f"  {name:6s} {value:12.5g}  [{intervals[name][0]:.5g}, {intervals[name][1]:.5g}]")
+    if "holdout" in result:
+        errors = ", ".join(f"{error:+.2%}" for error in result["holdout"]["relative_errors"])
+        held_out = ", ".join(result["holdout"]["held_out"])
+        print(f"holdout: fitted without {held_out}, predicted them with errors {errors}")
+    if "compute_optimal" in result:
+        best = result["compute_optimal"]
+        print(f"compute-optimal at {best['flops']:.3g} FLOPs: N {best['parameters']:.3g}"
+              f" [{best['parameters_interval_95'][0]:.3g}, {best['parameters_interval_95'][1]:.3g}],"
+              f" D {best['tokens']:.3g} [{best['tokens_interval_95'][0]:.3g}, {best['tokens_interval_95'][1]:.3g}],"
+              f" loss {best['loss']:.4g}")
+    report = json.dumps(result, indent=2) + "\n"
+    written = [write_whole(args.out / "scaling.json", lambda path: path.write_text(report))]
+    written += scaling.plot(result, args.out)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
@@ -130,6 +176,7 @@ def log_to_wandb(config, step: int, scores, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from data_pipeline.errors import DataError
+    from evals.scaling import ScalingError
     from pretrain.checkpoint import CheckpointError
     from pretrain.config import exit_on_config_error
 
@@ -138,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if args.command == "fewshot":
                 return run_fewshot(args)
+            if args.command == "scaling":
+                return run_scaling(args)
             if args.command == "export-hf":
                 from evals.interop import export_hf
 
@@ -148,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             for path in write_lm_eval_tasks(args.tasks, args.shots, args.items, args.seed, args.out):
                 print(f"wrote {path}")
             return 0
-        except (TaskError, CheckpointError, DataError) as error:
+        except (TaskError, CheckpointError, DataError, ScalingError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
 

@@ -2,8 +2,9 @@
 
 The fit follows Hoffmann et al. (2022, "Training Compute-Optimal Large Language Models", appendix D.2): the
 Huber loss (delta 1e-3) between the log of the predicted and the observed loss, minimised by L-BFGS from a
-grid of starting values (here: from the grid points where the objective is lowest), the best minimum kept. It is parametrised as a = log A, b = log B,
-e = log E, so the prediction is logsumexp(a - alpha log N, b - beta log D, e). Bootstrap intervals refit on
+grid of starting values (here: from the grid points where the objective is lowest), the best minimum kept.
+It is parametrised as a = log A, b = log B, e = log E, so the prediction is
+logsumexp(a - alpha log N, b - beta log D, e). Bootstrap intervals refit on
 runs resampled with replacement, each refit starting from the full fit.
 
 N is the number of parameters (without embeddings, as the ladder reports it), D the number of training tokens,
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import minimize
@@ -137,3 +139,175 @@ def interval(values, level: float = 0.95) -> tuple[float, float]:
 
 def constant_intervals(refits: list[Law], level: float = 0.95) -> dict[str, tuple[float, float]]:
     return {name: interval([getattr(law, name) for law in refits], level) for name in Law.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One point of a ladder: N (without embeddings), D, the final validation loss, and what else is known."""
+
+    name: str
+    parameters: float
+    tokens: float
+    loss: float
+    parameters_with_embeddings: float | None = None
+    flops_per_token: float | None = None  # the model's own count (attention included), where known
+    fewshot: dict[str, float] | None = None  # `eval/fewshot/<task>/k=<k>` at the last evaluation
+
+    @property
+    def compute(self) -> float:
+        """Training FLOPs: the model's own count where known, else 6 N D."""
+        return (self.flops_per_token or 6 * self.parameters) * self.tokens
+
+
+CSV_COLUMNS = ("parameters", "tokens", "loss")
+
+
+def read_csv(path: Path) -> list[Run]:
+    """Runs from a CSV with the columns parameters, tokens and loss (and optionally name and compute)."""
+    import csv
+
+    try:
+        with path.open(newline="") as file:
+            rows = list(csv.DictReader(file))
+    except OSError as error:
+        raise ScalingError(f"{path}: {error.strerror}") from None
+    missing = [column for column in CSV_COLUMNS if not rows or column not in rows[0]]
+    if missing:
+        raise ScalingError(f"{path}: needs a header with the columns {', '.join(CSV_COLUMNS)} (missing: "
+                           f"{', '.join(missing)}) and at least one row")
+    runs = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            values = {column: float(row[column]) for column in CSV_COLUMNS}
+            compute = float(row["compute"]) if row.get("compute") else None
+        except (TypeError, ValueError):
+            raise ScalingError(f"{path}:{line}: parameters, tokens and loss must be numbers, got {row}") from None
+        flops_per_token = compute / values["tokens"] if compute else None
+        runs.append(Run(row.get("name") or f"row {line}", flops_per_token=flops_per_token, **values))
+    return runs
+
+
+def read_run(run_dir: Path) -> Run:
+    """A training run's point: N from its config's model, D and the loss from the end of its metrics.jsonl."""
+    import torch
+
+    from pretrain.export import run_config
+    from pretrain.metrics import read_metrics
+    from pretrain.model import GPT
+
+    config = run_config(run_dir)
+    records = read_metrics(run_dir)
+    validation = [record for record in records if "val/loss" in record]
+    if not validation or validation[-1]["step"] != config.train.max_steps:
+        raise ScalingError(f"{run_dir}: has not finished (no validation loss at step {config.train.max_steps});"
+                           " finish or remove it before fitting")
+    with torch.device("meta"):  # counts only: no memory for the weights
+        model = GPT(config.model)
+    last = validation[-1]
+    fewshot = {key: value for record in records if record["step"] == last["step"]
+               for key, value in record.items() if key.startswith("eval/fewshot/")}
+    tokens = last["step"] * config.train.global_batch_tokens
+    return Run(config.name, model.num_parameters(include_embeddings=False), tokens, last["val/loss"],
+               model.num_parameters(), model.flops_per_token(), fewshot or None)
+
+
+def find_runs(paths: list[Path]) -> list[Run]:
+    """Runs from run directories, or from directories that hold run directories (a sweep's output)."""
+    runs = []
+    for path in paths:
+        if (path / "config.yaml").is_file():
+            runs.append(read_run(path))
+        elif path.is_dir():
+            runs.extend(read_run(child) for child in sorted(path.iterdir()) if (child / "config.yaml").is_file())
+        else:
+            raise ScalingError(f"{path}: no such run directory")
+    if not runs:
+        raise ScalingError(f"no run directories (with a config.yaml) in {', '.join(map(str, paths))}")
+    return runs
+
+
+def analyse(runs: list[Run], target_flops: float | None, samples: int, holdout: int, seed: int = 0) -> dict:
+    """The fitted law with bootstrap intervals, a holdout check and, for `target_flops`, the compute-optimal
+    N and D with intervals: everything the JSON report holds."""
+    parameters, tokens, losses = (np.array([getattr(run, key) for run in runs]) for key in CSV_COLUMNS)
+    law = fit_law(parameters, tokens, losses)
+    refits = bootstrap(parameters, tokens, losses, law, samples=samples, seed=seed)
+    result = {
+        "law": law.as_dict(),
+        "intervals_95": constant_intervals(refits),
+        "bootstrap_samples": len(refits),
+        "runs": [{**asdict(run), "compute": run.compute, "predicted_loss": float(law.loss(run.parameters, run.tokens))}
+                 for run in runs],
+    }
+    if holdout:
+        order = np.argsort([run.compute for run in runs])
+        kept, held = order[:-holdout], order[-holdout:]
+        partial = fit_law(parameters[kept], tokens[kept], losses[kept])
+        predicted = partial.loss(parameters[held], tokens[held])
+        result["holdout"] = {
+            "held_out": [runs[i].name for i in held],
+            "law_without_them": partial.as_dict(),
+            "relative_errors": [float(e) for e in (predicted - losses[held]) / losses[held]],
+        }
+    if target_flops:
+        optimal = [law.compute_optimal(target_flops)] + [refit.compute_optimal(target_flops) for refit in refits]
+        result["compute_optimal"] = {
+            "flops": target_flops,
+            "parameters": float(optimal[0][0]), "tokens": float(optimal[0][1]),
+            "parameters_interval_95": interval([n for n, _ in optimal[1:]]),
+            "tokens_interval_95": interval([d for _, d in optimal[1:]]),
+            "loss": float(law.loss(*optimal[0])),
+            "loss_interval_95": interval([refit.loss(*refit.compute_optimal(target_flops)) for refit in refits]),
+        }
+    return result
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    """fit.png (fitted against observed loss) and frontier.png (loss against compute, with the fitted
+    compute-optimal frontier), each written whole."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from evals.report import write_whole
+
+    law = Law(**result["law"])
+    runs = result["runs"]
+    observed = [run["loss"] for run in runs]
+    predicted = [run["predicted_loss"] for run in runs]
+
+    def save(figure):
+        return lambda path: (figure.tight_layout(), figure.savefig(path, format="png"), plt.close(figure))
+
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
+    axes.scatter(observed, predicted, c=np.log10([run["compute"] for run in runs]), cmap="viridis")
+    span = [min(observed + predicted), max(observed + predicted)]
+    axes.plot(span, span, color="grey", linestyle="--", label="fit = observed")
+    held = set(result.get("holdout", {}).get("held_out", []))
+    for run in runs:
+        if run["name"] in held:
+            axes.annotate("held out", (run["loss"], run["predicted_loss"]), fontsize=7)
+    axes.set_xlabel("observed loss")
+    axes.set_ylabel("fitted loss")
+    axes.set_title("fitted against observed (colour: log10 compute)")
+    axes.legend()
+    written = [write_whole(out_dir / "fit.png", save(figure))]
+
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
+    sizes = sorted({run["parameters"] for run in runs})
+    for index, size in enumerate(sizes):
+        points = sorted((run["compute"], run["loss"]) for run in runs if run["parameters"] == size)
+        axes.plot(*zip(*points), marker="o", color=plt.cm.viridis(index / max(1, len(sizes) - 1)),
+                  label=f"N = {size:.3g}")
+    budgets = np.geomspace(min(run["compute"] for run in runs) / 2, max(run["compute"] for run in runs) * 10, 50)
+    axes.plot(budgets, law.loss(*law.compute_optimal(budgets)), color="black", linestyle="--",
+              label="compute-optimal frontier (fit)")
+    axes.set_xscale("log")
+    axes.set_xlabel("training compute (FLOPs)")
+    axes.set_ylabel("validation loss")
+    axes.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    written.append(write_whole(out_dir / "frontier.png", save(figure)))
+    return written

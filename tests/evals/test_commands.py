@@ -112,3 +112,22 @@ def test_lm_evaluation_harness_agrees_on_the_same_prompts(trained, tmp_path):
     assert ours.items == 60
     assert abs(ours.acc - theirs["acc,none"]) <= 0.005
     assert abs(ours.acc_norm - theirs["acc_norm,none"]) <= 0.005
+
+
+def test_a_finished_run_gives_its_scaling_point_and_one_run_is_too_few_to_fit(trained):
+    from evals.scaling import read_run
+    from pretrain.export import run_config
+    from pretrain.model import GPT
+
+    root, run_dir = trained
+    point = read_run(run_dir)
+    model = GPT(run_config(run_dir).model)
+    assert point.parameters == model.num_parameters(include_embeddings=False)
+    assert point.tokens == TINY_CONFIG["train"]["max_steps"] * TINY_CONFIG["train"]["global_batch_tokens"]
+    assert point.loss == [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
+    assert point.compute == model.flops_per_token() * point.tokens
+    assert set(point.fewshot) == {f"eval/fewshot/word_labels/k={k}" for k in FEWSHOT["shots"]}
+
+    result = run_module("evals", "scaling", "--runs", str(run_dir.parent), "--out", str(root / "fit"), cwd=root)
+    assert result.returncode == 1
+    assert result.stderr.strip() == "error: 1 runs: a law of 5 constants needs at least 5 runs, and many more to trust"
