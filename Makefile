@@ -10,7 +10,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test data bench-data bench eval report sync
+.PHONY: setup train test data bench-data bench eval report sync sweep
 
 setup: $(VENV)/.installed
 
@@ -57,3 +57,9 @@ report: setup
 RUNS ?= runs
 sync: setup
 	$(PY) -m pretrain.metrics sync $(RUNS) $(ARGS)
+
+# A scaling sweep: every run of SPEC not finished yet (finished ones are skipped, interrupted ones resume),
+# then the fit, its intervals and plots in runs/<sweep>/scaling/. ARGS take `launch run` options.
+SPEC ?= configs/sweeps/micro.yaml
+sweep: setup
+	$(PY) -m launch sweep --spec $(SPEC) $(ARGS)

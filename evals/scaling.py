@@ -91,8 +91,13 @@ def _check(parameters, tokens, losses) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return arrays[0], arrays[1], arrays[2]
 
 
+# Wide bounds on (a, b, e, alpha, beta): they keep a fit to runs that do not yet show the loss levelling off
+# from sending E to 0 (e to minus infinity), from where no bootstrap refit could move.
+BOUNDS = [(-10.0, 40.0), (-10.0, 40.0), (-10.0, 5.0), (0.0, 5.0), (0.0, 5.0)]
+
+
 def _minimise(start: np.ndarray, data: tuple[np.ndarray, np.ndarray, np.ndarray]):
-    return minimize(_objective, start, args=data, jac=True, method="L-BFGS-B",
+    return minimize(_objective, start, args=data, jac=True, method="L-BFGS-B", bounds=BOUNDS,
                     options={"maxiter": 10_000, "ftol": 1e-14, "gtol": 1e-10})
 
 

@@ -3,6 +3,7 @@
     python -m launch run --config CONFIG [--backend local|hostfile|slurm] [--nodes N] [--gpus-per-node G]
                          [--ranks R] [--hostfile FILE] [--hostfile-launcher torchrun|deepspeed]
                          [--max-restarts K] [--dry-run] [KEY=VALUE ...]
+    python -m launch sweep --spec configs/sweeps/micro.yaml [the same options, for every run]
 
 The config is validated here, for the world size the run will have, and the data is prepared (once) and its
 shards checked, before any training process starts: a bad request costs one line and exit code 2, bad data
@@ -41,6 +42,7 @@ from pretrain.config import (
     deepspeed_config,
     exit_on_config_error,
     load_config,
+    load_sweep,
 )
 from pretrain.device import device_here, resolve_precision
 from pretrain.train import VERIFIED_DATA_VARIABLE, prepare_and_verify
@@ -58,15 +60,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     run = commands.add_parser("run", help="train a model here, across hosts, or on SLURM")
     run.add_argument("--config", help="YAML config (configs/quickstart.yaml for the quickstart)")
-    run.add_argument("--backend", choices=("local", "hostfile", "slurm"), default="local")
-    run.add_argument("--nodes", type=int, help="nodes (slurm); the first N hosts of the hostfile (hostfile)")
-    run.add_argument("--gpus-per-node", type=int, help="default: every GPU here (local), none asked (slurm)")
-    run.add_argument("--ranks", type=int, help="processes per node where there are no GPUs (default 2)")
-    run.add_argument("--hostfile", type=Path, help="hostfile backend: lines of `host slots=N`")
-    run.add_argument("--hostfile-launcher", choices=("torchrun", "deepspeed"), default="torchrun",
-                     help="torchrun: run this command on every host; deepspeed: on the first, pdsh/ssh reaches the rest")
-    run.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of failed ranks (local, hostfile)")
-    run.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
+    sweep = commands.add_parser("sweep", help="run every run of a scaling sweep not finished yet, then fit it")
+    sweep.add_argument("--spec", required=True, help="a sweep spec (configs/sweeps/*.yaml)")
+    for command in (run, sweep):
+        command.add_argument("--backend", choices=("local", "hostfile", "slurm"), default="local")
+        command.add_argument("--nodes", type=int, help="nodes (slurm); the first N hosts of the hostfile (hostfile)")
+        command.add_argument("--gpus-per-node", type=int, help="default: every GPU here (local), none asked (slurm)")
+        command.add_argument("--ranks", type=int, help="processes per node where there are no GPUs (default 2)")
+        command.add_argument("--hostfile", type=Path, help="hostfile backend: lines of `host slots=N`")
+        command.add_argument("--hostfile-launcher", choices=("torchrun", "deepspeed"), default="torchrun",
+                             help="torchrun: run this command on every host; deepspeed: on the first, pdsh/ssh"
+                             " reaches the rest")
+        command.add_argument("--max-restarts", type=int, default=0,
+                             help="torchrun restarts of failed ranks (local, hostfile)")
+        command.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     node = commands.add_parser("node", help="one node's share of a multi-node run (what the sbatch script runs)")
     node.add_argument("--config")
@@ -199,11 +206,21 @@ def node(args: argparse.Namespace, argv: list[str]) -> int:
     return run_node(command, dict(config.launch.environment), args.ranks_per_node, config.run_dir)
 
 
+def sweep(args: argparse.Namespace) -> int:
+    from launch.sweep import run_sweep
+
+    spec = load_sweep(args.spec)
+    launch_args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key != "spec"})
+    return run_sweep(spec, run, launch_args, args.dry_run)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     with exit_on_config_error():
         try:
+            if args.command == "sweep":
+                return sweep(args)
             return (run if args.command == "run" else node)(args, argv)
         except (DataError, CheckpointError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)

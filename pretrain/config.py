@@ -365,20 +365,56 @@ def _describe(error: ValidationError) -> str:
     return f"{location or 'config'}: {detail}{suffix}"
 
 
+class SweepSize(_Section):
+    """One rung of a model-size ladder; `lr` overrides the sweep's learning rate for this size."""
+
+    n_layer: int = Field(ge=1)
+    d_model: int = Field(ge=1)
+    n_head: int = Field(ge=1)
+    lr: float | None = Field(None, gt=0)
+
+
+class SweepConfig(_Section):
+    """A scaling sweep (configs/sweeps/*.yaml): every size trained on every token budget with every seed,
+    each run the base config with its size, budget, learning rate and seed set (`python -m launch sweep`)."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base: str = Field(description="the config every run starts from, relative to the working directory")
+    overrides: list[str] = Field([], description="KEY=VALUE settings for every run, before the sweep's own")
+    sizes: list[SweepSize] = Field(min_length=1)
+    tokens_per_parameter: list[Annotated[float, Field(gt=0)]] = Field(
+        min_length=1, description="token budgets, as multiples of the non-embedding parameter count"
+    )
+    lr: float | None = Field(None, gt=0, description="for sizes without their own; None: the base config's")
+    seeds: list[Annotated[int, Field(ge=0)]] = [0]
+    output_dir: str = Field("runs", description="runs go to OUTPUT_DIR/<sweep name>/<run name>")
+
+
+def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The mapping a YAML file holds ({} for an empty file); ConfigError naming the file otherwise."""
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a {what} must be a mapping of sections, got {type(loaded).__name__}")
+    return loaded or {}
+
+
+def load_sweep(path: str | Path) -> SweepConfig:
+    path = Path(path)
+    tree = _read_yaml_mapping(path, "sweep spec")
+    try:
+        return SweepConfig.model_validate(tree)
+    except ValidationError as error:
+        raise ConfigError(f"{path}: {_describe(error)}") from None
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from the defaults), apply `a.b=value` overrides, validate."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(loaded).__name__}")
-        tree = loaded or {}
+    tree = _read_yaml_mapping(Path(path), "config") if path is not None else {}
     for override in overrides:
         _set_dotted(tree, override)
     try:
