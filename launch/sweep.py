@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint import newest_complete, read_marker
-from pretrain.config import Config, SweepConfig, load_config
+from pretrain.config import Config, ConfigError, SweepConfig, load_config
 from pretrain.faults import REQUEUE_EXIT_CODE
 from pretrain.model import GPT
 
@@ -58,7 +58,7 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
                 ], parameters, steps * tokens_per_step))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
-        raise ValueError(f"{sweep.name}: two runs would share a name; make the sizes, budgets and seeds distinct")
+        raise ConfigError(f"{sweep.name}: two runs would share a name; make the sizes, budgets and seeds distinct")
     return runs
 
 

@@ -64,6 +64,12 @@ def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == (f"config error: {spec}: tokens_per_parameter: List should have at least 1 item"
                                      " after validation, not 0")
+    twice = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[20, 20.0])
+    result = run_module("launch", "sweep", "--spec", str(twice), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("config error: ladder: two runs would share a name; make the sizes, budgets"
+                                     " and seeds distinct")
+    assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="sweep spec file not found"):
         load_sweep(tmp_path / "missing.yaml")
 
