@@ -28,6 +28,7 @@ from pretrain.model import GPT
 class SweepRun:
     name: str
     overrides: list[str]  # on top of the base config
+    config: Config  # the base config with the overrides: validated before any run starts
     parameters: int  # without embeddings
     tokens: int
 
@@ -38,7 +39,7 @@ def non_embedding_parameters(config: Config) -> int:
 
 
 def expand(sweep: SweepConfig) -> list[SweepRun]:
-    """Every (size, budget, seed) of the sweep, in that order, smallest first."""
+    """Every (size, budget, seed) of the sweep, in the spec's order."""
     runs = []
     for size in sweep.sizes:
         shape = [f"model.n_layer={size.n_layer}", f"model.d_model={size.d_model}", f"model.n_head={size.n_head}"]
@@ -51,11 +52,13 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
             for seed in sweep.seeds:
                 name = f"{sweep.name}-l{size.n_layer}-d{size.d_model}-tpp{multiple:g}-s{seed}"
                 tags = f"[{sweep.name}, 'n={parameters}', 'tpp={multiple:g}', 'seed={seed}']"
-                runs.append(SweepRun(name, [
+                overrides = [
                     *sweep.overrides, *shape, f"name={name}", f"output_dir={Path(sweep.output_dir) / sweep.name}",
                     f"train.max_steps={steps}", f"train.lr={lr}", f"seed={seed}",
                     f"logging.wandb_group={sweep.name}", f"logging.wandb_tags={tags}",
-                ], parameters, steps * tokens_per_step))
+                ]
+                config = load_config(sweep.base, overrides)
+                runs.append(SweepRun(name, overrides, config, parameters, steps * tokens_per_step))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{sweep.name}: two runs would share a name; make the sizes, budgets and seeds distinct")
@@ -74,7 +77,7 @@ def run_sweep(sweep: SweepConfig, launch_run, launch_args: argparse.Namespace, d
           f" budgets x {len(sweep.seeds)} seeds)")
     failed = []
     for index, run in enumerate(runs, start=1):
-        config = load_config(sweep.base, run.overrides)
+        config = run.config
         about = f"[{index}/{len(runs)}] {run.name}: N={run.parameters:,}, D={run.tokens:,}"
         if finished(config):
             print(f"{about}: finished, skipped")

@@ -12,6 +12,7 @@ RUN_DIR/report.html by default, whole or not at all.
 from __future__ import annotations
 
 import argparse
+import collections
 import html
 import io
 import json
@@ -67,10 +68,11 @@ def series(records: list[dict], key: str, x: str = "step") -> tuple[list[float],
 
 
 def moving_average(values: list[float], window: int) -> list[float]:
-    averaged, recent = [], []
+    """The mean of the last `window` finite values at each point (non-finite steps are left out)."""
+    averaged, recent = [], collections.deque(maxlen=window)
     for value in values:
         if math.isfinite(value):
-            recent = (recent + [value])[-window:]
+            recent.append(value)
         averaged.append(sum(recent) / len(recent) if recent else math.nan)
     return averaged
 
