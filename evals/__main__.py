@@ -5,6 +5,7 @@
     python -m evals lm-eval-tasks --tasks word_labels --shots 8 --out runs/quickstart/lm_eval_tasks
     python -m evals scaling --runs runs/my-sweep --target-flops 1e21 --out runs/my-sweep/scaling
     python -m evals scaling --csv ladder.csv --out scaling      # (parameters, tokens, loss) from anywhere
+    python -m evals scaling --runs runs/my-sweep --out runs/my-sweep/scaling --wandb-group my-sweep  # and to W&B
 
 `fewshot` shards the items across ranks when started by torchrun (`torchrun --nproc_per_node 8 -m evals fewshot
 ...`). Its settings default to the run's own `eval.fewshot` section; flags override them.
@@ -61,7 +62,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     lm_eval.add_argument("--seed", type=int, default=0)
     lm_eval.add_argument("--out", type=Path, required=True)
 
-    scaling = commands.add_parser("scaling", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder of runs")
+    scaling = commands.add_parser(
+        "scaling", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder of runs",
+        description="Fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder of runs, with bootstrap intervals, and, where"
+        " the runs train 3 or more sizes at one compute budget (runs within a factor 1.25 in compute count as one),"
+        " isoFLOP profiles: a parabola of loss against log N per budget, and N_opt = k C^a through their minima.",
+    )
     source = scaling.add_mutually_exclusive_group(required=True)
     source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
     source.add_argument("--csv", type=Path, help="a CSV with columns parameters, tokens, loss (name, compute)")
@@ -69,7 +75,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scaling.add_argument("--bootstrap", type=int, default=200, help="resamplings for the intervals")
     scaling.add_argument("--holdout", type=int, default=0,
                          help="refit without the K largest-compute runs and report the error predicting them")
-    scaling.add_argument("--out", type=Path, required=True, help="where scaling.json, fit.png, frontier.png go")
+    scaling.add_argument("--fewshot-k", type=int,
+                         help="plot few-shot accuracy against compute at this k (fewshot.png); default: the largest k"
+                         " that every run with few-shot results has")
+    scaling.add_argument("--out", type=Path, required=True,
+                         help="where scaling.json, fit.png, frontier.png, isoflop.png (where the runs have isoFLOP"
+                         " budgets) and fewshot.png (where they have few-shot results) go")
+    scaling.add_argument("--wandb-group", help="also log the fit, its plots and the runs to a W&B run named"
+                         " <group>-scaling (job type scaling-fit) in this group: the sweep's")
+    scaling.add_argument("--wandb-project", default="gpt-pretrain")
+    scaling.add_argument("--wandb-entity", help="default: your W&B default entity")
+    scaling.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
+                         help="auto: online where a W&B API key is configured, else offline (upload later with"
+                         " wandb sync)")
     return parser.parse_args(argv)
 
 
@@ -78,12 +96,13 @@ def run_scaling(args: argparse.Namespace) -> int:
 
     from evals import scaling
     from evals.report import write_whole
+    from evals.scaling import format_interval as interval
 
     runs = scaling.read_csv(args.csv) if args.csv else scaling.find_runs(args.runs)
     if args.holdout and len(runs) - args.holdout < 5:
         raise scaling.ScalingError(
             f"--holdout {args.holdout} leaves {len(runs) - args.holdout} runs; the fit needs at least 5")
-    result = scaling.analyse(runs, args.target_flops, args.bootstrap, args.holdout)
+    result = scaling.analyse(runs, args.target_flops, args.bootstrap, args.holdout, fewshot_k=args.fewshot_k)
     args.out.mkdir(parents=True, exist_ok=True)
     law, intervals = result["law"], result["intervals_95"]
     print(f"{len(runs)} runs; L(N, D) = E + A / N^alpha + B / D^beta, 95% bootstrap intervals:")
@@ -99,11 +118,43 @@ def run_scaling(args: argparse.Namespace) -> int:
               f" [{best['parameters_interval_95'][0]:.3g}, {best['parameters_interval_95'][1]:.3g}],"
               f" D {best['tokens']:.3g} [{best['tokens_interval_95'][0]:.3g}, {best['tokens_interval_95'][1]:.3g}],"
               f" loss {best['loss']:.4g}")
+        if "isoflop" in best:
+            print(f"  from the isoFLOP power law: N {best['isoflop']['parameters']:.3g}"
+                  f"{interval(best['isoflop']['parameters_interval_95'])}, D {best['isoflop']['tokens']:.3g}"
+                  f"{interval(best['isoflop']['tokens_interval_95'])}")
+    isoflop = result["isoflop"]
+    for budget in isoflop["budgets"]:
+        about = (f"skipped: {budget['skipped']}" if "skipped" in budget else
+                 f"N_opt {budget['optimal_parameters']:.3g}{interval(budget['optimal_parameters_interval_95'])},"
+                 f" loss {budget['loss_at_optimum']:.4g}")
+        print(f"isoFLOP budget {budget['flops']:.3g} FLOPs ({len(budget['runs'])} runs): {about}")
+    if "skipped" in isoflop:
+        print(f"isoFLOP: skipped: {isoflop['skipped']}")
+    else:
+        print(f"isoFLOP power law through the budgets' minima: N_opt ∝ C^{isoflop['parameters_exponent']:.3f}"
+              f"{interval(isoflop['parameters_exponent_interval_95'])}, D_opt ∝ C^{isoflop['tokens_exponent']:.3f}"
+              f"{interval(isoflop['tokens_exponent_interval_95'])}")
+    if "k" in result["fewshot"]:
+        fewshot = result["fewshot"]
+        print(f"few-shot accuracy against compute at k={fewshot['k']}: {', '.join(fewshot['tasks'])}")
     report = json.dumps(result, indent=2) + "\n"
     written = [write_whole(args.out / "scaling.json", lambda path: path.write_text(report))]
     written += scaling.plot(result, args.out)
     for path in written:
         print(f"wrote {path}")
+    if args.wandb_group:
+        from pretrain.metrics import wandb_mode
+
+        mode = wandb_mode(args.wandb_mode)
+        if mode != "disabled":
+            settings = {
+                "runs": [str(path) for path in args.runs] if args.runs else None,
+                "csv": str(args.csv) if args.csv else None,
+                "bootstrap": args.bootstrap, "holdout": args.holdout, "target_flops": args.target_flops,
+                "fewshot_k": args.fewshot_k, "out": str(args.out),
+            }
+            print(scaling.log_to_wandb(result, written, settings, args.wandb_group, args.wandb_project,
+                                       args.wandb_entity, mode, args.out))
     return 0
 
 

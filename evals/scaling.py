@@ -9,6 +9,12 @@ runs resampled with replacement, each refit starting from the full fit.
 
 N is the number of parameters (without embeddings, as the ladder reports it), D the number of training tokens,
 and a training run costs about C = 6 N D FLOPs, which gives the compute-optimal split of a budget C.
+
+Where a sweep trains several sizes at each of a few fixed budgets, the isoFLOP profiles (Hoffmann et al.'s
+"approach 2") give a second, model-free estimate: a parabola of loss against log10 N per budget, whose minimum is
+that budget's N_opt, and a power law N_opt = k C^a through those minima (`isoflop_profiles`). The report also
+holds the runs' few-shot accuracy at one k, which `plot` draws against compute, and `log_to_wandb` sends the fit,
+its plots and the runs to a summary run in the sweep's W&B group.
 """
 
 from __future__ import annotations
@@ -165,10 +171,12 @@ class Run:
 
 
 CSV_COLUMNS = ("parameters", "tokens", "loss")
+FEWSHOT_PREFIX = "eval/fewshot/"  # few-shot accuracies are named `eval/fewshot/<task>/k=<k>`, as in training
 
 
 def read_csv(path: Path) -> list[Run]:
-    """Runs from a CSV with the columns parameters, tokens and loss (and optionally name and compute)."""
+    """Runs from a CSV with the columns parameters, tokens and loss (and optionally name, compute and few-shot
+    accuracies in columns named `eval/fewshot/<task>/k=<k>`, a cell left empty where a run lacks one)."""
     import csv
 
     try:
@@ -185,10 +193,16 @@ def read_csv(path: Path) -> list[Run]:
         try:
             values = {column: float(row[column]) for column in CSV_COLUMNS}
             compute = float(row["compute"]) if row.get("compute") else None
+            fewshot = {column: float(cell) for column, cell in row.items()
+                       if column and column.startswith(FEWSHOT_PREFIX) and cell}
         except (TypeError, ValueError):
-            raise ScalingError(f"{path}:{line}: parameters, tokens and loss must be numbers, got {row}") from None
+            raise ScalingError(f"{path}:{line}: parameters, tokens and loss must be numbers (and compute and"
+                               f" few-shot accuracies where given), got {row}") from None
+        if compute is not None and not compute > 0:
+            raise ScalingError(f"{path}:{line}: compute must be a positive number of FLOPs, got {row['compute']}")
         flops_per_token = compute / values["tokens"] if compute else None
-        runs.append(Run(row.get("name") or f"row {line}", flops_per_token=flops_per_token, **values))
+        runs.append(Run(row.get("name") or f"row {line}", flops_per_token=flops_per_token, fewshot=fewshot or None,
+                        **values))
     return runs
 
 
@@ -231,9 +245,165 @@ def find_runs(paths: list[Path]) -> list[Run]:
     return runs
 
 
-def analyse(runs: list[Run], target_flops: float | None, samples: int, holdout: int, seed: int = 0) -> dict:
-    """The fitted law with bootstrap intervals, a holdout check and, for `target_flops`, the compute-optimal
-    N and D with intervals: everything the JSON report holds."""
+# Step counts are rounded, so the runs of one compute budget differ by a few percent; a factor of 1.25 keeps
+# them together while keeping apart the budgets of a sweep, which are usually a factor of 2 or more apart.
+BUDGET_TOLERANCE = 1.25
+BUDGET_RULE = (f"runs sorted by compute; a budget holds the cheapest run not yet in one and every run within a factor"
+               f" {BUDGET_TOLERANCE} of it; its flops are the geometric mean of theirs")
+ISOFLOP_MIN_SIZES = 3  # a parabola through fewer sizes always fits exactly: no evidence of a minimum
+
+
+def compute_budgets(runs: list[Run]) -> list[list[Run]]:
+    """The runs grouped into compute budgets, cheapest first, as BUDGET_RULE says."""
+    budgets: list[list[Run]] = []
+    for run in sorted(runs, key=lambda run: run.compute):
+        if budgets and run.compute <= budgets[-1][0].compute * BUDGET_TOLERANCE:
+            budgets[-1].append(run)
+        else:
+            budgets.append([run])
+    return budgets
+
+
+def _parabola_minimum(log_parameters: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, float | None, str | None]:
+    """The parabola loss = c2 x^2 + c1 x + c0 in x = log10 N through one budget's runs, the x of its minimum,
+    and, where it has none among the sizes trained, why not."""
+    parabola = np.polyfit(log_parameters, losses, 2)
+    if parabola[0] <= 0:
+        return parabola, None, "the parabola opens downwards: the loss does not rise on both sides of a best size"
+    vertex = -parabola[1] / (2 * parabola[0])
+    smallest, largest = log_parameters.min(), log_parameters.max()
+    if not smallest <= vertex <= largest:
+        return parabola, None, (f"the parabola's minimum, N = {10 ** vertex:.3g}, lies outside the sizes trained"
+                                f" ({10 ** smallest:.3g} to {10 ** largest:.3g}): train"
+                                f" {'larger' if vertex > largest else 'smaller'} models at this budget")
+    return parabola, float(vertex), None
+
+
+def _interval_or_none(values) -> tuple[float, float] | None:
+    """The 95% interval of bootstrap values, or None where no resampling gave one."""
+    return interval(values) if len(values) else None
+
+
+def isoflop_profiles(runs: list[Run], samples: int = 200, seed: int = 0, target_flops: float | None = None) -> dict:
+    """Hoffmann et al.'s approach 2. For every compute budget (see BUDGET_RULE) with runs of at least 3 sizes, a
+    parabola of loss against log10 N, whose minimum is the budget's N_opt; through the budgets' minima the power law
+    log10 N_opt = a log10 C + b (least squares), so N_opt is proportional to C^a and D_opt = C / (6 N_opt) to
+    C^(1 - a). Intervals come from refits to the runs resampled (with replacement) within each budget: a budget's
+    from the resamplings that give it a minimum, the power law's from those that give every budget one.
+
+    Nothing here raises: a budget without a minimum among its sizes, or a power law with fewer than 2 budgets to
+    go through, is reported with the reason it was skipped."""
+    groups = [group for group in compute_budgets(runs) if len({run.parameters for run in group}) >= ISOFLOP_MIN_SIZES]
+    result: dict = {"budget_rule": BUDGET_RULE, "budgets": []}
+    if not groups:
+        result["skipped"] = (f"no compute budget has runs of {ISOFLOP_MIN_SIZES} or more model sizes; isoFLOP profiles"
+                             " need a sweep that trains several sizes at each of a few fixed budgets")
+        return result
+    profiles = []  # (budget, log10 N, losses, x of the minimum) of the budgets with a minimum
+    for group in groups:
+        log_parameters = np.log10([run.parameters for run in group])
+        losses = np.array([run.loss for run in group])
+        parabola, vertex, problem = _parabola_minimum(log_parameters, losses)
+        budget = {
+            "flops": float(np.exp(np.mean(np.log([run.compute for run in group])))),
+            "runs": [run.name for run in group],
+            "parameters": [run.parameters for run in group],
+            "losses": [run.loss for run in group],
+            "parabola": parabola.tolist(),
+        }
+        if problem:
+            budget["skipped"] = problem
+        else:
+            profiles.append((budget, log_parameters, losses, vertex))
+        result["budgets"].append(budget)
+
+    log_flops = np.log10([budget["flops"] for budget, *_ in profiles])
+    rng = np.random.default_rng(seed)
+    resampled_vertices: list[list[float]] = [[] for _ in profiles]
+    resampled_laws = []  # (a, b) of each resampling that gives every budget a minimum
+    for _ in range(samples):
+        vertices = []
+        for _budget, log_parameters, losses, _vertex in profiles:
+            chosen = rng.integers(0, len(losses), len(losses))
+            enough_sizes = len(np.unique(log_parameters[chosen])) >= ISOFLOP_MIN_SIZES
+            vertices.append(_parabola_minimum(log_parameters[chosen], losses[chosen])[1] if enough_sizes else None)
+        for kept, vertex in zip(resampled_vertices, vertices):
+            if vertex is not None:
+                kept.append(vertex)
+        if len(profiles) >= 2 and None not in vertices:
+            resampled_laws.append(np.polyfit(log_flops, vertices, 1))
+    for (budget, _, _, vertex), kept in zip(profiles, resampled_vertices):
+        budget.update({
+            "optimal_parameters": 10 ** vertex,
+            "optimal_parameters_interval_95": _interval_or_none(np.power(10, kept)),
+            "optimal_tokens": budget["flops"] / (6 * 10 ** vertex),
+            "loss_at_optimum": float(np.polyval(budget["parabola"], vertex)),
+            "bootstrap_samples": len(kept),
+        })
+
+    if len(profiles) < 2:
+        result["skipped"] = (f"{len(profiles)} compute budget(s) with a minimum among the sizes trained; the power law"
+                             " N_opt = k C^a needs at least 2")
+        return result
+    exponent, intercept = np.polyfit(log_flops, [vertex for *_, vertex in profiles], 1)
+    result.update({
+        "parameters_exponent": float(exponent),
+        "parameters_exponent_interval_95": _interval_or_none([a for a, _ in resampled_laws]),
+        "tokens_exponent": float(1 - exponent),
+        "tokens_exponent_interval_95": _interval_or_none([1 - a for a, _ in resampled_laws]),
+        "parameters_coefficient": float(10 ** intercept),
+        "bootstrap_samples": len(resampled_laws),
+    })
+    if target_flops:
+        parameters = float(10 ** (exponent * np.log10(target_flops) + intercept))
+        resampled = [10 ** (a * np.log10(target_flops) + b) for a, b in resampled_laws]
+        result["compute_optimal"] = {  # at `target_flops`, which analyse's report gives beside it
+            "parameters": parameters, "tokens": target_flops / (6 * parameters),
+            "parameters_interval_95": _interval_or_none(resampled),
+            "tokens_interval_95": _interval_or_none([target_flops / (6 * n) for n in resampled]),
+        }
+    return result
+
+
+def fewshot_accuracies(fewshot: dict[str, float] | None) -> dict[tuple[str, int], float]:
+    """A run's few-shot accuracies by (task, k), from its `eval/fewshot/<task>/k=<k>` values."""
+    accuracies = {}
+    for key, value in (fewshot or {}).items():
+        task, _, shots = key.removeprefix(FEWSHOT_PREFIX).rpartition("/k=")
+        if task and shots.isdigit():  # other values under the prefix (a table, say) are not accuracies
+            accuracies[task, int(shots)] = value
+    return accuracies
+
+
+def choose_fewshot_k(runs: list[Run], k: int | None) -> dict:
+    """The k at which the report compares the runs' few-shot accuracy, with the tasks evaluated at it: `k` where
+    given (an error when no run has it), else the largest k that every run with few-shot results has."""
+    shots_per_run = [found for run in runs if (found := {shot for _, shot in fewshot_accuracies(run.fewshot)})]
+    if not shots_per_run:
+        if k is not None:
+            raise ScalingError(f"few-shot k={k} (--fewshot-k): no run has few-shot results"
+                               f" ({FEWSHOT_PREFIX}<task>/k=<k> in its metrics, or such columns in the CSV);"
+                               " leave the option out")
+        return {"skipped": "no run has few-shot results"}
+    evaluated = ", ".join(map(str, sorted(set().union(*shots_per_run))))
+    if k is None:
+        common = set.intersection(*shots_per_run)
+        if not common:
+            return {"skipped": f"no k is evaluated in every run with few-shot results (the runs have k = {evaluated});"
+                               " choose one with --fewshot-k"}
+        k = max(common)
+    elif not any(k in shots for shots in shots_per_run):
+        raise ScalingError(f"few-shot k={k} (--fewshot-k): no run has few-shot results at k={k}; the runs have"
+                           f" k = {evaluated}")
+    tasks = sorted({task for run in runs for task, shot in fewshot_accuracies(run.fewshot) if shot == k})
+    return {"k": k, "tasks": tasks, "runs": sum(k in shots for shots in shots_per_run)}
+
+
+def analyse(runs: list[Run], target_flops: float | None, samples: int, holdout: int, seed: int = 0,
+            fewshot_k: int | None = None) -> dict:
+    """The fitted law with bootstrap intervals, a holdout check, the isoFLOP profiles, the few-shot k to plot
+    and, for `target_flops`, the compute-optimal N and D with intervals: everything the JSON report holds."""
+    fewshot = choose_fewshot_k(runs, fewshot_k)  # first: a k no run has fails before the fitting
     parameters, tokens, losses = (np.array([getattr(run, key) for run in runs]) for key in CSV_COLUMNS)
     law = fit_law(parameters, tokens, losses)
     refits = bootstrap(parameters, tokens, losses, law, samples=samples, seed=seed)
@@ -264,12 +434,17 @@ def analyse(runs: list[Run], target_flops: float | None, samples: int, holdout: 
             "loss": float(law.loss(*optimal[0])),
             "loss_interval_95": interval([refit.loss(*refit.compute_optimal(target_flops)) for refit in refits]),
         }
+    result["isoflop"] = isoflop_profiles(runs, samples, seed, target_flops)
+    if "compute_optimal" in result["isoflop"]:  # reported beside the parametric law's split of the same budget
+        result["compute_optimal"]["isoflop"] = result["isoflop"].pop("compute_optimal")
+    result["fewshot"] = fewshot
     return result
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:
-    """fit.png (fitted against observed loss) and frontier.png (loss against compute, with the fitted
-    compute-optimal frontier), each written whole."""
+    """fit.png (fitted against observed loss), frontier.png (loss against compute, with the fitted compute-optimal
+    frontier), isoflop.png where the runs have isoFLOP budgets and fewshot.png where they have few-shot results,
+    each written whole."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -315,4 +490,196 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     written.append(write_whole(out_dir / "frontier.png", save(figure)))
+
+    if result["isoflop"]["budgets"]:
+        figure, (profiles, optima) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
+        _draw_isoflop(profiles, optima, result["isoflop"], law, result.get("compute_optimal"))
+        written.append(write_whole(out_dir / "isoflop.png", save(figure)))
+    if "k" in result["fewshot"]:
+        tasks = result["fewshot"]["tasks"]
+        columns = min(3, len(tasks))
+        rows = -(-len(tasks) // columns)
+        figure, panels = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), dpi=120, squeeze=False)
+        _draw_fewshot(figure, list(panels.ravel()), runs, result["fewshot"])
+        written.append(write_whole(out_dir / "fewshot.png", save(figure)))
     return written
+
+
+def format_interval(interval_95) -> str:
+    """` [low, high]` to 3 significant digits, or nothing where no bootstrap resampling gave an interval."""
+    return f" [{interval_95[0]:.3g}, {interval_95[1]:.3g}]" if interval_95 else ""
+
+
+def _draw_isoflop(profiles, optima, isoflop: dict, law: Law, compute_optimal: dict | None) -> None:
+    """Left: each budget's runs, its parabola in log N and the parabola's minimum (a star); right: the minima
+    against compute, with their intervals, the isoFLOP power law through them and the parametric law's N_opt."""
+    import textwrap
+
+    from matplotlib import colormaps
+
+    budgets = isoflop["budgets"]
+    for index, budget in enumerate(budgets):
+        colour = colormaps["viridis"](index / max(1, len(budgets) - 1))
+        skipped = "skipped" in budget
+        profiles.scatter(budget["parameters"], budget["losses"], color=colour,
+                         label=f"C = {budget['flops']:.2g}" + (" (skipped)" if skipped else ""))
+        sizes = np.linspace(np.log10(min(budget["parameters"])), np.log10(max(budget["parameters"])), 100)
+        profiles.plot(10 ** sizes, np.polyval(budget["parabola"], sizes), color=colour,
+                      linestyle=":" if skipped else "-")
+        if skipped:
+            continue
+        optimum = budget["optimal_parameters"]
+        profiles.scatter([optimum], [budget["loss_at_optimum"]], marker="*", s=200, color=colour,
+                         edgecolors="black", zorder=3)
+        low, high = budget["optimal_parameters_interval_95"] or (optimum, optimum)
+        optima.errorbar([budget["flops"]], [optimum], yerr=[[optimum - low], [high - optimum]], marker="o",
+                        color=colour, capsize=3)
+    profiles.set_xscale("log")
+    profiles.set_xlabel("parameters N")
+    profiles.set_ylabel("validation loss")
+    profiles.set_title("isoFLOP profiles: loss at a fixed compute budget (star: minimum)")
+    profiles.grid(alpha=0.3)
+    profiles.legend(fontsize=7)
+
+    target = (compute_optimal or {}).get("isoflop")
+    target_flops = compute_optimal["flops"] if target else None
+    flops = [budget["flops"] for budget in budgets] + ([target_flops] if target else [])
+    span = np.geomspace(min(flops) / 2, max(flops) * 2, 50)
+    if "parameters_exponent" in isoflop:
+        exponent, exponent_interval = isoflop["parameters_exponent"], isoflop["parameters_exponent_interval_95"]
+        optima.plot(span, isoflop["parameters_coefficient"] * span ** exponent, color="black",
+                    label=f"isoFLOP fit: N_opt ∝ C^{exponent:.3f}{format_interval(exponent_interval)}")
+        if target:
+            low, high = target["parameters_interval_95"] or (target["parameters"], target["parameters"])
+            optima.errorbar([target_flops], [target["parameters"]], marker="*", markersize=12, color="black",
+                            yerr=[[target["parameters"] - low], [high - target["parameters"]]], capsize=3,
+                            linestyle="none", label=f"target: N_opt {target['parameters']:.3g}")
+        optima.set_title("compute-optimal model size")
+    else:
+        optima.set_title(textwrap.fill(isoflop["skipped"], 70), fontsize=8)
+    parametric = law.beta / (law.alpha + law.beta)
+    optima.plot(span, law.compute_optimal(span)[0], color="grey", linestyle="--",
+                label=f"parametric fit: N_opt ∝ C^{parametric:.3f}")
+    optima.set_xscale("log")
+    optima.set_yscale("log")
+    optima.set_xlabel("training compute C (FLOPs)")
+    optima.set_ylabel("compute-optimal parameters N_opt")
+    optima.grid(alpha=0.3, which="both")
+    optima.legend(fontsize=7)
+
+
+def _draw_fewshot(figure, panels: list, runs: list[dict], fewshot: dict) -> None:
+    """One panel per task: accuracy at the chosen k against compute, one line per model size, coloured by log N
+    (a colour bar rather than a legend: an isoFLOP sweep has a size or more per run)."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm
+
+    k = fewshot["k"]
+    sizes = sorted({run["parameters"] for run in runs})
+    # Padded by a factor 1.5 either side, so that a single size still spans a range of colours.
+    colours = ScalarMappable(LogNorm(sizes[0] / 1.5, sizes[-1] * 1.5), colormaps["viridis"])
+    for panel, task in zip(panels, fewshot["tasks"]):
+        for size in sizes:
+            points = sorted((run["compute"], accuracies[task, k]) for run in runs if run["parameters"] == size
+                            and (task, k) in (accuracies := fewshot_accuracies(run["fewshot"])))
+            if points:
+                panel.plot(*zip(*points), marker="o", color=colours.to_rgba(size))
+        panel.set_xscale("log")
+        panel.set_ylim(0, 1)
+        panel.set_xlabel("training compute (FLOPs)")
+        panel.set_ylabel(f"accuracy at k = {k}")
+        panel.set_title(f"{task}, {k}-shot")
+        panel.grid(alpha=0.3)
+        figure.colorbar(colours, ax=panel, label="parameters N")
+    for panel in panels[len(fewshot["tasks"]):]:
+        panel.set_visible(False)
+
+
+def wandb_summary(result: dict) -> dict[str, float | str]:
+    """The report as flat W&B summary keys: `law/<constant>` with `_low` and `_high` (the 95% interval),
+    `holdout/...`, `compute_optimal/...` (`compute_optimal/isoflop_...` from the isoFLOP power law),
+    `isoflop/...` and `fewshot/k`."""
+    summary: dict[str, float | str] = {"runs": len(result["runs"]),
+                                       "law/bootstrap_samples": result["bootstrap_samples"]}
+    for name, value in result["law"].items():
+        low, high = result["intervals_95"][name]
+        summary.update({f"law/{name}": value, f"law/{name}_low": low, f"law/{name}_high": high})
+    if "holdout" in result:
+        errors = result["holdout"]["relative_errors"]
+        summary.update({f"holdout/relative_error/{name}": error
+                        for name, error in zip(result["holdout"]["held_out"], errors)})
+        summary["holdout/max_abs_relative_error"] = max(abs(error) for error in errors)
+    if "compute_optimal" in result:
+        summary.update(_numbers_and_intervals(result["compute_optimal"], "compute_optimal/"))
+        if "isoflop" in result["compute_optimal"]:
+            summary.update(_numbers_and_intervals(result["compute_optimal"]["isoflop"], "compute_optimal/isoflop_"))
+    isoflop = result["isoflop"]
+    summary.update(_numbers_and_intervals(isoflop, "isoflop/"))
+    summary["isoflop/usable_budgets"] = sum("optimal_parameters" in budget for budget in isoflop["budgets"])
+    if "skipped" in isoflop:
+        summary["isoflop/skipped"] = isoflop["skipped"]
+    if "k" in result["fewshot"]:
+        summary["fewshot/k"] = result["fewshot"]["k"]
+    return summary
+
+
+def _numbers_and_intervals(values: dict, prefix: str) -> dict[str, float]:
+    """The numbers of one level of the report, each `<name>_interval_95` as `<name>_low` and `<name>_high`."""
+    flat = {}
+    for key, value in values.items():
+        if key.endswith("_interval_95") and value:
+            name = key.removesuffix("_interval_95")
+            flat.update({f"{prefix}{name}_low": value[0], f"{prefix}{name}_high": value[1]})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+RUN_TABLE_COLUMNS = ("name", "parameters", "tokens", "compute", "loss", "predicted_loss", "parameters_with_embeddings",
+                     "flops_per_token")
+BUDGET_TABLE_COLUMNS = ("flops", "runs", "optimal_parameters", "optimal_parameters_low", "optimal_parameters_high",
+                        "optimal_tokens", "loss_at_optimum", "skipped")
+
+
+def log_to_wandb(result: dict, plots: list[Path], settings: dict, group: str, project: str, entity: str | None,
+                 mode: str, out_dir: Path) -> str:
+    """One W&B run in the sweep's group `group`, named `<group>-scaling` with job type `scaling-fit`, written under
+    `out_dir`: the command's `settings` as its config, `wandb_summary(result)` as its summary, the plots as images
+    under `plots/<name>`, and the runs (with their few-shot accuracy at the report's k) and the isoFLOP budgets as
+    the tables `tables/runs` and `tables/isoflop_budgets`. Returns a line that says where the run went."""
+    import shlex
+
+    import wandb  # deferred: only a fit logged to W&B needs it
+
+    from pretrain.metrics import wandb_command
+
+    try:
+        run = wandb.init(project=project, entity=entity, group=group, job_type="scaling-fit", name=f"{group}-scaling",
+                         dir=str(out_dir), mode=mode, config=settings,
+                         settings=wandb.Settings(console="off", quiet=True))
+    except wandb.Error as error:
+        raise ScalingError(f"W&B ({mode}): {error}; the fit is written in {out_dir}; log it with --wandb-mode offline"
+                           " and upload it later with wandb sync") from None
+    run.log({f"plots/{path.stem}": wandb.Image(str(path)) for path in plots if path.suffix == ".png"})
+    fewshot_columns = ([f"{FEWSHOT_PREFIX}{task}/k={result['fewshot']['k']}" for task in result["fewshot"]["tasks"]]
+                       if "k" in result["fewshot"] else [])
+    rows = [[run_row[column] for column in RUN_TABLE_COLUMNS]
+            + [(run_row["fewshot"] or {}).get(column) for column in fewshot_columns] for run_row in result["runs"]]
+    tables = {"tables/runs": wandb.Table(columns=[*RUN_TABLE_COLUMNS, *fewshot_columns], data=rows)}
+    if result["isoflop"]["budgets"]:
+        budget_rows = []
+        for budget in result["isoflop"]["budgets"]:
+            low, high = budget.get("optimal_parameters_interval_95") or (None, None)
+            budget_rows.append([budget["flops"], len(budget["runs"]), budget.get("optimal_parameters"), low, high,
+                                budget.get("optimal_tokens"), budget.get("loss_at_optimum"), budget.get("skipped")])
+        tables["tables/isoflop_budgets"] = wandb.Table(columns=list(BUDGET_TABLE_COLUMNS), data=budget_rows)
+    run.log(tables)
+    run.summary.update(wandb_summary(result))
+    url, run_id = run.url, run.id
+    run.finish()
+    if mode == "offline":
+        offline = sorted(str(path) for path in (out_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+        return (f"W&B ran offline ({', '.join(offline)}); upload this run with:"
+                f" {shlex.join([wandb_command(), 'sync', *offline])} (or `make sync` for every run under a directory)")
+    return f"logged the fit to W&B: {url}"

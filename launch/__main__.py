@@ -3,7 +3,7 @@
     python -m launch run --config CONFIG [--backend local|hostfile|slurm] [--nodes N] [--gpus-per-node G]
                          [--ranks R] [--hostfile FILE] [--hostfile-launcher torchrun|deepspeed]
                          [--max-restarts K] [--dry-run] [KEY=VALUE ...]
-    python -m launch sweep --spec configs/sweeps/micro.yaml [the same options, for every run]
+    python -m launch sweep --spec configs/sweeps/micro.yaml [--parallel K] [the same options, for every run]
 
 The config is validated here, for the world size the run will have, and the data is prepared (once) and its
 shards checked, before any training process starts: a bad request costs one line and exit code 2, bad data
@@ -14,6 +14,7 @@ would run and starts nothing. `python -m launch node` is the per-node step the s
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import socket
@@ -32,9 +33,9 @@ from launch.local import (
 from launch.record import record_launch
 from pretrain.checkpoint import (
     CheckpointError,
-    newest_complete,
     refuse_to_train_over_checkpoints,
     resume_plan,
+    starting_checkpoint,
 )
 from pretrain.config import (
     Config,
@@ -75,6 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              help="torchrun restarts of failed ranks (local, hostfile)")
         command.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
+    sweep.add_argument("--parallel", type=int,
+                       help="runs at once: local runs side by side (their ranks share this machine), or SLURM"
+                       " array tasks at once (default: 1 locally, as many as SLURM allows there)")
     node = commands.add_parser("node", help="one node's share of a multi-node run (what the sbatch script runs)")
     node.add_argument("--config")
     node.add_argument("--nodes", type=int, required=True)
@@ -117,7 +121,7 @@ def check_config(config: Config, world_size: int, remote_gpus: bool | None) -> N
 
 
 def check_checkpoint(config: Config, world_size: int) -> None:
-    resume_from = newest_complete(config.run_dir) if config.train.resume == "auto" else None
+    resume_from = starting_checkpoint(config)
     if resume_from is not None:
         resume_plan(resume_from, world_size, config.deepspeed.zero_stage)
 
@@ -181,7 +185,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         environment[VERIFIED_DATA_VARIABLE] = manifest.fingerprint
     host_names = [host.name for host in hosts]
     if args.backend == "slurm":
-        job_id, script_path = slurm.submit(script, config.run_dir)
+        job_id, script_path = slurm.submit(script, config.run_dir / "slurm")
         record_launch(config.run_dir, "slurm", argv, script, host_names, config.launch.environment)
         print(f"submitted job {job_id}: script {script_path}, log {slurm.log_path(config.run_dir, job_id)},"
               f" run directory {config.run_dir}")
@@ -206,12 +210,40 @@ def node(args: argparse.Namespace, argv: list[str]) -> int:
     return run_node(command, dict(config.launch.environment), args.ranks_per_node, config.run_dir)
 
 
-def sweep(args: argparse.Namespace) -> int:
+def submit_array(args: argparse.Namespace, argv: list[str], config_path: str, configs: list[Config],
+                 task_overrides: list[list[str]], array: slurm.ArrayJob) -> str | None:
+    """Submit runs (each a config file plus its overrides) as one SLURM job array; returns the job id (None for
+    --dry-run, which prints the script). Every run is checked first, as `run` checks one; a run that waits for
+    another array (array.after) is not asked for its starting checkpoint, which does not exist yet."""
+    _at_least_one("nodes", args.nodes)
+    nodes = args.nodes or 1
+    per_node = ranks_per_node(args, None)
+    for config in configs:
+        check_config(config, nodes * per_node, bool(args.gpus_per_node))
+        if array.after is None:
+            check_checkpoint(config, nodes * per_node)
+    script = slurm.render_sbatch(configs[0], Path(config_path), [], nodes, args.gpus_per_node or 0, per_node,
+                                 Path.cwd(), array)
+    if args.dry_run:
+        print(script)
+        return None
+    job_id, script_path = slurm.submit(script, array.log_dir)
+    for config in configs:
+        record_launch(config.run_dir, "slurm", argv, script, [], config.launch.environment)
+    print(f"submitted job array {job_id} ({len(configs)} runs"
+          + (f", after job {array.after} succeeds" if array.after else "")
+          + f"): script {script_path}; run i logs to RUN/slurm/{job_id}_i.out", flush=True)
+    return job_id
+
+
+def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from launch.sweep import run_sweep
 
+    if args.parallel is not None and args.parallel < 1:
+        raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
     spec = load_sweep(args.spec)
     launch_args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key != "spec"})
-    return run_sweep(spec, run, launch_args, args.dry_run)
+    return run_sweep(spec, launch_args, functools.partial(submit_array, launch_args, argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -220,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_config_error():
         try:
             if args.command == "sweep":
-                return sweep(args)
+                return sweep(args, argv)
             return (run if args.command == "run" else node)(args, argv)
         except (DataError, CheckpointError) as error:
             print(f"error: {error}", file=sys.stderr, flush=True)

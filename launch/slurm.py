@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.config import Config, ConfigError
@@ -28,22 +29,39 @@ def _sbatch_line(option: str, value: object | None = None) -> str:
     return line
 
 
+@dataclass(frozen=True)
+class ArrayJob:
+    """Several runs submitted as one SLURM job array: task i trains the run of `task_overrides[i]` (each the
+    full overrides of one run, on the same config file) in `run_dirs[i]`."""
+
+    name: str
+    run_dirs: list[Path]
+    task_overrides: list[list[str]]
+    log_dir: Path  # where each task says which run it trains; the run's own log goes to its run directory
+    parallel: int | None = None  # at most this many tasks at once (sbatch --array=...%N)
+    after: str | None = None  # a job (array) whose every task must succeed first: decay branches wait for trunks
+
+
 def render_sbatch(config: Config, config_path: Path | None, overrides: list[str], nodes: int, gpus_per_node: int,
-                  ranks_per_node: int, workdir: Path) -> str:
-    """The sbatch script for this run: SLURM options, then one supervised torchrun per node (mode torchrun) or
-    one task per rank (mode tasks)."""
+                  ranks_per_node: int, workdir: Path, array: ArrayJob | None = None) -> str:
+    """The sbatch script for this run (or, with `array`, for each run of a job array): SLURM options, then one
+    supervised torchrun per node (mode torchrun) or one task per rank (mode tasks)."""
     slurm = config.launch.slurm
-    logs = (workdir / config.run_dir / "slurm").resolve()
     tasks_per_node = 1 if slurm.mode == "torchrun" else ranks_per_node
     options = {
-        "job-name": slurm.job_name or config.name,
+        "job-name": slurm.job_name or (array.name if array else config.name),
         "nodes": nodes,
         "ntasks-per-node": tasks_per_node,
         "time": slurm.time,
-        "output": logs / "%j.out",
+        "output": (workdir / array.log_dir / "%A_%a.out" if array else workdir / config.run_dir / "slurm" / "%j.out"
+                   ).resolve(),
         "chdir": workdir.resolve(),
         "signal": f"USR1@{slurm.preemption_warning_seconds}",
     }
+    if array:
+        options["array"] = f"0-{len(array.task_overrides) - 1}" + (f"%{array.parallel}" if array.parallel else "")
+        if array.after:
+            options["dependency"] = f"afterok:{array.after}"
     if gpus_per_node:
         options["gpus-per-node"] = gpus_per_node
     for option, value in (("partition", slurm.partition), ("account", slurm.account),
@@ -54,25 +72,39 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
     lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
     lines += [_sbatch_line(*extra[2:].split("=", 1)) for extra in slurm.extra_sbatch]
 
-    config_args = ["--config", str(config_path.resolve())] if config_path else []
-    train_args = [shlex.quote(arg) for arg in config_args + list(overrides)]
+    def arguments(run_overrides: list[str]) -> str:
+        config_args = ["--config", str(config_path.resolve())] if config_path else []
+        return " ".join(shlex.quote(arg) for arg in config_args + list(run_overrides))
+
     python = shlex.quote(sys.executable)
+    port = str(config.launch.rendezvous_port)
+    lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in config.launch.environment.items())]
+    if array:
+        # Tasks of one array can share a node: each meets its ranks on its own port.
+        port = f"$(( {port} + SLURM_ARRAY_TASK_ID % 1000 ))"
+        lines.append('case "$SLURM_ARRAY_TASK_ID" in')
+        for index, (run_dir, run_overrides) in enumerate(zip(array.run_dirs, array.task_overrides)):
+            log = shlex.quote(str((workdir / run_dir / "slurm").resolve())) + f'/"$SLURM_ARRAY_JOB_ID"_{index}.out'
+            lines.append(f"  {index}) RUN_ARGUMENTS=({arguments(run_overrides)}); RUN_LOG={log} ;;")
+        lines += ['  *) echo "no run for array task $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;', "esac",
+                  'mkdir -p "$(dirname "$RUN_LOG")"',
+                  'echo "array task $SLURM_ARRAY_TASK_ID (job $SLURM_JOB_ID): log $RUN_LOG"',
+                  'exec >>"$RUN_LOG" 2>&1']
+    else:
+        lines.append(f"RUN_ARGUMENTS=({arguments(overrides)})")
     lines += [
-        "",
-        "set -u",
-        *(f"export {name}={shlex.quote(value)}" for name, value in config.launch.environment.items()),
         'MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-        f"export MASTER_ADDR MASTER_PORT={config.launch.rendezvous_port}",
+        f"export MASTER_ADDR MASTER_PORT={port}",
         f'echo "job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $SLURM_JOB_NODELIST, {slurm.mode} mode"',
     ]
     if slurm.mode == "torchrun":
         lines.append(
             f"srun --kill-on-bad-exit=1 {python} -m launch node --nodes \"$SLURM_NNODES\""
             f" --ranks-per-node {ranks_per_node} --rendezvous \"$MASTER_ADDR:$MASTER_PORT\""
-            f" --rendezvous-id \"$SLURM_JOB_ID\" {' '.join(train_args)}"
+            ' --rendezvous-id "$SLURM_JOB_ID" "${RUN_ARGUMENTS[@]}"'
         )
     else:
-        lines.append(f"srun --kill-on-bad-exit=1 {python} -m pretrain.train {' '.join(train_args)}")
+        lines.append(f'srun --kill-on-bad-exit=1 {python} -m pretrain.train "${{RUN_ARGUMENTS[@]}}"')
     lines += [
         "status=$?",
         f"if [ $status -eq {REQUEUE_EXIT_CODE} ]; then",
@@ -85,12 +117,11 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
     return "\n".join(lines)
 
 
-def submit(script: str, run_dir: Path) -> tuple[str, Path]:
-    """Write the script under the run directory and submit it; returns (job id, script path)."""
+def submit(script: str, directory: Path) -> tuple[str, Path]:
+    """Write the script into `directory` and submit it; returns (job id, script path)."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise ConfigError("--backend slurm: sbatch is not on PATH; run this on a SLURM login node, or use --dry-run")
-    directory = run_dir / "slurm"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "submit.sbatch"
     path.write_text(script)

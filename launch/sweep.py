@@ -1,26 +1,52 @@
-"""A scaling sweep: one spec expanded into runs with stable names, run one after another through the launch
-backends, skipping those that finished and resuming those that did not, then fitted.
+"""A scaling sweep: one spec expanded into runs with stable names, started through the launch backends,
+skipping those that finished and resuming those that did not, then fitted.
 
-    python -m launch sweep --spec configs/sweeps/micro.yaml [--backend ...] [--ranks R] [--dry-run]
+    python -m launch sweep --spec configs/sweeps/micro.yaml [--backend local|hostfile|slurm] [--parallel K]
+                           [--ranks R] [--dry-run] [the other `launch run` options, for every run]
 
 Each run is the spec's base config with the spec's overrides, then its size (n_layer, d_model, n_head), its
-learning rate, its seed, and a token budget given as tokens per non-embedding parameter (rounded up to whole
-steps). Runs go to OUTPUT_DIR/<sweep>/<run> and share one W&B group named after the sweep, with the size and
-budget as tags.
+learning rate, its seed, and its token budget: a multiple of its non-embedding parameter count N, or a compute
+budget C trained on C / (6 N) tokens (isoFLOP profiles), rounded up to whole steps. Runs go to
+OUTPUT_DIR/<sweep>/<run> and share one W&B group named after the sweep, with size, budget and seed as tags.
+
+How the runs start:
+- local and hostfile: `python -m launch run` for each, one after another, or --parallel K side by side (local;
+  each run's output then goes to RUN/sweep.log). A signal to the sweep reaches every run, which checkpoints and
+  stops; no run starts after it, and the sweep exits with the requeue code. The fit follows the last run.
+- slurm: one job array of the runs not finished (--parallel K: at most K tasks at once). Run the same command
+  again once the array is done: it skips the finished runs, resubmits the others, and fits when none is left.
+
+With decay_branches (train.schedule=wsd), each size and seed trains its largest budget once (the trunk),
+checkpointing where the decay of each smaller budget begins; each smaller budget is a run that starts from that
+checkpoint and only decays, as a separate run with the same stable phase would have done. On SLURM the branches
+are a second array that starts once every trunk has succeeded.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import newest_complete, read_marker
-from pretrain.config import Config, ConfigError, SweepConfig, load_config
-from pretrain.faults import REQUEUE_EXIT_CODE
+from launch.slurm import ArrayJob
+from pretrain.checkpoint import (
+    CheckpointError,
+    newest_complete,
+    read_marker,
+    starting_checkpoint,
+    tag_for_step,
+)
+from pretrain.config import Config, ConfigError, SweepConfig, SweepSize, load_config
+from pretrain.faults import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
 from pretrain.model import GPT
 
 
@@ -31,6 +57,11 @@ class SweepRun:
     config: Config  # the base config with the overrides: validated before any run starts
     parameters: int  # without embeddings
     tokens: int
+    trunk: str | None = None  # a decay branch: the run whose checkpoint it starts from
+
+
+# Submits runs as one SLURM job array: (config path, configs, each run's overrides, array) -> job id.
+SubmitArray = Callable[[str, list[Config], list[list[str]], ArrayJob], "str | None"]
 
 
 def non_embedding_parameters(config: Config) -> int:
@@ -38,27 +69,59 @@ def non_embedding_parameters(config: Config) -> int:
         return GPT(config.model).num_parameters(include_embeddings=False)
 
 
+def _budgets(sweep: SweepConfig, parameters: int, tokens_per_step: int) -> list[tuple[str, str, int]]:
+    """Each token budget of the sweep for a model of `parameters`: (its part of run names, its W&B tag, steps)."""
+    if sweep.tokens_per_parameter:
+        return [(f"tpp{multiple:g}", f"tpp={multiple:g}", max(1, math.ceil(multiple * parameters / tokens_per_step)))
+                for multiple in sweep.tokens_per_parameter]
+    return [(f"c{flops:.3g}".replace("e+0", "e").replace("e+", "e"), f"C={flops:.3g}",
+             max(1, math.ceil(flops / (6 * parameters) / tokens_per_step))) for flops in sweep.compute_budgets]
+
+
+def _run_name(sweep: SweepConfig, size: SweepSize, budget: str, seed: int) -> str:
+    return f"{sweep.name}-l{size.n_layer}-d{size.d_model}-{budget}-s{seed}"
+
+
 def expand(sweep: SweepConfig) -> list[SweepRun]:
-    """Every (size, budget, seed) of the sweep, in the spec's order."""
+    """Every (size, seed, budget) of the sweep, in the spec's order; with decay branches, each trunk first."""
     runs = []
+    sweep_dir = Path(sweep.output_dir) / sweep.name
     for size in sweep.sizes:
         shape = [f"model.n_layer={size.n_layer}", f"model.d_model={size.d_model}", f"model.n_head={size.n_head}"]
         sized = load_config(sweep.base, [*sweep.overrides, *shape])
+        if sweep.decay_branches and sized.train.schedule != "wsd":
+            raise ConfigError(f"{sweep.name}: decay_branches needs train.schedule=wsd, and the base config with the"
+                              f" sweep's overrides gives {sized.train.schedule!r}; add train.schedule=wsd to them")
         parameters = non_embedding_parameters(sized)
         lr = size.lr or sweep.lr or sized.train.lr
-        for multiple in sweep.tokens_per_parameter:
-            tokens_per_step = sized.train.global_batch_tokens
-            steps = max(1, math.ceil(multiple * parameters / tokens_per_step))
-            for seed in sweep.seeds:
-                name = f"{sweep.name}-l{size.n_layer}-d{size.d_model}-tpp{multiple:g}-s{seed}"
-                tags = f"[{sweep.name}, 'n={parameters}', 'tpp={multiple:g}', 'seed={seed}']"
+        tokens_per_step = sized.train.global_batch_tokens
+        budgets = _budgets(sweep, parameters, tokens_per_step)
+        trunk = max(budgets, key=lambda budget: budget[2]) if sweep.decay_branches else None
+        # A branch leaves the trunk where its own decay begins: until then the two runs are the same run.
+        branch_points = {part: steps - max(1, round(sized.train.decay_fraction * steps))
+                         for part, _, steps in budgets if trunk and part != trunk[0]}
+        branch_points = {part: step for part, step in branch_points.items() if step >= 1}
+        ordered = sorted(budgets, key=lambda budget: budget != trunk) if trunk else budgets
+        for seed in sweep.seeds:
+            for part, tag, steps in ordered:
+                name = _run_name(sweep, size, part, seed)
+                tags = f"[{sweep.name}, 'n={parameters}', '{tag}', 'seed={seed}']"
                 overrides = [
-                    *sweep.overrides, *shape, f"name={name}", f"output_dir={Path(sweep.output_dir) / sweep.name}",
+                    *sweep.overrides, *shape, f"name={name}", f"output_dir={sweep_dir}",
                     f"train.max_steps={steps}", f"train.lr={lr}", f"seed={seed}",
                     f"logging.wandb_group={sweep.name}", f"logging.wandb_tags={tags}",
                 ]
+                trunk_name = None
+                if trunk and part == trunk[0] and branch_points:
+                    # Every branch point is kept, whatever keep_checkpoints says: the branches start there.
+                    overrides += [f"train.checkpoint_steps={sorted(set(branch_points.values()))}",
+                                  "train.keep_checkpoints=0"]
+                elif part in branch_points:
+                    trunk_name = _run_name(sweep, size, trunk[0], seed)
+                    branch_point = sweep_dir / trunk_name / "checkpoints" / tag_for_step(branch_points[part])
+                    overrides.append(f"train.branch_from={branch_point}")
                 config = load_config(sweep.base, overrides)
-                runs.append(SweepRun(name, overrides, config, parameters, steps * tokens_per_step))
+                runs.append(SweepRun(name, overrides, config, parameters, steps * tokens_per_step, trunk_name))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{sweep.name}: two runs would share a name; make the sizes, budgets and seeds distinct")
@@ -70,37 +133,182 @@ def finished(config: Config) -> bool:
     return checkpoint is not None and read_marker(checkpoint)["step"] == config.train.max_steps
 
 
-def run_sweep(sweep: SweepConfig, launch_run, launch_args: argparse.Namespace, dry_run: bool) -> int:
-    """Run every run not finished yet through `launch_run` (launch's `run`), then fit what finished."""
-    runs = expand(sweep)
-    print(f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.sizes)} sizes x {len(sweep.tokens_per_parameter)}"
-          f" budgets x {len(sweep.seeds)} seeds)")
-    failed = []
-    for index, run in enumerate(runs, start=1):
-        config = run.config
-        about = f"[{index}/{len(runs)}] {run.name}: N={run.parameters:,}, D={run.tokens:,}"
-        if finished(config):
-            print(f"{about}: finished, skipped")
+def can_start(run: SweepRun) -> bool:
+    """Whether the run's starting point exists: always, except for a branch whose trunk has not reached it."""
+    try:
+        starting_checkpoint(run.config)
+        return True
+    except CheckpointError:
+        return False
+
+
+def steps_to_train(run: SweepRun) -> int:
+    """The steps this run trains itself: a decay branch starts at its branch point."""
+    branch_point = run.config.train.branch_from
+    return run.config.train.max_steps - (int(Path(branch_point).name.split("_")[1]) if branch_point else 0)
+
+
+def launch_options(args: argparse.Namespace) -> list[str]:
+    """The `launch run` options the sweep was given, for each of its runs."""
+    options = ["--backend", args.backend, "--hostfile-launcher", args.hostfile_launcher,
+               "--max-restarts", str(args.max_restarts)]
+    for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--ranks", args.ranks),
+                          ("--hostfile", args.hostfile)):
+        if value is not None:
+            options += [option, str(value)]
+    return options
+
+
+def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argparse.Namespace,
+             parallel: int) -> tuple[list[str], bool]:
+    """Train the pending runs (each with its `[i/n] name` label), `parallel` at a time, each as `python -m launch
+    run` in a session of its own; returns the names that did not finish, and whether a signal stopped the sweep."""
+    waiting, running, failed, stopped_by = list(pending), {}, [], []
+    environment = dict(os.environ)
+    if parallel > 1:  # the runs share the cores rather than each taking them all
+        ranks = args.ranks or 2
+        environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (ranks * parallel))))
+
+    def stop(signal_number: int, _frame) -> None:
+        stopped_by.append(signal_number)
+        for job in running:
+            job.send_signal(signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
+
+    previous = {number: signal.signal(number, stop) for number in (*PREEMPTION_SIGNALS, signal.SIGINT)}
+    try:
+        while waiting or running:
+            for job, (label, run) in list(running.items()):
+                if job.poll() is None:
+                    continue
+                del running[job]
+                if job.returncode == REQUEUE_EXIT_CODE:  # stopped on a signal: it saved a checkpoint
+                    print(f"{label}: interrupted; run the sweep again to resume it and go on", flush=True)
+                    failed.append(run.name)
+                elif job.returncode != 0:
+                    failed.append(run.name)
+                    print(f"{label}: exited with {job.returncode}; the sweep goes on, and a rerun resumes it", flush=True)
+                else:
+                    print(f"{label}: finished", flush=True)
+            active = {run.name for _, run in running.values()} | {run.name for _, run in waiting}
+            for label, run in list(waiting):
+                if stopped_by or len(running) >= parallel:
+                    break
+                if not can_start(run):
+                    if run.trunk not in active:  # it will never start: its trunk stopped short of the branch point
+                        waiting.remove((label, run))
+                        failed.append(run.name)
+                        print(f"{label}: its trunk {run.trunk} did not reach its branch point; a rerun starts it",
+                              flush=True)
+                    continue
+                waiting.remove((label, run))
+                resuming = newest_complete(run.config.run_dir) is not None
+                log = run.config.run_dir / "sweep.log"
+                print(f"{label}: {'resuming' if resuming else 'starting'}"
+                      + (f" (output: {log})" if parallel > 1 else ""), flush=True)
+                command = [sys.executable, "-m", "launch", "run", "--config", sweep.base, *launch_options(args),
+                           *run.overrides]
+                output = None
+                if parallel > 1:
+                    log.parent.mkdir(parents=True, exist_ok=True)
+                    output = log.open("a")
+                running[subprocess.Popen(command, env=environment, stdout=output, stderr=output,
+                                         start_new_session=True)] = (label, run)
+                if output:
+                    output.close()  # the run holds its own copy
+            if stopped_by and not running:
+                break
+            time.sleep(0.2)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    return failed, bool(stopped_by)
+
+
+def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], parallel: int | None,
+                  submit_array: SubmitArray) -> list[str]:
+    """The pending runs that can start as one SLURM job array, and the decay branches whose trunks are among
+    them as a second array that starts once the first has succeeded; returns the names of runs left out (their
+    trunk is neither finished nor pending)."""
+    first = [run for _, run in pending if can_start(run)]
+    starting = {run.name for run in first}
+    branches = [run for _, run in pending if not can_start(run) and run.trunk in starting]
+    log_dir = Path(sweep.output_dir) / sweep.name / "slurm"
+    job_id = None
+    for runs, name, waits in ((first, sweep.name, False), (branches, f"{sweep.name}-branches", True)):
+        if not runs:
             continue
-        resuming = newest_complete(config.run_dir) is not None
-        print(f"{about}: {'resuming' if resuming else 'starting'}", flush=True)
-        arguments = argparse.Namespace(**{**vars(launch_args), "config": sweep.base, "overrides": run.overrides,
-                                          "dry_run": dry_run})
-        code = launch_run(arguments, ["run", "--config", sweep.base, *run.overrides])
-        if code == REQUEUE_EXIT_CODE:  # stopped on a signal (Ctrl-C, preemption): it saved a checkpoint
-            print(f"{about}: interrupted; run the sweep again to resume it and go on", flush=True)
-            return code
-        if code != 0:
-            failed.append(run.name)
-            print(f"{about}: exited with {code}; the sweep goes on, and a rerun resumes it", flush=True)
+        for index, run in enumerate(runs):
+            print(f"  array task {index}: {run.name}")
+        after = (job_id or "<the first array>") if waits else None  # a dry run has no job id to wait for
+        array = ArrayJob(name, [run.config.run_dir for run in runs], [run.overrides for run in runs], log_dir,
+                         parallel, after)
+        job_id = submit_array(sweep.base, [run.config for run in runs], [run.overrides for run in runs], array)
+    return [run.name for _, run in pending if run.name not in starting and run not in branches]
+
+
+def prepare_data(runs: list[SweepRun]) -> None:
+    """Prepare each dataset the runs use, once, here: runs side by side or on SLURM would race to prepare it."""
+    from pretrain.train import prepare_and_verify
+
+    prepared = set()
+    for run in runs:
+        dataset = run.config.data.model_dump_json()
+        if dataset not in prepared:
+            prepare_and_verify(run.config, is_main=True, log=print)
+            prepared.add(dataset)
+
+
+def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: SubmitArray) -> int:
+    """Start every run not finished yet on the chosen backend; once all have finished, fit them."""
+    runs = expand(sweep)
+    budgets = len(sweep.tokens_per_parameter or sweep.compute_budgets)
+    print(f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.sizes)} sizes x {budgets} budgets x"
+          f" {len(sweep.seeds)} seeds)")
+    if sweep.decay_branches:
+        separately = sum(run.config.train.max_steps for run in runs)
+        branched = sum(steps_to_train(run) for run in runs)
+        print(f"decay branches: {branched:,} steps to train instead of {separately:,} ({1 - branched / separately:.0%}"
+              " fewer)")
+    parallel = args.parallel
+    if parallel and parallel > 1 and args.backend == "hostfile":
+        raise ConfigError("--parallel: the hostfile backend runs one run at a time across its hosts; leave it out")
+    pending = []
+    for index, run in enumerate(runs, start=1):
+        label = f"[{index}/{len(runs)}] {run.name}: N={run.parameters:,}, D={run.tokens:,}"
+        if finished(run.config):
+            print(f"{label}: finished, skipped")
+        else:
+            pending.append((label, run))
+    sweep_dir = Path(sweep.output_dir) / sweep.name
+    if pending and not args.dry_run and (args.backend == "slurm" or (parallel or 1) > 1):
+        prepare_data([run for _, run in pending])
+    if pending and args.backend == "slurm":
+        blocked = submit_arrays(sweep, pending, parallel, submit_array)
+        if blocked:
+            print(f"sweep {sweep.name}: not submitted, as their trunks stopped short of their branch points:"
+                  f" {', '.join(blocked)}")
+        if not args.dry_run:
+            print(f"sweep {sweep.name}: when the jobs are done, run the same command again to fit them (or resubmit"
+                  " what did not finish)")
+        return 1 if blocked else 0
+    if args.dry_run:
+        for label, run in pending:
+            print(f"{label}: would run python -m launch run --config {sweep.base} {' '.join(run.overrides)}")
+        print(f"sweep {sweep.name}: would then fit the runs into {sweep_dir / 'scaling'}")
+        return 0
+    failed, stopped = run_here(sweep, pending, args, parallel or 1)
+    if stopped:
+        print(f"sweep {sweep.name}: stopped by a signal; run it again to resume and go on", flush=True)
+        return REQUEUE_EXIT_CODE
     if failed:
         print(f"sweep {sweep.name}: {len(failed)} run(s) did not finish: {', '.join(failed)}; run the sweep again")
         return 1
-    if dry_run or launch_args.backend == "slurm":  # submitted runs finish later: fit them then
-        return 0
-    sweep_dir = Path(sweep.output_dir) / sweep.name
     print(f"sweep {sweep.name}: every run finished; fitting", flush=True)
     from evals.__main__ import main as evals_main
 
+    logging = runs[0].config.logging
     return evals_main(["scaling", "--runs", str(sweep_dir), "--out", str(sweep_dir / "scaling"),
-                       *(["--holdout", str(len(runs) // 4)] if len(runs) >= 8 else [])])
+                       *(["--holdout", str(len(runs) // 4)] if len(runs) >= 8 else []),
+                       "--wandb-group", sweep.name, "--wandb-project", logging.wandb_project,
+                       "--wandb-mode", logging.wandb_mode,
+                       *(["--wandb-entity", logging.wandb_entity] if logging.wandb_entity else [])])

@@ -52,6 +52,21 @@ def read_marker(checkpoint: Path) -> dict[str, Any]:
     return json.loads((checkpoint / COMPLETE_MARKER).read_text())
 
 
+def starting_checkpoint(config: Config) -> Path | None:
+    """What a run starts from: its own newest complete checkpoint (resume=auto), else train.branch_from (another
+    run's checkpoint, which must be complete), else nothing."""
+    own = newest_complete(config.run_dir) if config.train.resume == "auto" else None
+    if own is not None or config.train.branch_from is None:
+        return own
+    branch_point = Path(config.train.branch_from)
+    if not (branch_point / COMPLETE_MARKER).is_file():
+        raise CheckpointError(
+            f"train.branch_from: {branch_point} is not a complete checkpoint (no {COMPLETE_MARKER!r} marker); train"
+            " the run it belongs to past that step first, or point it at one of that run's complete checkpoints"
+        )
+    return branch_point
+
+
 def refuse_to_train_over_checkpoints(config: Config) -> None:
     """With train.resume=never, a run directory that already holds checkpoints is refused, not overwritten."""
     if config.train.resume == "never" and complete_tags(config.run_dir):

@@ -157,8 +157,15 @@ class TrainConfig(_Section):
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
+    checkpoint_steps: list[Annotated[int, Field(ge=1)]] = Field(
+        [], description="steps to checkpoint at besides every checkpoint_every: where a WSD run's decay branches start"
+    )
     keep_checkpoints: int = Field(0, ge=0, description="complete checkpoints kept, newest first; 0 keeps all")
     resume: Literal["auto", "never"] = "auto"
+    branch_from: str | None = Field(
+        None, description="a complete checkpoint of another run to start from (weights, optimizer, data position,"
+        " step), when this run has none of its own: with schedule wsd, a decay branch of that run's stable phase"
+    )
 
 
 class DeepSpeedConfig(_Section):
@@ -383,11 +390,24 @@ class SweepConfig(_Section):
     overrides: list[str] = Field([], description="KEY=VALUE settings for every run, before the sweep's own")
     sizes: list[SweepSize] = Field(min_length=1)
     tokens_per_parameter: list[Annotated[float, Field(gt=0)]] = Field(
-        min_length=1, description="token budgets, as multiples of the non-embedding parameter count"
+        [], description="token budgets, as multiples of the non-embedding parameter count N"
+    )
+    compute_budgets: list[Annotated[float, Field(gt=0)]] = Field(
+        [], description="or budgets in FLOPs C, for isoFLOP profiles: each size trains on C / (6 N) tokens"
+    )
+    decay_branches: bool = Field(
+        False, description="with train.schedule=wsd: each size and seed trains its largest budget once, and its"
+        " smaller budgets branch off that run's stable phase and only decay (saving their stable phases)"
     )
     lr: float | None = Field(None, gt=0, description="for sizes without their own; None: the base config's")
     seeds: list[Annotated[int, Field(ge=0)]] = [0]
     output_dir: str = Field("runs", description="runs go to OUTPUT_DIR/<sweep name>/<run name>")
+
+    @model_validator(mode="after")
+    def _one_kind_of_budget(self) -> SweepConfig:
+        if bool(self.tokens_per_parameter) == bool(self.compute_budgets):
+            raise ValueError("give the token budgets as tokens_per_parameter or as compute_budgets, one of the two")
+        return self
 
 
 def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:

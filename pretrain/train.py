@@ -183,7 +183,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     preemption = PreemptionWatch()
     say = context.print
     run_dir = config.run_dir
-    resume_from = checkpoint.newest_complete(run_dir) if config.train.resume == "auto" else None
+    resume_from = checkpoint.starting_checkpoint(config)
     prepare_run_dir(config, context)
 
     # Data: rank 0 prepares (once) and verifies the shards, the other ranks then open what it checked.
@@ -228,7 +228,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         # DeepSpeed keeps a "skipped_steps" of its own in the same state; absent from checkpoints made before this.
         skipped_before = loop_state.get("non_finite_steps_skipped", 0)
         written_by = checkpoint.read_marker(resume_from)["world_size"]
-        say(f"resumed from {resume_from.name} (step {start_step})" + (
+        own = resume_from.parent.parent == run_dir
+        say(f"{'resumed from ' + resume_from.name if own else f'branched from {resume_from}'} (step {start_step})" + (
             f", written by {written_by} ranks, through its universal form" if universal else ""))
     launch = launch_details(run_dir, context.world_size, context.device) if context.is_main else None
     with RunLogger(config, context.is_main, start_step if resume_from else None, launch) as logger:
@@ -308,7 +309,8 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 )
             non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
             preempted_by = (preemption.received or "a signal to another rank") if stop_votes > 0 else None
-            if done % config.train.checkpoint_every == 0 or done == max_steps or preempted_by:
+            if (done % config.train.checkpoint_every == 0 or done == max_steps or done in config.train.checkpoint_steps
+                    or preempted_by):
                 loop_state = {"step": done, "data_fingerprint": data.fingerprint,
                               "non_finite_steps_skipped": non_finite.total}
                 saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,

@@ -1,4 +1,5 @@
-"""Scaling-law fits: a law with known constants, sampled with noise, is recovered within its intervals."""
+"""Scaling-law fits: a law with known constants, sampled with noise, is recovered within its intervals, by the
+parametric fit and by isoFLOP profiles; the plots and the W&B summary run are what a user opens."""
 
 from __future__ import annotations
 
@@ -7,8 +8,19 @@ import json
 import numpy as np
 import pytest
 
-from evals.scaling import Law, ScalingError, bootstrap, constant_intervals, fit_law
-from tests.helpers import run_module
+from evals.scaling import (
+    Law,
+    Run,
+    ScalingError,
+    analyse,
+    bootstrap,
+    compute_budgets,
+    constant_intervals,
+    fit_law,
+    isoflop_profiles,
+    plot,
+)
+from tests.helpers import run_module, wandb_records
 
 # Hoffmann et al. (2022), eq. 10: the Chinchilla fit.
 CHINCHILLA = Law(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -89,4 +101,162 @@ def test_a_csv_without_the_needed_columns_or_numbers_is_named_with_its_line(tmp_
     bad.write_text("parameters,tokens,loss\n1e6,1e9,2.5\n2e6,lots,2.4\n")
     result = run_module("evals", "scaling", "--csv", str(bad), "--out", str(tmp_path / "fit"), cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.startswith(f"error: {bad}:3: parameters, tokens and loss must")
+    assert not (tmp_path / "fit").exists()
+
+
+AROUND_THE_OPTIMUM = np.geomspace(1 / 8, 8, 7)
+
+
+def isoflop_sweep(law: Law, budgets, factors=AROUND_THE_OPTIMUM, noise: float = 0.003, seed: int = 0) -> list[Run]:
+    """At each compute budget C, the sizes `factors` times the law's N_opt (by default 7 sizes, from 8 times smaller
+    to 8 times larger), each trained on D = C / (6 N) tokens give or take 3% (rounded step counts), the loss with
+    relative noise."""
+    rng = np.random.default_rng(seed)
+    runs = []
+    for flops in budgets:
+        best, _ = law.compute_optimal(flops)
+        for parameters in best * np.asarray(factors):
+            tokens = flops / (6 * parameters) * rng.uniform(0.97, 1.03)
+            loss = float(law.loss(parameters, tokens) * np.exp(rng.normal(0, noise)))
+            runs.append(Run(f"c{flops:.0e}-n{parameters:.3g}", float(parameters), float(tokens), loss))
+    return runs
+
+
+def test_isoflop_profiles_recover_the_compute_optimal_exponent_of_a_known_law():
+    budgets = np.geomspace(1e18, 1e21, 4)
+    report = isoflop_profiles(isoflop_sweep(CHINCHILLA, budgets), samples=200, target_flops=5.76e23)
+    assert [len(budget["runs"]) for budget in report["budgets"]] == [7, 7, 7, 7]  # despite the 3% spread
+    true_exponent = CHINCHILLA.beta / (CHINCHILLA.alpha + CHINCHILLA.beta)  # Hoffmann et al.'s a = 0.45
+    assert report["parameters_exponent"] == pytest.approx(true_exponent, rel=0.03)
+    low, high = report["parameters_exponent_interval_95"]
+    assert low <= true_exponent <= high
+    assert report["tokens_exponent"] == pytest.approx(1 - report["parameters_exponent"])
+    assert report["bootstrap_samples"] > 150  # resamplings that lost a budget's minimum are left out
+    for budget in report["budgets"]:
+        true_optimum = CHINCHILLA.compute_optimal(budget["flops"])[0]
+        assert budget["optimal_parameters"] == pytest.approx(true_optimum, rel=0.1)
+        assert budget["optimal_tokens"] * budget["optimal_parameters"] * 6 == pytest.approx(budget["flops"])
+    best = report["compute_optimal"]
+    low, high = best["parameters_interval_95"]
+    assert low <= CHINCHILLA.compute_optimal(5.76e23)[0] <= high
+
+
+def test_runs_within_a_factor_1_25_of_a_budgets_cheapest_run_are_one_budget():
+    runs = [Run(f"r{flops}", flops / 6e9, 1e9, 3.0) for flops in (126, 100, 124, 110, 200)]
+    assert [[run.name for run in budget] for budget in compute_budgets(runs)] == [
+        ["r100", "r110", "r124"], ["r126"], ["r200"]]
+
+
+def test_budgets_without_a_minimum_among_their_sizes_are_skipped_saying_why():
+    def budget(flops, losses):
+        return [Run(f"c{flops:.0e}-{i}", parameters, flops / (6 * parameters), loss)
+                for i, (parameters, loss) in enumerate(zip((1e6, 1e7, 1e8), losses))]
+
+    runs = budget(1e16, (3.0, 2.5, 2.9)) + budget(1e18, (3.0, 3.2, 2.9)) + budget(1e20, (3.0, 2.8, 2.7))
+    report = isoflop_profiles(runs, samples=20)
+    minimum, downwards, outside = report["budgets"]
+    assert "skipped" not in minimum and 1e6 < minimum["optimal_parameters"] < 1e8
+    assert downwards["skipped"].startswith("the parabola opens downwards")
+    assert outside["skipped"].startswith("the parabola's minimum, N = ")
+    assert outside["skipped"].endswith("lies outside the sizes trained (1e+06 to 1e+08): train larger models at"
+                                       " this budget")
+    assert report["skipped"] == ("1 compute budget(s) with a minimum among the sizes trained; the power law"
+                                 " N_opt = k C^a needs at least 2")
+    assert "parameters_exponent" not in report
+
+
+def test_a_ladder_without_isoflop_budgets_is_fitted_and_says_why_isoflop_was_skipped(tmp_path):
+    # Tokens in proportion to parameters (20, 40, 80 per parameter): no two sizes share a compute budget.
+    runs = [Run(f"n{n:.0e}-tpp{m}", n, n * m, float(CHINCHILLA.loss(n, n * m)))
+            for n in (1e7, 1e8, 1e9) for m in (20, 40, 80)]
+    result = analyse(runs, target_flops=1e21, samples=10, holdout=0)
+    assert result["law"] and "isoflop" not in result["compute_optimal"]
+    assert result["isoflop"] == {
+        "budget_rule": result["isoflop"]["budget_rule"], "budgets": [],
+        "skipped": "no compute budget has runs of 3 or more model sizes; isoFLOP profiles need a sweep that trains"
+                   " several sizes at each of a few fixed budgets",
+    }
+    assert result["fewshot"] == {"skipped": "no run has few-shot results"}
+    assert [path.name for path in plot(result, tmp_path)] == ["fit.png", "frontier.png"]
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+FEWSHOT_COLUMNS = ("eval/fewshot/word_labels/k=0", "eval/fewshot/word_labels/k=8", "eval/fewshot/arith/k=8",
+                   "eval/fewshot/arith/k=16")
+
+
+@pytest.fixture(scope="module")
+def fitted_sweep(tmp_path_factory):
+    """`python -m evals scaling` on the CSV of an isoFLOP sweep (4 budgets of 7 sizes, and a budget whose sizes
+    are all too small), with few-shot accuracies at k = 0 and 8 for every run and at 16 for a few, logged to an
+    offline W&B run in the group `g`."""
+    directory = tmp_path_factory.mktemp("sweep")
+    runs = isoflop_sweep(CHINCHILLA, np.geomspace(1e18, 1e21, 4))
+    runs += isoflop_sweep(CHINCHILLA, [1e22], factors=(1 / 256, 1 / 128, 1 / 64))  # its loss still falls with N
+    lines = ["name,parameters,tokens,loss," + ",".join(FEWSHOT_COLUMNS)]
+    for index, run in enumerate(runs):
+        accuracy = 1 / (1 + np.exp(8 * (run.loss - 2.6)))  # higher where the loss is lower
+        cells = [accuracy / 2, accuracy, accuracy ** 2, accuracy if index % 5 == 0 else ""]
+        lines.append(f"{run.name},{run.parameters:.8g},{run.tokens:.8g},{run.loss:.6f},"
+                     + ",".join(cell if cell == "" else f"{cell:.4f}" for cell in cells))
+    csv = directory / "sweep.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    out = directory / "fit"
+    result = run_module("evals", "scaling", "--csv", str(csv), "--bootstrap", "20", "--target-flops", "1e22",
+                        "--out", str(out), "--wandb-group", "g", "--wandb-mode", "offline", cwd=directory)
+    assert result.returncode == 0, result.stderr
+    return csv, out, result
+
+
+def test_the_command_plots_isoflop_profiles_and_fewshot_accuracy_at_the_largest_k_of_every_run(fitted_sweep):
+    _csv, out, result = fitted_sweep
+    for name in ("scaling.json", "fit.png", "frontier.png", "isoflop.png", "fewshot.png"):
+        assert f"wrote {out / name}" in result.stdout
+    for name in ("fit.png", "frontier.png", "isoflop.png", "fewshot.png"):
+        assert (out / name).read_bytes()[:8] == PNG_SIGNATURE, name
+    report = json.loads((out / "scaling.json").read_text())
+    assert report["fewshot"] == {"k": 8, "tasks": ["arith", "word_labels"], "runs": 31}  # 16: not in every run
+    isoflop = report["isoflop"]
+    assert [len(budget["runs"]) for budget in isoflop["budgets"]] == [7, 7, 7, 7, 3]
+    assert isoflop["budgets"][-1]["skipped"].endswith("train larger models at this budget")
+    assert isoflop["parameters_exponent"] == pytest.approx(0.4516, rel=0.05)
+    best = report["compute_optimal"]["isoflop"]
+    assert set(best) == {"parameters", "tokens", "parameters_interval_95", "tokens_interval_95"}
+    assert 6 * best["parameters"] * best["tokens"] == pytest.approx(1e22)
+    assert "isoFLOP power law through the budgets' minima: N_opt ∝ C^0.4" in result.stdout
+    assert "few-shot accuracy against compute at k=8: arith, word_labels" in result.stdout
+
+
+def test_the_fit_goes_to_a_wandb_run_in_the_sweeps_group_with_its_constants_and_plots(fitted_sweep):
+    _csv, out, result = fitted_sweep
+    (offline_run,) = (out / "wandb").glob("offline-run-*")
+    assert f"sync {offline_run}" in result.stdout
+    records = wandb_records(offline_run)
+    (run,) = [record["run"] for record in records if record["type"] == "run"]
+    assert (run["run_group"], run["job_type"], run["display_name"]) == ("g", "scaling-fit", "g-scaling")
+    assert run["config"]["update"]["bootstrap"] == 20 and run["config"]["update"]["target_flops"] == 1e22
+    summary = {}
+    for record in records:
+        if record["type"] == "summary":
+            summary.update(record["summary"]["update"])
+    report = json.loads((out / "scaling.json").read_text())
+    for name, value in report["law"].items():
+        assert summary[f"law/{name}"] == value
+        assert [summary[f"law/{name}_low"], summary[f"law/{name}_high"]] == report["intervals_95"][name]
+    assert summary["isoflop/parameters_exponent"] == report["isoflop"]["parameters_exponent"]
+    assert summary["compute_optimal/isoflop_parameters"] == report["compute_optimal"]["isoflop"]["parameters"]
+    assert summary["fewshot/k"] == 8
+    for name in ("fit", "frontier", "isoflop", "fewshot"):
+        assert summary[f"plots/{name}._type"] == "image-file"
+        assert (offline_run / "files" / summary[f"plots/{name}.path"]).read_bytes()[:8] == PNG_SIGNATURE
+    assert summary["tables/runs.nrows"] == len(report["runs"])
+
+
+def test_a_fewshot_k_that_no_run_has_is_refused_naming_those_there_are(fitted_sweep, tmp_path):
+    csv, _out, _result = fitted_sweep
+    result = run_module("evals", "scaling", "--csv", str(csv), "--fewshot-k", "4", "--out", str(tmp_path / "fit"),
+                        cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: few-shot k=4 (--fewshot-k): no run has few-shot results at k=4; the runs"
+                                     " have k = 0, 8, 16")
     assert not (tmp_path / "fit").exists()

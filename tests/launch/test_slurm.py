@@ -1,14 +1,12 @@
 """The SLURM backend against a real SLURM controller and node daemon on this machine."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from pretrain.metrics import read_metrics
@@ -17,15 +15,6 @@ from tests.launch.slurm_cluster import SlurmCluster
 REPOSITORY = Path(__file__).resolve().parents[2]
 # Shell metacharacters that would run commands if a value reached the sbatch script unquoted.
 HOSTILE = "it's $(touch executed) `touch executed` ; touch executed \" | & > out"
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    if os.geteuid() != 0:
-        pytest.skip("starting SLURM's daemons needs root")
-    slurm = SlurmCluster(tmp_path_factory.mktemp("slurm")).start()
-    yield slurm
-    slurm.stop()
 
 
 def submit(cluster: SlurmCluster, config: str, *overrides: str, cwd: Path) -> tuple[str, str]:

@@ -16,7 +16,8 @@ import yaml
 from launch.sweep import expand, non_embedding_parameters
 from pretrain.config import ConfigError, load_config, load_sweep
 from pretrain.metrics import read_metrics
-from tests.helpers import run_module, signal_job, wait_for
+from tests.helpers import launch, run_module, signal_job, wait_for
+from tests.pretrain.test_train import losses_by_step
 
 
 def write_sweep(directory: Path, base: Path, **changes) -> Path:
@@ -35,17 +36,19 @@ def write_sweep(directory: Path, base: Path, **changes) -> Path:
     return path
 
 
-def statuses(output: str) -> dict[str, str]:
-    """Each run's line of a sweep's output: `[i/n] NAME: N=..., D=...: STATUS` -> {NAME: STATUS}."""
-    return {match["name"]: match["status"]
-            for match in re.finditer(r"^\[\d+/\d+\] (?P<name>\S+): N=[\d,]+, D=[\d,]+: (?P<status>.*)$", output, re.M)}
+def statuses(output: str) -> dict[str, list[str]]:
+    """Each run's lines of a sweep's output: `[i/n] NAME: N=..., D=...: STATUS` -> {NAME: [STATUS, ...]}."""
+    found = {}
+    for match in re.finditer(r"^\[\d+/\d+\] (?P<name>\S+): N=[\d,]+, D=[\d,]+: (?P<status>.*)$", output, re.M):
+        found.setdefault(match["name"], []).append(match["status"])
+    return found
 
 
 def test_a_spec_expands_into_stably_named_runs_of_each_size_budget_and_seed(tiny_config, tmp_path):
     spec = load_sweep(write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[1, 2], seeds=[0, 7], lr=2e-3))
     runs = expand(spec)
     assert [run.name for run in runs] == [
-        f"ladder-l{l}-d{d}-tpp{t}-s{s}" for l, d in ((1, 32), (2, 64)) for t in (1, 2) for s in (0, 7)]
+        f"ladder-l{l}-d{d}-tpp{t}-s{s}" for l, d in ((1, 32), (2, 64)) for s in (0, 7) for t in (1, 2)]
     assert runs == expand(spec)  # the same spec, the same runs
     for run in runs:
         config = load_config(spec.base, run.overrides)
@@ -58,17 +61,34 @@ def test_a_spec_expands_into_stably_named_runs_of_each_size_budget_and_seed(tiny
         assert config.logging.wandb_group == "ladder" and f"n={run.parameters}" in config.logging.wandb_tags
 
 
+def test_compute_budgets_give_each_size_the_tokens_of_its_isoflop_budget(tiny_config, tmp_path):
+    spec = load_sweep(write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[], compute_budgets=[1e9, 2.5e10]))
+    runs = expand(spec)
+    assert [run.name for run in runs] == [
+        f"ladder-l{l}-d{d}-c{c}-s0" for l, d in ((1, 32), (2, 64)) for c in ("1e9", "2.5e10")]
+    for run, flops in zip(runs, [1e9, 2.5e10] * 2):
+        steps = math.ceil(flops / (6 * run.parameters) / run.config.train.global_batch_tokens)
+        assert run.config.train.max_steps == steps and f"C={flops:.3g}" in run.config.logging.wandb_tags
+        step_flops = 6 * run.parameters * run.config.train.global_batch_tokens
+        assert flops <= 6 * run.parameters * run.tokens < flops + step_flops  # rounded up to whole steps
+
+
 def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path):
     spec = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[])
     result = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"config error: {spec}: tokens_per_parameter: List should have at least 1 item"
-                                     " after validation, not 0")
+    assert result.stderr.strip() == (f"config error: {spec}: config: Value error, give the token budgets as"
+                                     " tokens_per_parameter or as compute_budgets, one of the two")
     twice = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[20, 20.0])
     result = run_module("launch", "sweep", "--spec", str(twice), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("config error: ladder: two runs would share a name; make the sizes, budgets"
                                      " and seeds distinct")
+    cosine = write_sweep(tmp_path, tiny_config({"train": {"schedule": "cosine"}}), decay_branches=True)
+    result = run_module("launch", "sweep", "--spec", str(cosine), cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("config error: ladder: decay_branches needs train.schedule=wsd, and the base"
+                                     " config with the sweep's overrides gives 'cosine'; add train.schedule=wsd to them")
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="sweep spec file not found"):
         load_sweep(tmp_path / "missing.yaml")
@@ -87,14 +107,74 @@ def test_an_interrupted_sweep_run_again_skips_the_finished_run_and_resumes_the_o
     signal_job(job, signal.SIGTERM)  # as SLURM or Ctrl-C would stop it
     output = job.communicate(timeout=300)[0]
     assert job.returncode == 75, output
-    assert statuses(output) == {"ladder-l1-d32-tpp2-s0": "starting", "ladder-l2-d64-tpp2-s0":
-                                "interrupted; run the sweep again to resume it and go on"}
+    assert statuses(output) == {"ladder-l1-d32-tpp2-s0": ["starting", "finished"], "ladder-l2-d64-tpp2-s0":
+                                ["starting", "interrupted; run the sweep again to resume it and go on"]}
 
     again = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
-    assert statuses(again.stdout) == {"ladder-l1-d32-tpp2-s0": "finished, skipped",
-                                      "ladder-l2-d64-tpp2-s0": "resuming"}
+    assert statuses(again.stdout) == {"ladder-l1-d32-tpp2-s0": ["finished, skipped"],
+                                      "ladder-l2-d64-tpp2-s0": ["resuming", "finished"]}
     # Two runs are too few to fit a law: the sweep says so after training them.
     assert again.returncode == 1 and "needs at least 5 runs" in again.stderr
     steps = sorted(record["step"] for record in read_metrics(second) if "train/loss" in record)
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == load_config(
         load_sweep(spec).base, expand(load_sweep(spec))[1].overrides).train.max_steps
+
+
+def test_decay_branches_trained_side_by_side_match_runs_trained_separately(tiny_config, tmp_path):
+    base = tiny_config({"train": {"schedule": "wsd", "decay_fraction": 0.5, "warmup_steps": 1}, "eval": {"interval": 2}})
+    # Each size's 0.5-token budget leaves its 1.1-token trunk at the start of its own decay.
+    spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2},
+                                              {"n_layer": 1, "d_model": 48, "n_head": 2}],
+                       tokens_per_parameter=[1.1, 0.5], decay_branches=True)
+    runs = {run.name: run for run in expand(load_sweep(spec))}
+    branch = runs["ladder-l1-d32-tpp0.5-s0"]
+    branch_point = branch.config.train.max_steps // 2
+    assert branch.trunk == "ladder-l1-d32-tpp1.1-s0" and branch.config.train.branch_from.endswith(
+        f"ladder-l1-d32-tpp1.1-s0/checkpoints/step_{branch_point:08d}")
+    assert runs[branch.trunk].config.train.checkpoint_steps == [branch_point]
+
+    result = run_module("launch", "sweep", "--spec", str(spec), "--parallel", "2", cwd=tmp_path)
+    assert "decay branches:" in result.stdout and "fewer" in result.stdout
+    lines = result.stdout.splitlines()
+    started = [i for i, line in enumerate(lines) if line.endswith("sweep.log)") and "tpp1.1" in line]
+    assert len(started) == 2 and max(started) < min(i for i, line in enumerate(lines) if line.endswith(": finished"))
+    assert {name: said[-1] for name, said in statuses(result.stdout).items()} == dict.fromkeys(runs, "finished")
+    branch_log = (branch.config.run_dir / "sweep.log").read_text()
+    assert f"branched from {branch.config.train.branch_from} (step {branch_point})" in branch_log
+
+    # The branch is the run that a separate WSD run of its budget would have been.
+    separate = [override for override in branch.overrides if not override.startswith("train.branch_from=")]
+    launch(base, *separate, "name=separate", f"output_dir={tmp_path / 'separate'}")
+    branched, alone = losses_by_step(branch.config.run_dir), losses_by_step(tmp_path / "separate" / "separate")
+    assert sorted(branched) == list(range(branch_point + 1, branch.config.train.max_steps + 1))
+    assert [branched[step] for step in sorted(branched)] == pytest.approx([alone[step] for step in sorted(branched)],
+                                                                         rel=1e-4)
+    validation = [[r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
+                  for run_dir in (branch.config.run_dir, tmp_path / "separate" / "separate")]
+    assert validation[0] == pytest.approx(validation[1], rel=1e-4)
+
+
+def test_a_sweep_on_slurm_is_one_job_array_and_running_it_again_skips_what_finished(cluster, tiny_config, tmp_path):
+    spec = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[0.5])
+    command = [sys.executable, "-m", "launch", "sweep", "--spec", str(spec), "--backend", "slurm"]
+    environment = {**cluster.environment, "WANDB_SILENT": "true"}
+    submitted = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    job_id = re.search(r"submitted job array (\d+) \(2 runs\)", submitted.stdout).group(1)
+    script = (tmp_path / "runs" / "ladder" / "slurm" / f"job-{job_id}.sbatch").read_text()
+    assert "#SBATCH --array=0-1" in script
+
+    for index, run in enumerate(expand(load_sweep(spec))):
+        state = cluster.wait_for_state(f"{job_id}_{index}", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+        log = run.config.run_dir / "slurm" / f"{job_id}_{index}.out"
+        assert state == "COMPLETED", log.read_text()
+        assert f"ArrayJobId={job_id} ArrayTaskId={index} " in cluster.scontrol("show", "job", f"{job_id}_{index}")
+        assert "validation loss:" in log.read_text()
+        steps = sorted(record["step"] for record in read_metrics(run.config.run_dir) if "train/loss" in record)
+        assert steps == list(range(1, run.config.train.max_steps + 1))
+
+    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert list(statuses(again.stdout).values()) == [["finished, skipped"]] * 2
+    assert "submitted" not in again.stdout
+    # Nothing left to run: it fits them, and two runs are too few for a law.
+    assert again.returncode == 1 and "needs at least 5 runs" in again.stderr

@@ -44,3 +44,16 @@ def test_a_checkpoint_of_another_zero_stage_is_refused_before_any_rank_starts(ti
         " deepspeed.zero_stage=2, or start a new run (a new name)"
     )
     assert "step 5" not in result.stdout
+
+
+def test_a_branch_from_a_checkpoint_that_is_not_complete_is_refused_before_any_rank_starts(tiny_config, tmp_path):
+    config = tiny_config()
+    half_written = tmp_path / "runs" / "trunk" / "checkpoints" / "step_00000004"
+    half_written.mkdir(parents=True)  # as a crash mid-save leaves it: no `complete` marker
+    result = run_module("launch", "run", "--config", str(config), f"train.branch_from={half_written}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: train.branch_from: {half_written} is not a complete checkpoint (no 'complete' marker); train the run"
+        " it belongs to past that step first, or point it at one of that run's complete checkpoints"
+    )
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
