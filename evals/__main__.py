@@ -65,12 +65,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scaling = commands.add_parser(
         "scaling", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder of runs",
         description="Fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder of runs, with bootstrap intervals, and, where"
-        " the runs train 3 or more sizes at one compute budget (runs within a factor 1.25 in compute count as one),"
-        " isoFLOP profiles: a parabola of loss against log N per budget, and N_opt = k C^a through their minima.",
+        " the runs train 3 or more sizes at one compute budget (runs within a factor 1.25 in C = 6 N D count as"
+        " one), isoFLOP profiles: a parabola of loss against log N per budget, and N_opt = k C^a through their"
+        " minima.",
     )
     source = scaling.add_mutually_exclusive_group(required=True)
     source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
-    source.add_argument("--csv", type=Path, help="a CSV with columns parameters, tokens, loss (name, compute)")
+    source.add_argument("--csv", type=Path, help="a CSV with columns parameters, tokens, loss (name, compute,"
+                        " eval/fewshot/<task>/k=<k>)")
     scaling.add_argument("--target-flops", type=float, help="also give the compute-optimal N and D for this budget")
     scaling.add_argument("--bootstrap", type=int, default=200, help="resamplings for the intervals")
     scaling.add_argument("--holdout", type=int, default=0,
@@ -82,8 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          help="where scaling.json, fit.png, frontier.png, isoflop.png (where the runs have isoFLOP"
                          " budgets) and fewshot.png (where they have few-shot results) go")
     scaling.add_argument("--wandb-group", help="also log the fit, its plots and the runs to a W&B run named"
-                         " <group>-scaling (job type scaling-fit) in this group: the sweep's")
-    scaling.add_argument("--wandb-project", default="gpt-pretrain")
+                         " <group>-scaling (job type scaling-fit) in this group, the sweep's, kept in OUT/wandb")
+    scaling.add_argument("--wandb-project", default="gpt-pretrain", help="default: %(default)s")
     scaling.add_argument("--wandb-entity", help="default: your W&B default entity")
     scaling.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
                          help="auto: online where a W&B API key is configured, else offline (upload later with"

@@ -169,6 +169,13 @@ class Run:
         """Training FLOPs: the model's own count where known, else 6 N D."""
         return (self.flops_per_token or 6 * self.parameters) * self.tokens
 
+    @property
+    def nominal_compute(self) -> float:
+        """6 N D: the compute a sweep sets its budgets in (launch/sweep.py), and the C of the isoFLOP profiles.
+        The model's own count adds attention and the output head, a share that varies with size (from 1.8 to 3.2
+        times 6 N D across configs/sweeps/micro-isoflop.yaml), and would split one budget into several."""
+        return 6 * self.parameters * self.tokens
+
 
 CSV_COLUMNS = ("parameters", "tokens", "loss")
 FEWSHOT_PREFIX = "eval/fewshot/"  # few-shot accuracies are named `eval/fewshot/<task>/k=<k>`, as in training
@@ -248,16 +255,16 @@ def find_runs(paths: list[Path]) -> list[Run]:
 # Step counts are rounded, so the runs of one compute budget differ by a few percent; a factor of 1.25 keeps
 # them together while keeping apart the budgets of a sweep, which are usually a factor of 2 or more apart.
 BUDGET_TOLERANCE = 1.25
-BUDGET_RULE = (f"runs sorted by compute; a budget holds the cheapest run not yet in one and every run within a factor"
-               f" {BUDGET_TOLERANCE} of it; its flops are the geometric mean of theirs")
+BUDGET_RULE = (f"runs sorted by C = 6 N D; a budget holds the cheapest run not yet in one and every run within a"
+               f" factor {BUDGET_TOLERANCE} of it; its flops are the geometric mean of their 6 N D")
 ISOFLOP_MIN_SIZES = 3  # a parabola through fewer sizes always fits exactly: no evidence of a minimum
 
 
 def compute_budgets(runs: list[Run]) -> list[list[Run]]:
     """The runs grouped into compute budgets, cheapest first, as BUDGET_RULE says."""
     budgets: list[list[Run]] = []
-    for run in sorted(runs, key=lambda run: run.compute):
-        if budgets and run.compute <= budgets[-1][0].compute * BUDGET_TOLERANCE:
+    for run in sorted(runs, key=lambda run: run.nominal_compute):
+        if budgets and run.nominal_compute <= budgets[-1][0].nominal_compute * BUDGET_TOLERANCE:
             budgets[-1].append(run)
         else:
             budgets.append([run])
@@ -288,8 +295,9 @@ def isoflop_profiles(runs: list[Run], samples: int = 200, seed: int = 0, target_
     """Hoffmann et al.'s approach 2. For every compute budget (see BUDGET_RULE) with runs of at least 3 sizes, a
     parabola of loss against log10 N, whose minimum is the budget's N_opt; through the budgets' minima the power law
     log10 N_opt = a log10 C + b (least squares), so N_opt is proportional to C^a and D_opt = C / (6 N_opt) to
-    C^(1 - a). Intervals come from refits to the runs resampled (with replacement) within each budget: a budget's
-    from the resamplings that give it a minimum, the power law's from those that give every budget one.
+    C^(1 - a), C being 6 N D throughout (see `Run.nominal_compute`). Intervals come from refits to the runs
+    resampled (with replacement) within each budget: a budget's from the resamplings that give it a minimum, the
+    power law's from those that give every budget one.
 
     Nothing here raises: a budget without a minimum among its sizes, or a power law with fewer than 2 budgets to
     go through, is reported with the reason it was skipped."""
@@ -305,7 +313,7 @@ def isoflop_profiles(runs: list[Run], samples: int = 200, seed: int = 0, target_
         losses = np.array([run.loss for run in group])
         parabola, vertex, problem = _parabola_minimum(log_parameters, losses)
         budget = {
-            "flops": float(np.exp(np.mean(np.log([run.compute for run in group])))),
+            "flops": float(np.exp(np.mean(np.log([run.nominal_compute for run in group])))),
             "runs": [run.name for run in group],
             "parameters": [run.parameters for run in group],
             "losses": [run.loss for run in group],
@@ -531,9 +539,10 @@ def _draw_isoflop(profiles, optima, isoflop: dict, law: Law, compute_optimal: di
         optimum = budget["optimal_parameters"]
         profiles.scatter([optimum], [budget["loss_at_optimum"]], marker="*", s=200, color=colour,
                          edgecolors="black", zorder=3)
-        low, high = budget["optimal_parameters_interval_95"] or (optimum, optimum)
-        optima.errorbar([budget["flops"]], [optimum], yerr=[[optimum - low], [high - optimum]], marker="o",
-                        color=colour, capsize=3)
+        optima.scatter([budget["flops"]], [optimum], color=colour)
+        # A segment, not an error bar: a percentile interval need not contain the estimate.
+        if budget["optimal_parameters_interval_95"]:
+            optima.vlines(budget["flops"], *budget["optimal_parameters_interval_95"], color=colour)
     profiles.set_xscale("log")
     profiles.set_xlabel("parameters N")
     profiles.set_ylabel("validation loss")
@@ -550,10 +559,11 @@ def _draw_isoflop(profiles, optima, isoflop: dict, law: Law, compute_optimal: di
         optima.plot(span, isoflop["parameters_coefficient"] * span ** exponent, color="black",
                     label=f"isoFLOP fit: N_opt ∝ C^{exponent:.3f}{format_interval(exponent_interval)}")
         if target:
-            low, high = target["parameters_interval_95"] or (target["parameters"], target["parameters"])
-            optima.errorbar([target_flops], [target["parameters"]], marker="*", markersize=12, color="black",
-                            yerr=[[target["parameters"] - low], [high - target["parameters"]]], capsize=3,
-                            linestyle="none", label=f"target: N_opt {target['parameters']:.3g}")
+            target_interval = target["parameters_interval_95"]
+            optima.scatter([target_flops], [target["parameters"]], marker="*", s=150, color="black",
+                           label=f"target: N_opt {target['parameters']:.3g}{format_interval(target_interval)}")
+            if target_interval:
+                optima.vlines(target_flops, *target_interval, color="black")
         optima.set_title("compute-optimal model size")
     else:
         optima.set_title(textwrap.fill(isoflop["skipped"], 70), fontsize=8)
@@ -657,29 +667,28 @@ def log_to_wandb(result: dict, plots: list[Path], settings: dict, group: str, pr
     try:
         run = wandb.init(project=project, entity=entity, group=group, job_type="scaling-fit", name=f"{group}-scaling",
                          dir=str(out_dir), mode=mode, config=settings,
-                         settings=wandb.Settings(console="off", quiet=True))
+                         settings=wandb.Settings(console="off", silent=True))
     except wandb.Error as error:
         raise ScalingError(f"W&B ({mode}): {error}; the fit is written in {out_dir}; log it with --wandb-mode offline"
                            " and upload it later with wandb sync") from None
-    run.log({f"plots/{path.stem}": wandb.Image(str(path)) for path in plots if path.suffix == ".png"})
+    logged = {f"plots/{path.stem}": wandb.Image(str(path)) for path in plots if path.suffix == ".png"}
     fewshot_columns = ([f"{FEWSHOT_PREFIX}{task}/k={result['fewshot']['k']}" for task in result["fewshot"]["tasks"]]
                        if "k" in result["fewshot"] else [])
     rows = [[run_row[column] for column in RUN_TABLE_COLUMNS]
             + [(run_row["fewshot"] or {}).get(column) for column in fewshot_columns] for run_row in result["runs"]]
-    tables = {"tables/runs": wandb.Table(columns=[*RUN_TABLE_COLUMNS, *fewshot_columns], data=rows)}
+    logged["tables/runs"] = wandb.Table(columns=[*RUN_TABLE_COLUMNS, *fewshot_columns], data=rows)
     if result["isoflop"]["budgets"]:
         budget_rows = []
         for budget in result["isoflop"]["budgets"]:
             low, high = budget.get("optimal_parameters_interval_95") or (None, None)
             budget_rows.append([budget["flops"], len(budget["runs"]), budget.get("optimal_parameters"), low, high,
                                 budget.get("optimal_tokens"), budget.get("loss_at_optimum"), budget.get("skipped")])
-        tables["tables/isoflop_budgets"] = wandb.Table(columns=list(BUDGET_TABLE_COLUMNS), data=budget_rows)
-    run.log(tables)
+        logged["tables/isoflop_budgets"] = wandb.Table(columns=list(BUDGET_TABLE_COLUMNS), data=budget_rows)
+    run.log(logged)
     run.summary.update(wandb_summary(result))
-    url, run_id = run.url, run.id
     run.finish()
     if mode == "offline":
-        offline = sorted(str(path) for path in (out_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+        offline = sorted(str(path) for path in (out_dir / "wandb").glob(f"offline-run-*-{run.id}"))
         return (f"W&B ran offline ({', '.join(offline)}); upload this run with:"
                 f" {shlex.join([wandb_command(), 'sync', *offline])} (or `make sync` for every run under a directory)")
-    return f"logged the fit to W&B: {url}"
+    return f"logged the fit to W&B: {run.url}"
