@@ -524,6 +524,7 @@ def _draw_isoflop(profiles, optima, isoflop: dict, law: Law, compute_optimal: di
     import textwrap
 
     from matplotlib import colormaps
+    from matplotlib.ticker import NullFormatter
 
     budgets = isoflop["budgets"]
     for index, budget in enumerate(budgets):
@@ -572,6 +573,8 @@ def _draw_isoflop(profiles, optima, isoflop: dict, law: Law, compute_optimal: di
                 label=f"parametric fit: N_opt ∝ C^{parametric:.3f}")
     optima.set_xscale("log")
     optima.set_yscale("log")
+    # Over less than a decade matplotlib labels the minor ticks too, and they overlap.
+    optima.xaxis.set_minor_formatter(NullFormatter())
     optima.set_xlabel("training compute C (FLOPs)")
     optima.set_ylabel("compute-optimal parameters N_opt")
     optima.grid(alpha=0.3, which="both")

@@ -142,6 +142,15 @@ def can_start(run: SweepRun) -> bool:
         return False
 
 
+def why_blocked(run: SweepRun, unfinished: list[str]) -> str:
+    """Why a decay branch cannot start, and what to do, where its trunk is not going to run (now)."""
+    if run.trunk in unfinished:
+        return f"its trunk {run.trunk} did not finish; run the sweep again to resume both"
+    trunk_dir = Path(run.config.train.branch_from).parent.parent
+    return (f"its trunk {run.trunk} finished without the checkpoint it starts from ({run.config.train.branch_from}),"
+            f" as when the spec's budgets changed after the trunk ran; remove {trunk_dir} to train the trunk again")
+
+
 def steps_to_train(run: SweepRun) -> int:
     """The steps this run trains itself: a decay branch starts at its branch point."""
     branch_point = run.config.train.branch_from
@@ -194,11 +203,10 @@ def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argp
                 if stopped_by or len(running) >= parallel:
                     break
                 if not can_start(run):
-                    if run.trunk not in active:  # it will never start: its trunk stopped short of the branch point
+                    if run.trunk not in active:  # it will not start: its trunk stopped short of the branch point
                         waiting.remove((label, run))
+                        print(f"{label}: not started: {why_blocked(run, failed)}", flush=True)
                         failed.append(run.name)
-                        print(f"{label}: its trunk {run.trunk} did not reach its branch point; a rerun starts it",
-                              flush=True)
                     continue
                 waiting.remove((label, run))
                 resuming = newest_complete(run.config.run_dir) is not None
@@ -243,7 +251,8 @@ def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], paral
         array = ArrayJob(name, [run.config.run_dir for run in runs], [run.overrides for run in runs], log_dir,
                          parallel, after)
         job_id = submit_array(sweep.base, [run.config for run in runs], [run.overrides for run in runs], array)
-    return [run.name for _, run in pending if run.name not in starting and run not in branches]
+    return [f"{run.name} ({why_blocked(run, [])})" for _, run in pending
+            if run.name not in starting and run not in branches]
 
 
 def prepare_data(runs: list[SweepRun]) -> None:
@@ -285,8 +294,7 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
     if pending and args.backend == "slurm":
         blocked = submit_arrays(sweep, pending, parallel, submit_array)
         if blocked:
-            print(f"sweep {sweep.name}: not submitted, as their trunks stopped short of their branch points:"
-                  f" {', '.join(blocked)}")
+            print(f"sweep {sweep.name}: not submitted: {'; '.join(blocked)}")
         if not args.dry_run:
             print(f"sweep {sweep.name}: when the jobs are done, run the same command again to fit them (or resubmit"
                   " what did not finish)")

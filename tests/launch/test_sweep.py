@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
@@ -152,6 +153,25 @@ def test_decay_branches_trained_side_by_side_match_runs_trained_separately(tiny_
     validation = [[r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
                   for run_dir in (branch.config.run_dir, tmp_path / "separate" / "separate")]
     assert validation[0] == pytest.approx(validation[1], rel=1e-4)
+
+
+def test_a_branch_whose_finished_trunk_lacks_its_branch_point_is_not_started_and_says_what_to_do(tiny_config,
+                                                                                                  tmp_path):
+    base = tiny_config({"train": {"schedule": "wsd"}})
+    spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2}],
+                       tokens_per_parameter=[1.1, 0.5], decay_branches=True)
+    trunk, branch = expand(load_sweep(spec))
+    # The trunk finished under an earlier spec that had no smaller budget: only its final checkpoint exists.
+    final = trunk.config.run_dir / "checkpoints" / f"step_{trunk.config.train.max_steps:08d}"
+    final.mkdir(parents=True)
+    (final / "complete").write_text(json.dumps({"step": trunk.config.train.max_steps, "world_size": 2}))
+    result = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
+    assert result.returncode == 1
+    assert statuses(result.stdout) == {trunk.name: ["finished, skipped"], branch.name: [
+        f"not started: its trunk {trunk.name} finished without the checkpoint it starts from"
+        f" ({branch.config.train.branch_from}), as when the spec's budgets changed after the trunk ran; remove"
+        f" {trunk.config.run_dir} to train the trunk again"]}
+    assert not branch.config.run_dir.exists()
 
 
 def test_a_sweep_on_slurm_is_one_job_array_and_running_it_again_skips_what_finished(cluster, tiny_config, tmp_path):
