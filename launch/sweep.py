@@ -190,7 +190,8 @@ def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argp
                 if job.poll() is None:
                     continue
                 del running[job]
-                if job.returncode == REQUEUE_EXIT_CODE:  # stopped on a signal: it saved a checkpoint
+                if job.returncode == REQUEUE_EXIT_CODE or (stopped_by and job.returncode != 0):
+                    # Stopped on a signal: it saved a checkpoint, unless the signal came before it had started.
                     print(f"{label}: interrupted; run the sweep again to resume it and go on", flush=True)
                     failed.append(run.name)
                 elif job.returncode != 0:
