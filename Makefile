@@ -59,7 +59,8 @@ sync: setup
 	$(PY) -m pretrain.metrics sync $(RUNS) $(ARGS)
 
 # A scaling sweep: every run of SPEC not finished yet (finished ones are skipped, interrupted ones resume),
-# then the fit, its intervals and plots in runs/<sweep>/scaling/. ARGS take `launch run` options.
+# then the fit, its intervals and plots in runs/<sweep>/scaling/. ARGS take `launch run` options and
+# --parallel K, e.g. ARGS="--backend slurm --gpus-per-node 8 --parallel 16" (one job array).
 SPEC ?= configs/sweeps/micro.yaml
 sweep: setup
 	$(PY) -m launch sweep --spec $(SPEC) $(ARGS)

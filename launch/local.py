@@ -78,19 +78,35 @@ def run_node(command: list[str], environment: dict[str, str], ranks_per_node: in
     # Share the cores between CPU ranks rather than oversubscribing them (torchrun would pin each to 1).
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node)))
     started = time.time()
-    torchrun = subprocess.Popen(command, env=environment, preexec_fn=_ignore_preemption_warning)
+    torchrun: subprocess.Popen | None = None
+    stopped_before_ranks = []
 
     def forward_to_ranks(signal_number: int, _frame) -> None:
+        if torchrun is None:  # before torchrun exists: it is stopped as soon as it does
+            stopped_before_ranks.append(signal_number)
+            return
         # The ranks run in sessions of their own, so a signal to this process group does not reach them.
-        for rank_pid in child_pids(torchrun.pid):
+        ranks = child_pids(torchrun.pid)
+        for rank_pid in ranks:
             try:
                 os.kill(rank_pid, signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
             except ProcessLookupError:
                 pass
+        if not ranks:  # none started yet: nothing to save, and nothing would hear the signal
+            stopped_before_ranks.append(signal_number)
+            torchrun.terminate()
 
+    # Installed before torchrun starts, so that no stop signal can kill this process and leave the ranks running.
     for stop_signal in (*PREEMPTION_SIGNALS, signal.SIGINT):
         signal.signal(stop_signal, forward_to_ranks)
+    torchrun = subprocess.Popen(command, env=environment, preexec_fn=_ignore_preemption_warning)
+    if stopped_before_ranks:
+        torchrun.terminate()
     returncode = torchrun.wait()
+    if returncode != 0 and stopped_before_ranks:
+        print(f"stopped by a signal before training started; exit code {REQUEUE_EXIT_CODE} asks for a requeue",
+              flush=True)
+        return REQUEUE_EXIT_CODE
     newest = newest_complete(run_dir)
     if returncode != 0 and newest is not None and newest.stat().st_mtime >= started:
         marker = read_marker(newest)

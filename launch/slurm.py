@@ -39,7 +39,7 @@ class ArrayJob:
     task_overrides: list[list[str]]
     log_dir: Path  # where each task says which run it trains; the run's own log goes to its run directory
     parallel: int | None = None  # at most this many tasks at once (sbatch --array=...%N)
-    after: str | None = None  # a job (array) whose every task must succeed first: decay branches wait for trunks
+    after: str | None = None  # a job (or array task, <job>_<i>) that must succeed first: branches wait for trunks
 
 
 def render_sbatch(config: Config, config_path: Path | None, overrides: list[str], nodes: int, gpus_per_node: int,
@@ -62,6 +62,7 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
         options["array"] = f"0-{len(array.task_overrides) - 1}" + (f"%{array.parallel}" if array.parallel else "")
         if array.after:
             options["dependency"] = f"afterok:{array.after}"
+            options["kill-on-invalid-dep"] = "yes"  # a failed trunk cancels its branches rather than strand them
     if gpus_per_node:
         options["gpus-per-node"] = gpus_per_node
     for option, value in (("partition", slurm.partition), ("account", slurm.account),
@@ -78,10 +79,11 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
 
     python = shlex.quote(sys.executable)
     port = str(config.launch.rendezvous_port)
-    lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in config.launch.environment.items())]
+    environment = config.launch.environment.items()
+    lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in environment)]
     if array:
-        # Tasks of one array can share a node: each meets its ranks on its own port.
-        port = f"$(( {port} + SLURM_ARRAY_TASK_ID % 1000 ))"
+        # Array tasks (of this array or another) can share a node: each meets its ranks on its own port.
+        port = f"$(( {port} + SLURM_JOB_ID % 1000 ))"
         lines.append('case "$SLURM_ARRAY_TASK_ID" in')
         for index, (run_dir, run_overrides) in enumerate(zip(array.run_dirs, array.task_overrides)):
             log = shlex.quote(str((workdir / run_dir / "slurm").resolve())) + f'/"$SLURM_ARRAY_JOB_ID"_{index}.out'

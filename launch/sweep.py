@@ -25,6 +25,8 @@ are a second array that starts once every trunk has succeeded.
 from __future__ import annotations
 
 import argparse
+import getpass
+import json
 import math
 import os
 import signal
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
 from pretrain.checkpoint import (
     CheckpointError,
@@ -113,9 +116,8 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
                 ]
                 trunk_name = None
                 if trunk and part == trunk[0] and branch_points:
-                    # Every branch point is kept, whatever keep_checkpoints says: the branches start there.
-                    overrides += [f"train.checkpoint_steps={sorted(set(branch_points.values()))}",
-                                  "train.keep_checkpoints=0"]
+                    # Kept whatever keep_checkpoints says: the branches start there.
+                    overrides.append(f"train.checkpoint_steps={sorted(set(branch_points.values()))}")
                 elif part in branch_points:
                     trunk_name = _run_name(sweep, size, trunk[0], seed)
                     branch_point = sweep_dir / trunk_name / "checkpoints" / tag_for_step(branch_points[part])
@@ -168,40 +170,65 @@ def launch_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
+def side_by_side_environments(parallel: int, ranks: int | None) -> list[dict[str, str]]:
+    """The environment of each of `parallel` runs on this machine: on GPUs, each run its own share of them (a
+    run takes every GPU it sees); on CPUs, each rank its share of the cores."""
+    gpus = gpus_here()
+    if not gpus:
+        threads = max(1, (os.cpu_count() or 1) // ((ranks or DEFAULT_CPU_RANKS) * parallel))
+        return [{"OMP_NUM_THREADS": str(threads)}] * parallel
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    devices = visible.split(",") if visible else [str(index) for index in range(gpus)]
+    if len(devices) < parallel:
+        raise ConfigError(f"--parallel: {parallel} runs side by side need a GPU each, and this machine has"
+                          f" {len(devices)}; run at most {len(devices)} at once")
+    share = len(devices) // parallel
+    threads = max(1, (os.cpu_count() or 1) // (share * parallel))
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(devices[slot * share:(slot + 1) * share]),
+             "OMP_NUM_THREADS": str(threads)} for slot in range(parallel)]
+
+
+# A hangup (the terminal or ssh session closing) stops the sweep like Ctrl-C: its runs checkpoint and stop.
+STOP_SIGNALS = (*PREEMPTION_SIGNALS, signal.SIGINT, signal.SIGHUP)
+
+
 def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argparse.Namespace,
              parallel: int) -> tuple[list[str], bool]:
     """Train the pending runs (each with its `[i/n] name` label), `parallel` at a time, each as `python -m launch
     run` in a session of its own; returns the names that did not finish, and whether a signal stopped the sweep."""
     waiting, running, failed, stopped_by = list(pending), {}, [], []
-    environment = dict(os.environ)
-    if parallel > 1:  # the runs share the cores rather than each taking them all
-        ranks = args.ranks or 2
-        environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (ranks * parallel))))
+    free_slots = list(enumerate(side_by_side_environments(parallel, args.ranks) if parallel > 1 else [{}]))
+
+    def forwarded(signal_number: int) -> int:
+        # Each run's launcher checkpoints on SIGTERM or SIGUSR1 (a preemption warning, passed on as it is).
+        return signal_number if signal_number in PREEMPTION_SIGNALS else signal.SIGTERM
 
     def stop(signal_number: int, _frame) -> None:
-        stopped_by.append(signal_number)
+        stopped_by.append(forwarded(signal_number))
         for job in running:
-            job.send_signal(signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
+            job.send_signal(forwarded(signal_number))
 
-    previous = {number: signal.signal(number, stop) for number in (*PREEMPTION_SIGNALS, signal.SIGINT)}
+    previous = {number: signal.signal(number, stop) for number in STOP_SIGNALS}
     try:
         while waiting or running:
-            for job, (label, run) in list(running.items()):
+            for job, (label, run, slot) in list(running.items()):
                 if job.poll() is None:
                     continue
                 del running[job]
+                free_slots.append(slot)
                 if job.returncode == REQUEUE_EXIT_CODE or (stopped_by and job.returncode != 0):
                     # Stopped on a signal: it saved a checkpoint, unless the signal came before it had started.
                     print(f"{label}: interrupted; run the sweep again to resume it and go on", flush=True)
                     failed.append(run.name)
                 elif job.returncode != 0:
                     failed.append(run.name)
-                    print(f"{label}: exited with {job.returncode}; the sweep goes on, and a rerun resumes it", flush=True)
+                    print(f"{label}: exited with {job.returncode}; the sweep goes on, and a rerun resumes it",
+                          flush=True)
                 else:
                     print(f"{label}: finished", flush=True)
-            active = {run.name for _, run in running.values()} | {run.name for _, run in waiting}
+            active = {run.name for _, run, _ in running.values()} | {run.name for _, run in waiting}
             for label, run in list(waiting):
-                if stopped_by or len(running) >= parallel:
+                if stopped_by or not free_slots:
                     break
                 if not can_start(run):
                     if run.trunk not in active:  # it will not start: its trunk stopped short of the branch point
@@ -220,40 +247,83 @@ def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argp
                 if parallel > 1:
                     log.parent.mkdir(parents=True, exist_ok=True)
                     output = log.open("a")
-                running[subprocess.Popen(command, env=environment, stdout=output, stderr=output,
-                                         start_new_session=True)] = (label, run)
+                slot = free_slots.pop(0)
+                environment = {**slot[1], **os.environ}  # a thread count set by hand wins
+                environment.update({name: value for name, value in slot[1].items() if name == "CUDA_VISIBLE_DEVICES"})
+                job = subprocess.Popen(command, env=environment, stdout=output, stderr=output, start_new_session=True)
+                running[job] = (label, run, slot)
+                if stopped_by:  # the signal came while it started, before `stop` could see it
+                    job.send_signal(stopped_by[-1])
                 if output:
                     output.close()  # the run holds its own copy
             if stopped_by and not running:
                 break
             time.sleep(0.2)
+    except BaseException:
+        for job in running:  # in their own sessions, they would go on training unsupervised
+            job.terminate()
+        raise
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
     return failed, bool(stopped_by)
 
 
+QUEUED_RECORD = "queued.json"  # in runs/<sweep>/slurm/: the jobs the last submission queued
+
+
+def still_queued(log_dir: Path) -> list[str]:
+    """The jobs of the sweep's last submission that SLURM still lists as pending or running."""
+    record = log_dir / QUEUED_RECORD
+    if not record.is_file():
+        return []
+    submitted = json.loads(record.read_text())["jobs"]
+    listed = subprocess.run(["squeue", "--noheader", "--format=%F", f"--user={getpass.getuser()}"],
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        print(f"warning: squeue failed ({listed.stderr.strip()}); cannot tell whether jobs {submitted} still run")
+        return []
+    return [job for job in submitted if job in listed.stdout.split()]
+
+
 def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], parallel: int | None,
                   submit_array: SubmitArray) -> list[str]:
-    """The pending runs that can start as one SLURM job array, and the decay branches whose trunks are among
-    them as a second array that starts once the first has succeeded; returns the names of runs left out (their
-    trunk is neither finished nor pending)."""
+    """The pending runs that can start, as one SLURM job array; then the decay branches of each trunk among
+    them as an array that starts once that trunk's task has succeeded, and is cancelled if it fails. Returns
+    the runs left out, with why: a branch whose trunk is neither finished nor pending."""
     first = [run for _, run in pending if can_start(run)]
-    starting = {run.name for run in first}
-    branches = [run for _, run in pending if not can_start(run) and run.trunk in starting]
+    position = {run.name: index for index, run in enumerate(first)}
+    branches: dict[str, list[SweepRun]] = {}
+    for _, run in pending:
+        if not can_start(run) and run.trunk in position:
+            branches.setdefault(run.trunk, []).append(run)
     log_dir = Path(sweep.output_dir) / sweep.name / "slurm"
-    job_id = None
-    for runs, name, waits in ((first, sweep.name, False), (branches, f"{sweep.name}-branches", True)):
-        if not runs:
-            continue
+    queued: list[str] = []
+
+    def submit(runs: list[SweepRun], name: str, after: str | None) -> str | None:
         for index, run in enumerate(runs):
-            print(f"  array task {index}: {run.name}")
-        after = (job_id or "<the first array>") if waits else None  # a dry run has no job id to wait for
+            print(f"  {name} task {index}: {run.name}" + (f" (after job {after})" if after else ""))
         array = ArrayJob(name, [run.config.run_dir for run in runs], [run.overrides for run in runs], log_dir,
                          parallel, after)
-        job_id = submit_array(sweep.base, [run.config for run in runs], [run.overrides for run in runs], array)
+        try:
+            job = submit_array(sweep.base, [run.config for run in runs], [run.overrides for run in runs], array)
+        except ConfigError as error:
+            if queued:
+                raise ConfigError(f"{error}; already queued: job(s) {', '.join(queued)} (scancel them, or let them"
+                                  " run and run the sweep again to submit the rest)") from None
+            raise
+        if job is not None:
+            queued.append(job)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            (log_dir / QUEUED_RECORD).write_text(json.dumps({"jobs": queued}) + "\n")
+        return job
+
+    first_job = submit(first, sweep.name, None) if first else None
+    for trunk, its_branches in branches.items():
+        # A dry run has no job id yet: the script shows where it would go.
+        submit(its_branches, f"{sweep.name}-branches", f"{first_job or '<job>'}_{position[trunk]}")
     return [f"{run.name} ({why_blocked(run, [])})" for _, run in pending
-            if run.name not in starting and run not in branches]
+            if run.name not in position and all(run not in runs for runs in branches.values())]
 
 
 def prepare_data(runs: list[SweepRun]) -> None:
@@ -293,6 +363,12 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
     if pending and not args.dry_run and (args.backend == "slurm" or (parallel or 1) > 1):
         prepare_data([run for _, run in pending])
     if pending and args.backend == "slurm":
+        running = still_queued(sweep_dir / "slurm") if not args.dry_run else []
+        if running:
+            print(f"sweep {sweep.name}: job(s) {', '.join(running)} of its last submission are still queued or"
+                  f" running (squeue -j {','.join(running)}); wait for them, or cancel them (scancel"
+                  f" {' '.join(running)}), then run the sweep again", file=sys.stderr)
+            return 1
         blocked = submit_arrays(sweep, pending, parallel, submit_array)
         if blocked:
             print(f"sweep {sweep.name}: not submitted: {'; '.join(blocked)}")

@@ -77,9 +77,11 @@ def refuse_to_train_over_checkpoints(config: Config) -> None:
 
 
 def save(
-    engine, run_dir: Path, step: int, loop_state: dict[str, Any], keep: int, preempted_by: str | None = None
+    engine, run_dir: Path, step: int, loop_state: dict[str, Any], keep: int, preempted_by: str | None = None,
+    spare: list[int] = (),
 ) -> Path:
-    """Write a checkpoint on every rank, mark it complete, then (keep > 0) delete all but the newest `keep`."""
+    """Write a checkpoint on every rank, mark it complete, then (keep > 0) delete all but the newest `keep` and
+    those of the steps in `spare` (where decay branches start)."""
     tag = tag_for_step(step)
     engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, client_state=loop_state, save_latest=False)
     dist.barrier()  # every rank has written its shard
@@ -91,15 +93,15 @@ def save(
         (path / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
         complete = complete_tags(run_dir)
         if keep and len(complete) > keep:
-            remove_older_than(run_dir, complete[-keep])
+            remove_older_than(run_dir, complete[-keep], spare={tag_for_step(step) for step in spare})
     dist.barrier()
     return path
 
 
-def remove_older_than(run_dir: Path, oldest_kept: str) -> None:
-    """Delete every checkpoint, complete or not, older than `oldest_kept` (a complete one)."""
+def remove_older_than(run_dir: Path, oldest_kept: str, spare: set[str] = frozenset()) -> None:
+    """Delete every checkpoint, complete or not, older than `oldest_kept` (a complete one), but those in `spare`."""
     for directory in checkpoints_dir(run_dir).glob("step_*"):
-        if directory.is_dir() and directory.name < oldest_kept:
+        if directory.is_dir() and directory.name < oldest_kept and directory.name not in spare:
             shutil.rmtree(directory)
 
 

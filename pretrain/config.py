@@ -160,7 +160,9 @@ class TrainConfig(_Section):
     checkpoint_steps: list[Annotated[int, Field(ge=1)]] = Field(
         [], description="steps to checkpoint at besides every checkpoint_every: where a WSD run's decay branches start"
     )
-    keep_checkpoints: int = Field(0, ge=0, description="complete checkpoints kept, newest first; 0 keeps all")
+    keep_checkpoints: int = Field(
+        0, ge=0, description="complete checkpoints kept, newest first, besides those of checkpoint_steps; 0 keeps all"
+    )
     resume: Literal["auto", "never"] = "auto"
     branch_from: str | None = Field(
         None, description="a complete checkpoint of another run to start from (weights, optimizer, data position,"

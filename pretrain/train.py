@@ -314,7 +314,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 loop_state = {"step": done, "data_fingerprint": data.fingerprint,
                               "non_finite_steps_skipped": non_finite.total}
                 saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
-                                        preempted_by=preempted_by)
+                                        preempted_by=preempted_by, spare=config.train.checkpoint_steps)
             if preempted_by and done < max_steps:
                 raise Preempted(
                     f"{preempted_by} asked to stop: saved {saved} at step {done}; resume with train.resume=auto"

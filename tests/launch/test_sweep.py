@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.sweep import expand, non_embedding_parameters
+from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
 from pretrain.config import ConfigError, load_config, load_sweep
 from pretrain.metrics import read_metrics
 from tests.helpers import launch, run_module, signal_job, wait_for
@@ -74,6 +74,21 @@ def test_compute_budgets_give_each_size_the_tokens_of_its_isoflop_budget(tiny_co
         assert flops <= 6 * run.parameters * run.tokens < flops + step_flops  # rounded up to whole steps
 
 
+def test_runs_side_by_side_share_the_cores_or_each_get_their_own_gpus(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr("launch.sweep.gpus_here", lambda: 0)  # this machine's answer, whatever the machine
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert side_by_side_environments(4, ranks=2) == [{"OMP_NUM_THREADS": "2"}] * 4
+    # On an 8-GPU node, each of 4 runs sees 2 GPUs of its own (a run takes every GPU it sees).
+    monkeypatch.setattr("launch.sweep.gpus_here", lambda: 8)
+    assert [slot["CUDA_VISIBLE_DEVICES"] for slot in side_by_side_environments(4, None)] == ["0,1", "2,3", "4,5", "6,7"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    monkeypatch.setattr("launch.sweep.gpus_here", lambda: 3)
+    assert [slot["CUDA_VISIBLE_DEVICES"] for slot in side_by_side_environments(3, None)] == ["4", "5", "6"]
+    with pytest.raises(ConfigError, match="--parallel: 4 runs side by side need a GPU each, and this machine has 3"):
+        side_by_side_environments(4, None)
+
+
 def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path):
     spec = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[])
     result = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
@@ -88,8 +103,9 @@ def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path):
     cosine = write_sweep(tmp_path, tiny_config({"train": {"schedule": "cosine"}}), decay_branches=True)
     result = run_module("launch", "sweep", "--spec", str(cosine), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("config error: ladder: decay_branches needs train.schedule=wsd, and the base"
-                                     " config with the sweep's overrides gives 'cosine'; add train.schedule=wsd to them")
+    assert result.stderr.strip() == (
+        "config error: ladder: decay_branches needs train.schedule=wsd, and the base config with the sweep's"
+        " overrides gives 'cosine'; add train.schedule=wsd to them")
     assert not (tmp_path / "runs").exists()
     with pytest.raises(ConfigError, match="sweep spec file not found"):
         load_sweep(tmp_path / "missing.yaml")
@@ -122,7 +138,8 @@ def test_an_interrupted_sweep_run_again_skips_the_finished_run_and_resumes_the_o
 
 
 def test_decay_branches_trained_side_by_side_match_runs_trained_separately(tiny_config, tmp_path):
-    base = tiny_config({"train": {"schedule": "wsd", "decay_fraction": 0.5, "warmup_steps": 1}, "eval": {"interval": 2}})
+    base = tiny_config({"train": {"schedule": "wsd", "decay_fraction": 0.5, "warmup_steps": 1, "keep_checkpoints": 1},
+                        "eval": {"interval": 2}})
     # Each size's 0.5-token budget leaves its 1.1-token trunk at the start of its own decay.
     spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2},
                                               {"n_layer": 1, "d_model": 48, "n_head": 2}],
@@ -140,6 +157,7 @@ def test_decay_branches_trained_side_by_side_match_runs_trained_separately(tiny_
     started = [i for i, line in enumerate(lines) if line.endswith("sweep.log)") and "tpp1.1" in line]
     assert len(started) == 2 and max(started) < min(i for i, line in enumerate(lines) if line.endswith(": finished"))
     assert {name: said[-1] for name, said in statuses(result.stdout).items()} == dict.fromkeys(runs, "finished")
+    assert Path(branch.config.train.branch_from, "complete").exists()  # spared by keep_checkpoints=1
     branch_log = (branch.config.run_dir / "sweep.log").read_text()
     assert f"branched from {branch.config.train.branch_from} (step {branch_point})" in branch_log
 
@@ -198,3 +216,30 @@ def test_a_sweep_on_slurm_is_one_job_array_and_running_it_again_skips_what_finis
     assert "submitted" not in again.stdout
     # Nothing left to run: it fits them, and two runs are too few for a law.
     assert again.returncode == 1 and "needs at least 5 runs" in again.stderr
+
+
+def test_decay_branches_on_slurm_wait_for_their_trunks_task_and_a_rerun_meanwhile_is_refused(cluster, tiny_config,
+                                                                                             tmp_path):
+    base = tiny_config({"train": {"schedule": "wsd", "decay_fraction": 0.5}})
+    spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2}],
+                       tokens_per_parameter=[1.1, 0.5], decay_branches=True)
+    trunk, branch = expand(load_sweep(spec))
+    command = [sys.executable, "-m", "launch", "sweep", "--spec", str(spec), "--backend", "slurm"]
+    environment = {**cluster.environment, "WANDB_SILENT": "true"}
+    submitted = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    trunk_job = re.search(r"submitted job array (\d+) \(1 runs\)", submitted.stdout).group(1)
+    branch_job = re.search(rf"submitted job array (\d+) \(1 runs, after job {trunk_job}_0 succeeds\)",
+                           submitted.stdout).group(1)
+
+    # The branch waits for its trunk: submitting the sweep again now would train both twice.
+    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1
+    assert f"job(s) {trunk_job}, {branch_job} of its last submission are still queued" in again.stderr
+
+    for job, run in ((trunk_job, trunk), (branch_job, branch)):
+        state = cluster.wait_for_state(f"{job}_0", {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
+        log = (run.config.run_dir / "slurm" / f"{job}_0.out").read_text()
+        assert state == "COMPLETED", log
+    assert f"branched from {branch.config.train.branch_from}" in log
+    assert finished(branch.config) and finished(trunk.config)
