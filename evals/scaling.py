@@ -419,8 +419,8 @@ def analyse(runs: list[Run], target_flops: float | None, samples: int, holdout: 
         "law": law.as_dict(),
         "intervals_95": constant_intervals(refits),
         "bootstrap_samples": len(refits),
-        "runs": [{**asdict(run), "compute": run.compute, "predicted_loss": float(law.loss(run.parameters, run.tokens))}
-                 for run in runs],
+        "runs": [{**asdict(run), "compute": run.compute, "compute_6nd": run.nominal_compute,
+                  "predicted_loss": float(law.loss(run.parameters, run.tokens))} for run in runs],
     }
     if holdout:
         order = np.argsort([run.compute for run in runs])
@@ -469,7 +469,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
         return lambda path: (figure.tight_layout(), figure.savefig(path, format="png"), plt.close(figure))
 
     figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
-    axes.scatter(observed, predicted, c=np.log10([run["compute"] for run in runs]), cmap="viridis")
+    axes.scatter(observed, predicted, c=np.log10([run["compute_6nd"] for run in runs]), cmap="viridis")
     span = [min(observed + predicted), max(observed + predicted)]
     axes.plot(span, span, color="grey", linestyle="--", label="fit = observed")
     held = set(result.get("holdout", {}).get("held_out", []))
@@ -478,21 +478,23 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
             axes.annotate("held out", (run["loss"], run["predicted_loss"]), fontsize=7)
     axes.set_xlabel("observed loss")
     axes.set_ylabel("fitted loss")
-    axes.set_title("fitted against observed (colour: log10 compute)")
+    axes.set_title("fitted against observed (colour: log10 C = 6 N D)")
     axes.legend()
     written = [write_whole(out_dir / "fit.png", save(figure))]
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     sizes = sorted({run["parameters"] for run in runs})
     for index, size in enumerate(sizes):
-        points = sorted((run["compute"], run["loss"]) for run in runs if run["parameters"] == size)
+        # C = 6 N D, the compute the law's frontier is drawn in: the model's own count would shift the points.
+        points = sorted((run["compute_6nd"], run["loss"]) for run in runs if run["parameters"] == size)
         axes.plot(*zip(*points), marker="o", color=plt.cm.viridis(index / max(1, len(sizes) - 1)),
                   label=f"N = {size:.3g}")
-    budgets = np.geomspace(min(run["compute"] for run in runs) / 2, max(run["compute"] for run in runs) * 10, 50)
+    budgets = np.geomspace(min(run["compute_6nd"] for run in runs) / 2, max(run["compute_6nd"] for run in runs) * 10,
+                           50)
     axes.plot(budgets, law.loss(*law.compute_optimal(budgets)), color="black", linestyle="--",
               label="compute-optimal frontier (fit)")
     axes.set_xscale("log")
-    axes.set_xlabel("training compute (FLOPs)")
+    axes.set_xlabel("training compute C = 6 N D (FLOPs)")
     axes.set_ylabel("validation loss")
     axes.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}")
     axes.grid(alpha=0.3)
@@ -594,13 +596,13 @@ def _draw_fewshot(figure, panels: list, runs: list[dict], fewshot: dict) -> None
     colours = ScalarMappable(LogNorm(sizes[0] / 1.5, sizes[-1] * 1.5), colormaps["viridis"])
     for panel, task in zip(panels, fewshot["tasks"]):
         for size in sizes:
-            points = sorted((run["compute"], accuracies[task, k]) for run in runs if run["parameters"] == size
+            points = sorted((run["compute_6nd"], accuracies[task, k]) for run in runs if run["parameters"] == size
                             and (task, k) in (accuracies := fewshot_accuracies(run["fewshot"])))
             if points:
                 panel.plot(*zip(*points), marker="o", color=colours.to_rgba(size))
         panel.set_xscale("log")
         panel.set_ylim(0, 1)
-        panel.set_xlabel("training compute (FLOPs)")
+        panel.set_xlabel("training compute C = 6 N D (FLOPs)")
         panel.set_ylabel(f"accuracy at k = {k}")
         panel.set_title(f"{task}, {k}-shot")
         panel.grid(alpha=0.3)
@@ -649,8 +651,8 @@ def _numbers_and_intervals(values: dict, prefix: str) -> dict[str, float]:
     return flat
 
 
-RUN_TABLE_COLUMNS = ("name", "parameters", "tokens", "compute", "loss", "predicted_loss", "parameters_with_embeddings",
-                     "flops_per_token")
+RUN_TABLE_COLUMNS = ("name", "parameters", "tokens", "compute", "compute_6nd", "loss", "predicted_loss",
+                     "parameters_with_embeddings", "flops_per_token")
 BUDGET_TABLE_COLUMNS = ("flops", "runs", "optimal_parameters", "optimal_parameters_low", "optimal_parameters_high",
                         "optimal_tokens", "loss_at_optimum", "skipped")
 
