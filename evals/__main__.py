@@ -117,9 +117,8 @@ def run_scaling(args: argparse.Namespace) -> int:
     if "compute_optimal" in result:
         best = result["compute_optimal"]
         print(f"compute-optimal at {best['flops']:.3g} FLOPs: N {best['parameters']:.3g}"
-              f" [{best['parameters_interval_95'][0]:.3g}, {best['parameters_interval_95'][1]:.3g}],"
-              f" D {best['tokens']:.3g} [{best['tokens_interval_95'][0]:.3g}, {best['tokens_interval_95'][1]:.3g}],"
-              f" loss {best['loss']:.4g}")
+              f"{interval(best['parameters_interval_95'])}, D {best['tokens']:.3g}"
+              f"{interval(best['tokens_interval_95'])}, loss {best['loss']:.4g}")
         if "isoflop" in best:
             print(f"  from the isoFLOP power law: N {best['isoflop']['parameters']:.3g}"
                   f"{interval(best['isoflop']['parameters_interval_95'])}, D {best['isoflop']['tokens']:.3g}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 from evals.fewshot import Score
@@ -114,3 +115,12 @@ def log_to_wandb(scores: list[Score], run) -> None:
 def metrics_for_logging(scores: list[Score]) -> dict[str, float]:
     """`eval/fewshot/<task>/k=<k>` -> accuracy, the names the training loop logs at each evaluation."""
     return {f"eval/fewshot/{score.task}/k={score.k}": score.acc for score in scores}
+
+
+FEWSHOT_METRIC = re.compile(r"^eval/fewshot/(?P<task>.+)/k=(?P<k>\d+)$")
+
+
+def fewshot_metric(name: str) -> tuple[str, int] | None:
+    """(task, k) of a name `metrics_for_logging` gives; None for any other metric."""
+    match = FEWSHOT_METRIC.match(name)
+    return (match["task"], int(match["k"])) if match else None

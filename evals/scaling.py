@@ -375,12 +375,10 @@ def isoflop_profiles(runs: list[Run], samples: int = 200, seed: int = 0, target_
 
 def fewshot_accuracies(fewshot: dict[str, float] | None) -> dict[tuple[str, int], float]:
     """A run's few-shot accuracies by (task, k), from its `eval/fewshot/<task>/k=<k>` values."""
-    accuracies = {}
-    for key, value in (fewshot or {}).items():
-        task, _, shots = key.removeprefix(FEWSHOT_PREFIX).rpartition("/k=")
-        if task and shots.isdigit():  # other values under the prefix (a table, say) are not accuracies
-            accuracies[task, int(shots)] = value
-    return accuracies
+    from evals.report import fewshot_metric
+
+    # Other values under the prefix (a table, say) are not accuracies.
+    return {task_and_k: value for key, value in (fewshot or {}).items() if (task_and_k := fewshot_metric(key))}
 
 
 def choose_fewshot_k(runs: list[Run], k: int | None) -> dict:

@@ -120,6 +120,15 @@ def check_config(config: Config, world_size: int, remote_gpus: bool | None) -> N
     refuse_to_train_over_checkpoints(config)
 
 
+def slurm_layout(args: argparse.Namespace, config: Config) -> tuple[int, int]:
+    """(nodes, ranks per node) of a SLURM job, with the config checked for that world size."""
+    _at_least_one("nodes", args.nodes)
+    nodes = args.nodes or 1
+    per_node = ranks_per_node(args, None)
+    check_config(config, nodes * per_node, bool(args.gpus_per_node))
+    return nodes, per_node
+
+
 def check_checkpoint(config: Config, world_size: int) -> None:
     resume_from = starting_checkpoint(config)
     if resume_from is not None:
@@ -169,10 +178,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             rendezvous = Rendezvous(len(hosts), f"{hosts[0].name}:{port}", config.name)
             commands = [torchrun_command(ranks_here, args.config, args.overrides, rendezvous, args.max_restarts)]
     else:
-        nodes = args.nodes or 1
-        per_node = ranks_per_node(args, None)
+        nodes, per_node = slurm_layout(args, config)
         world_size, first_host = nodes * per_node, True
-        check_config(config, world_size, bool(args.gpus_per_node))
         script = slurm.render_sbatch(config, Path(args.config) if args.config else None, args.overrides, nodes,
                                      args.gpus_per_node or 0, per_node, Path.cwd())
     check_checkpoint(config, world_size)
@@ -211,15 +218,12 @@ def node(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def submit_array(args: argparse.Namespace, argv: list[str], config_path: str, configs: list[Config],
-                 task_overrides: list[list[str]], array: slurm.ArrayJob) -> str | None:
-    """Submit runs (each a config file plus its overrides) as one SLURM job array; returns the job id (None for
+                 array: slurm.ArrayJob) -> str | None:
+    """Submit runs (the config file plus each run's overrides) as one SLURM job array; returns the job id (None for
     --dry-run, which prints the script). Every run is checked first, as `run` checks one; a run that waits for
     another array (array.after) is not asked for its starting checkpoint, which does not exist yet."""
-    _at_least_one("nodes", args.nodes)
-    nodes = args.nodes or 1
-    per_node = ranks_per_node(args, None)
     for config in configs:
-        check_config(config, nodes * per_node, bool(args.gpus_per_node))
+        nodes, per_node = slurm_layout(args, config)
         if array.after is None:
             check_checkpoint(config, nodes * per_node)
     script = slurm.render_sbatch(configs[0], Path(config_path), [], nodes, args.gpus_per_node or 0, per_node,

@@ -61,10 +61,11 @@ class SweepRun:
     parameters: int  # without embeddings
     tokens: int
     trunk: str | None = None  # a decay branch: the run whose checkpoint it starts from
+    branch_step: int = 0  # ... and the step of that checkpoint
 
 
-# Submits runs as one SLURM job array: (config path, configs, each run's overrides, array) -> job id.
-SubmitArray = Callable[[str, list[Config], list[list[str]], ArrayJob], "str | None"]
+# Submits runs as one SLURM job array: (config path, the runs' configs, the array) -> job id.
+SubmitArray = Callable[[str, list[Config], ArrayJob], "str | None"]
 
 
 def non_embedding_parameters(config: Config) -> int:
@@ -114,16 +115,17 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
                     f"train.max_steps={steps}", f"train.lr={lr}", f"seed={seed}",
                     f"logging.wandb_group={sweep.name}", f"logging.wandb_tags={tags}",
                 ]
-                trunk_name = None
+                trunk_name, branch_step = None, 0
                 if trunk and part == trunk[0] and branch_points:
                     # Kept whatever keep_checkpoints says: the branches start there.
                     overrides.append(f"train.checkpoint_steps={sorted(set(branch_points.values()))}")
                 elif part in branch_points:
-                    trunk_name = _run_name(sweep, size, trunk[0], seed)
-                    branch_point = sweep_dir / trunk_name / "checkpoints" / tag_for_step(branch_points[part])
+                    trunk_name, branch_step = _run_name(sweep, size, trunk[0], seed), branch_points[part]
+                    branch_point = sweep_dir / trunk_name / "checkpoints" / tag_for_step(branch_step)
                     overrides.append(f"train.branch_from={branch_point}")
                 config = load_config(sweep.base, overrides)
-                runs.append(SweepRun(name, overrides, config, parameters, steps * tokens_per_step, trunk_name))
+                runs.append(SweepRun(name, overrides, config, parameters, steps * tokens_per_step, trunk_name,
+                                     branch_step))
     names = [run.name for run in runs]
     if len(set(names)) != len(names):
         raise ConfigError(f"{sweep.name}: two runs would share a name; make the sizes, budgets and seeds distinct")
@@ -151,12 +153,6 @@ def why_blocked(run: SweepRun, unfinished: list[str]) -> str:
     trunk_dir = Path(run.config.train.branch_from).parent.parent
     return (f"its trunk {run.trunk} finished without the checkpoint it starts from ({run.config.train.branch_from}),"
             f" as when the spec's budgets changed after the trunk ran; remove {trunk_dir} to train the trunk again")
-
-
-def steps_to_train(run: SweepRun) -> int:
-    """The steps this run trains itself: a decay branch starts at its branch point."""
-    branch_point = run.config.train.branch_from
-    return run.config.train.max_steps - (int(Path(branch_point).name.split("_")[1]) if branch_point else 0)
 
 
 def launch_options(args: argparse.Namespace) -> list[str]:
@@ -197,7 +193,7 @@ def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argp
     """Train the pending runs (each with its `[i/n] name` label), `parallel` at a time, each as `python -m launch
     run` in a session of its own; returns the names that did not finish, and whether a signal stopped the sweep."""
     waiting, running, failed, stopped_by = list(pending), {}, [], []
-    free_slots = list(enumerate(side_by_side_environments(parallel, args.ranks) if parallel > 1 else [{}]))
+    free_slots = side_by_side_environments(parallel, args.ranks) if parallel > 1 else [{}]
 
     def forwarded(signal_number: int) -> int:
         # Each run's launcher checkpoints on SIGTERM or SIGUSR1 (a preemption warning, passed on as it is).
@@ -248,8 +244,8 @@ def run_here(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], args: argp
                     log.parent.mkdir(parents=True, exist_ok=True)
                     output = log.open("a")
                 slot = free_slots.pop(0)
-                environment = {**slot[1], **os.environ}  # a thread count set by hand wins
-                environment.update({name: value for name, value in slot[1].items() if name == "CUDA_VISIBLE_DEVICES"})
+                environment = {**slot, **os.environ}  # a thread count set by hand wins; the GPU share does not
+                environment.update({name: slot[name] for name in ("CUDA_VISIBLE_DEVICES",) if name in slot})
                 job = subprocess.Popen(command, env=environment, stdout=output, stderr=output, start_new_session=True)
                 running[job] = (label, run, slot)
                 if stopped_by:  # the signal came while it started, before `stop` could see it
@@ -291,11 +287,12 @@ def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], paral
     """The pending runs that can start, as one SLURM job array; then the decay branches of each trunk among
     them as an array that starts once that trunk's task has succeeded, and is cancelled if it fails. Returns
     the runs left out, with why: a branch whose trunk is neither finished nor pending."""
-    first = [run for _, run in pending if can_start(run)]
+    startable = {run.name: can_start(run) for _, run in pending}
+    first = [run for _, run in pending if startable[run.name]]
     position = {run.name: index for index, run in enumerate(first)}
     branches: dict[str, list[SweepRun]] = {}
     for _, run in pending:
-        if not can_start(run) and run.trunk in position:
+        if not startable[run.name] and run.trunk in position:
             branches.setdefault(run.trunk, []).append(run)
     log_dir = Path(sweep.output_dir) / sweep.name / "slurm"
     queued: list[str] = []
@@ -306,7 +303,7 @@ def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], paral
         array = ArrayJob(name, [run.config.run_dir for run in runs], [run.overrides for run in runs], log_dir,
                          parallel, after)
         try:
-            job = submit_array(sweep.base, [run.config for run in runs], [run.overrides for run in runs], array)
+            job = submit_array(sweep.base, [run.config for run in runs], array)
         except ConfigError as error:
             if queued:
                 raise ConfigError(f"{error}; already queued: job(s) {', '.join(queued)} (scancel them, or let them"
@@ -323,7 +320,7 @@ def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], paral
         # A dry run has no job id yet: the script shows where it would go.
         submit(its_branches, f"{sweep.name}-branches", f"{first_job or '<job>'}_{position[trunk]}")
     return [f"{run.name} ({why_blocked(run, [])})" for _, run in pending
-            if run.name not in position and all(run not in runs for runs in branches.values())]
+            if not startable[run.name] and run.trunk not in position]
 
 
 def prepare_data(runs: list[SweepRun]) -> None:
@@ -346,7 +343,7 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
           f" {len(sweep.seeds)} seeds)")
     if sweep.decay_branches:
         separately = sum(run.config.train.max_steps for run in runs)
-        branched = sum(steps_to_train(run) for run in runs)
+        branched = sum(run.config.train.max_steps - run.branch_step for run in runs)
         print(f"decay branches: {branched:,} steps to train instead of {separately:,} ({1 - branched / separately:.0%}"
               " fewer)")
     parallel = args.parallel

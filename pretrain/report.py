@@ -17,16 +17,14 @@ import html
 import io
 import json
 import math
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
-from evals.report import draw_accuracy_against_k, write_whole
+from evals.report import draw_accuracy_against_k, fewshot_metric, write_whole
 from pretrain.metrics import METRICS_FILE, WANDB_ID_FILE
 
-FEWSHOT_KEY = re.compile(r"^eval/fewshot/(?P<task>.+)/k=(?P<k>\d+)$")
 # Training loss is noisy step to step: the report draws it raw (faint) and as a moving average over this many.
 SMOOTHING_STEPS = 25
 
@@ -130,8 +128,9 @@ def figures(config: dict, records: list[dict]) -> list[tuple[str, str]]:
     fewshot: dict[str, dict[int, list[tuple[int, float]]]] = {}  # task -> k -> [(step, accuracy)]
     for record in records:
         for key, value in record.items():
-            if match := FEWSHOT_KEY.match(key):
-                fewshot.setdefault(match["task"], {}).setdefault(int(match["k"]), []).append((record["step"], value))
+            if task_and_k := fewshot_metric(key):
+                task, k = task_and_k
+                fewshot.setdefault(task, {}).setdefault(k, []).append((record["step"], value))
     if fewshot:
         last_step = max(step for by_k in fewshot.values() for points in by_k.values() for step, _ in points)
         figure, axes = plt.subplots(figsize=(7, 3.6), dpi=100)
