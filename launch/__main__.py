@@ -243,8 +243,8 @@ def submit_array(args: argparse.Namespace, argv: list[str], config_path: str, co
 def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     from launch.sweep import run_sweep
 
-    if args.parallel is not None and args.parallel < 1:
-        raise ConfigError(f"--parallel: must be at least 1, got {args.parallel}")
+    _at_least_one("nodes", args.nodes)
+    _at_least_one("parallel", args.parallel)
     spec = load_sweep(args.spec)
     launch_args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key != "spec"})
     return run_sweep(spec, launch_args, functools.partial(submit_array, launch_args, argv))

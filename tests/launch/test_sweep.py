@@ -100,6 +100,9 @@ def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == ("config error: ladder: two runs would share a name; make the sizes, budgets"
                                      " and seeds distinct")
+    for option in ("--nodes", "--parallel"):
+        result = run_module("launch", "sweep", "--spec", str(twice), "--backend", "slurm", option, "0", cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.strip() == f"config error: {option}: must be at least 1, got 0"
     cosine = write_sweep(tmp_path, tiny_config({"train": {"schedule": "cosine"}}), decay_branches=True)
     result = run_module("launch", "sweep", "--spec", str(cosine), cwd=tmp_path)
     assert result.returncode == 2
