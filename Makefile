@@ -32,7 +32,7 @@ test: setup
 
 # Tokenize and shard a config's data now (training does it on first use otherwise).
 data: setup
-	$(PY) -m data_pipeline prepare --config $(CONFIG) $(ARGS)
+	$(PY) -m launch prepare --config $(CONFIG) $(ARGS)
 
 bench-data: setup
 	$(PY) -m data_pipeline.bench $(ARGS)

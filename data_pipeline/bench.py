@@ -23,10 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipeline.config import BatchLayout, DataConfig
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps
 from data_pipeline.prepare import all_documents, prepare
 from data_pipeline.tokenizer import load_tokenizer
-from pretrain.config import BatchLayout, DataConfig
 
 EPOCHS = 4  # loader passes over the prepared text, so worker start-up is a small part of the time
 

@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import Manifest, Shard
 from data_pipeline.tokenizer import file_sha256
-from pretrain.config import BatchLayout
 
 OPEN_SHARDS = 8  # shard indexes (and remote shards' bytes) kept per reader
 

@@ -17,7 +17,6 @@ back from the tokenizer processes in order, so the shards are byte-identical wha
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import multiprocessing
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.sources import describe, text_hash, weighted_documents
 from data_pipeline.tokenizer import (
@@ -40,7 +40,6 @@ from data_pipeline.tokenizer import (
     load_tokenizer,
     train_bpe,
 )
-from pretrain.config import DataConfig, exit_on_config_error, load_config
 
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
@@ -91,7 +90,7 @@ class Manifest:
                 splits={split: [Shard(**shard) for shard in meta["splits"][split]] for split in SPLITS},
             )
         except FileNotFoundError:
-            raise DataError(f"{path}: not found; run `python -m data_pipeline prepare` to create it") from None
+            raise DataError(f"{path}: not found; run `python -m launch prepare --config CONFIG` (make data) to create it") from None
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{path}: not a manifest this version can read ({error}); prepare the data again") from None
 
@@ -308,18 +307,3 @@ def _prepare_into(staging: Path, data: DataConfig, vocab_size: int, recipe: str,
         f"prepared {counts['train']:,} training and {counts['val']:,} validation tokens (stored) in"
         f" {sum(map(len, shards.values()))} shards ({tokenizer.get_vocab_size()} token vocabulary)"
     )
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline prepare", description="prepare the data of a config")
-    parser.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
-    with exit_on_config_error():
-        config = load_config(args.config, args.overrides)
-    try:
-        manifest = prepare(config.data, config.model.vocab_size)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    print(f"{manifest.dir / MANIFEST}: ready")

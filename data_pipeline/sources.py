@@ -13,9 +13,7 @@ import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipeline.embedded import icl_episodes, stdlib_docstrings
-from data_pipeline.errors import DataError
-from pretrain.config import (
+from data_pipeline.config import (
     InContextEpisodesSource,
     JsonlSource,
     ParquetSource,
@@ -23,6 +21,8 @@ from pretrain.config import (
     StdlibDocstringsSource,
     TextSource,
 )
+from data_pipeline.embedded import icl_episodes, stdlib_docstrings
+from data_pipeline.errors import DataError
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

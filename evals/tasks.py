@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.embedded import episode_inventories
+from data_pipeline.errors import UserError
 from data_pipeline.sources import jsonl_records
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
 
 
-class TaskError(ValueError):
+class TaskError(UserError):
     """A task name or file that cannot be used; the message names it and what to do."""
 
 

@@ -21,7 +21,9 @@ import socket
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import DataError
+from data_pipeline.cli import run_command
+from data_pipeline.errors import ConfigError
+from data_pipeline.prepare import MANIFEST, prepare
 from launch import hostfile, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,
@@ -31,29 +33,22 @@ from launch.local import (
     torchrun_command,
 )
 from launch.record import record_launch
+from launch.spec import load_sweep
+from launch.sweep import run_sweep
 from pretrain.checkpoint import (
-    CheckpointError,
     refuse_to_train_over_checkpoints,
     resume_plan,
     starting_checkpoint,
 )
-from pretrain.config import (
-    Config,
-    ConfigError,
-    deepspeed_config,
-    exit_on_config_error,
-    load_config,
-    load_sweep,
-)
+from pretrain.config import Config, deepspeed_config, load_config
+from pretrain.data import VERIFIED_DATA_VARIABLE, prepare_and_verify
 from pretrain.device import device_here, resolve_precision
-from pretrain.train import VERIFIED_DATA_VARIABLE, prepare_and_verify
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line and exit code 2, like every other refused request.
-        print(f"config error: {message}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        raise ConfigError(message)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,6 +82,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     node.add_argument("--rendezvous-id", required=True)
     node.add_argument("--max-restarts", type=int, default=0)
     node.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    prepare = commands.add_parser("prepare", help="tokenize and shard a config's data now (training does it on"
+                                  " first use otherwise)")
+    prepare.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
+    prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return parser.parse_args(argv)
 
 
@@ -241,8 +240,6 @@ def submit_array(args: argparse.Namespace, argv: list[str], config_path: str, co
 
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    from launch.sweep import run_sweep
-
     _at_least_one("nodes", args.nodes)
     _at_least_one("parallel", args.parallel)
     spec = load_sweep(args.spec)
@@ -250,18 +247,21 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
     return run_sweep(spec, launch_args, functools.partial(submit_array, launch_args, argv))
 
 
+def prepare_data(args: argparse.Namespace, _argv: list[str]) -> int:
+    config = load_config(args.config, args.overrides)
+    manifest = prepare(config.data, config.model.vocab_size)
+    print(f"{manifest.dir / MANIFEST}: ready")
+    return 0
+
+
+COMMANDS = {"run": run, "sweep": sweep, "node": node, "prepare": prepare_data}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    with exit_on_config_error():
-        try:
-            if args.command == "sweep":
-                return sweep(args, argv)
-            return (run if args.command == "run" else node)(args, argv)
-        except (DataError, CheckpointError) as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            return 1
+    return COMMANDS[args.command](args, argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pretrain.checkpoint import newest_complete, read_marker
-from pretrain.faults import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
+from data_pipeline.errors import REQUEUE_EXIT_CODE
+from pretrain.faults import PREEMPTION_SIGNALS
 
 DEFAULT_CPU_RANKS = 2
 

@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrain.config import Config, ConfigError
-from pretrain.faults import REQUEUE_EXIT_CODE
+from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
+from pretrain.config import Config
 
 
 def _sbatch_line(option: str, value: object | None = None) -> str:

@@ -48,8 +48,12 @@ from pretrain.checkpoint import (
     starting_checkpoint,
     tag_for_step,
 )
-from pretrain.config import Config, ConfigError, SweepConfig, SweepSize, load_config
-from pretrain.faults import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE
+from data_pipeline.errors import ConfigError
+from launch.spec import SweepConfig, SweepSize
+from pretrain.config import Config, load_config
+from pretrain.data import prepare_and_verify
+from data_pipeline.errors import REQUEUE_EXIT_CODE
+from pretrain.faults import PREEMPTION_SIGNALS
 from pretrain.model import GPT
 
 
@@ -325,8 +329,6 @@ def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], paral
 
 def prepare_data(runs: list[SweepRun]) -> None:
     """Prepare each dataset the runs use, once, here: runs side by side or on SLURM would race to prepare it."""
-    from pretrain.train import prepare_and_verify
-
     prepared = set()
     for run in runs:
         dataset = run.config.data.model_dump_json()

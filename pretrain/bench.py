@@ -47,7 +47,9 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import Config, ConfigError, exit_on_config_error, load_config
+from data_pipeline.cli import run_command
+from data_pipeline.errors import ConfigError, UserError
+from pretrain.config import Config, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import DistributedContext, init_distributed, shutdown
 from pretrain.model import GPT
@@ -306,11 +308,10 @@ def table(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    with exit_on_config_error():
-        args = parse_args(argv, on_cuda=torch.cuda.is_available())
-        configs = {name: shape_config(name, args) for name in args.shapes}  # every shape checked before any runs
-        if int(os.environ.get("WORLD_SIZE", "1")) != 1:
-            raise ConfigError("WORLD_SIZE: the benchmark is one process; start it with python -m, not a launcher")
+    args = parse_args(argv, on_cuda=torch.cuda.is_available())
+    configs = {name: shape_config(name, args) for name in args.shapes}  # every shape checked before any runs
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ConfigError("WORLD_SIZE: the benchmark is one process; start it with python -m, not a launcher")
     # As in training: ZeRO-3 calls collectives this torch deprecates, at every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     context = init_distributed(configs[args.shapes[0]].deepspeed.timeout_minutes)
@@ -321,9 +322,7 @@ def main(argv: list[str] | None = None) -> None:
                 records += bench_shape(name, configs[name], args, context)
             except torch.cuda.OutOfMemoryError:
                 micro = configs[name].train.micro_batch_size
-                print(f"error: {name}: out of GPU memory at --micro-batch-size {micro}; lower it",
-                      file=sys.stderr, flush=True)
-                sys.exit(1)
+                raise UserError(f"{name}: out of GPU memory at --micro-batch-size {micro}; lower it") from None
     finally:
         shutdown()
 
@@ -349,4 +348,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

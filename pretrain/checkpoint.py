@@ -16,12 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pretrain.config import Config, ConfigError
+from data_pipeline.errors import ConfigError, UserError
+from pretrain.config import Config
 
 COMPLETE_MARKER = "complete"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be resumed from; the message names it and what to do."""
 
 

@@ -1,33 +1,31 @@
 """The one typed config of a run: loaded from YAML, overridden from the command line, validated.
 
-Every entry point goes through `load_config`. Bad input raises `ConfigError`, whose message is one line
-naming the field; entry points print it and exit with code 2 (`exit_on_config_error`).
+Each lower package owns its section (`data_pipeline.config.DataConfig`, `evals.config.FewShotConfig`); this
+module composes them with the model, train, deepspeed, eval, faults, launch and logging sections. Every entry
+point goes through `load_config`; bad input raises `ConfigError`, one line naming the field (exit code 2).
 """
 
 from __future__ import annotations
 
-import sys
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
-CONFIG_ERROR_EXIT_CODE = 2
+from data_pipeline.config import (
+    BatchLayout,
+    DataConfig,
+    Section,
+    read_yaml_mapping,
+    set_dotted,
+    validated,
+)
+from data_pipeline.errors import ConfigError
+from evals.config import FewShotConfig
 
 
-class ConfigError(ValueError):
-    """A config that cannot run. The message names the field and what is wrong with it."""
-
-
-class _Section(BaseModel):
-    # Unknown keys are typos until proven otherwise: refuse them rather than silently ignore them.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-class ModelConfig(_Section):
+class ModelConfig(Section):
     vocab_size: int = Field(2048, ge=2, le=2**31 - 1)
     seq_len: int = Field(128, ge=1, description="context length in tokens")
     n_layer: int = Field(2, ge=1)
@@ -51,97 +49,7 @@ class ModelConfig(_Section):
         return self
 
 
-class _SourceBase(_Section):
-    weight: float = Field(
-        1.0, gt=0, description="times each document is used; a fraction keeps a fixed, hash-chosen share of them"
-    )
-
-
-class StdlibDocstringsSource(_SourceBase):
-    """English prose harvested from the docstrings of the Python standard library on this machine."""
-
-    kind: Literal["stdlib_docstrings"]
-    min_chars: int = Field(40, ge=1, description="shorter docstrings are skipped")
-
-
-class InContextEpisodesSource(_SourceBase):
-    """Procedurally generated episodes: a fresh word -> label mapping shown by example, pair after pair."""
-
-    kind: Literal["icl_episodes"]
-    seed: int = 0
-    episodes: int = Field(12000, ge=1)
-    vocabulary_words: int = Field(64, ge=2, description="size of the made-up input-word inventory")
-    label_words: int = Field(8, ge=2, description="size of the made-up label inventory")
-    words_per_episode: int = Field(4, ge=1)
-    pairs_per_episode: int = Field(24, ge=1)
-
-    @model_validator(mode="after")
-    def _episode_fits_inventory(self) -> InContextEpisodesSource:
-        if self.words_per_episode > self.vocabulary_words:
-            raise ValueError("words_per_episode cannot exceed vocabulary_words")
-        return self
-
-
-class _FileSourceBase(_SourceBase):
-    paths: list[str] = Field(min_length=1, description="files or glob patterns, read in sorted order")
-
-
-class ParquetSource(_FileSourceBase):
-    """Parquet files, streamed one row group at a time."""
-
-    kind: Literal["parquet"]
-    text_column: str = "text"
-
-
-class JsonlSource(_FileSourceBase):
-    """JSON Lines files, plain or compressed (.gz, .zst): one object per line."""
-
-    kind: Literal["jsonl"]
-    text_field: str = "text"
-
-
-class TextSource(_FileSourceBase):
-    """Plain text files: each file is one document."""
-
-    kind: Literal["txt"]
-
-
-Source = Annotated[
-    Union[StdlibDocstringsSource, InContextEpisodesSource, ParquetSource, JsonlSource, TextSource],
-    Field(discriminator="kind"),
-]
-SOURCE_KINDS = ("stdlib_docstrings", "icl_episodes", "parquet", "jsonl", "txt")
-
-
-class DataConfig(_Section):
-    dir: str = Field("data/quickstart", description="where the tokenizer, shards and manifest.json are written")
-    sources: list[Source] = Field(
-        default_factory=lambda: [
-            StdlibDocstringsSource(kind="stdlib_docstrings"),
-            InContextEpisodesSource(kind="icl_episodes"),
-        ],
-        min_length=1,
-    )
-    tokenizer: str | None = Field(None, description="a tokenizer.json to use instead of training one")
-    tokenizer_sample_bytes: int = Field(200_000_000, ge=1, description="text the BPE is trained on, at most")
-    val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
-    block_tokens: int = Field(8192, ge=1, description="tokens per stored sample; windows are cut from blocks")
-    shard_bytes: int = Field(256 * 2**20, ge=1, description="target size of one shard")
-    workers: int = Field(0, ge=0, description="tokenizer processes for prepare; 0: one per core")
-    shard_url: str | None = Field(
-        None, description="read shards from here instead of data.dir: a prefix or a template with {shard}"
-    )
-    verify: Literal["start", "on_read"] = Field(
-        "start", description="start: check every shard's sha256 before training; on_read: as each shard is read"
-    )
-    shuffle_blocks: int = Field(64, ge=1, description="blocks whose windows are shuffled together (bounded window)")
-    loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
-    document_masking: bool = Field(
-        False, description="tokens attend only within their own document, not across packed neighbours"
-    )
-
-
-class TrainConfig(_Section):
+class TrainConfig(Section):
     global_batch_tokens: int = Field(4096, ge=1, description="tokens per optimizer step, all ranks together")
     micro_batch_size: int = Field(16, ge=1, description="sequences per rank per forward pass")
     max_steps: int = Field(1500, ge=1)
@@ -170,7 +78,7 @@ class TrainConfig(_Section):
     )
 
 
-class DeepSpeedConfig(_Section):
+class DeepSpeedConfig(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the device supports it, fp32 otherwise; fp16 uses dynamic loss scaling"
@@ -197,7 +105,7 @@ class DeepSpeedConfig(_Section):
     )
 
 
-class FaultsConfig(_Section):
+class FaultsConfig(Section):
     max_consecutive_skipped_steps: int = Field(
         10, ge=1, description="steps in a row with a non-finite loss or gradient (each skipped) before the run stops"
     )
@@ -206,38 +114,13 @@ class FaultsConfig(_Section):
     )
 
 
-class FewShotConfig(_Section):
-    """In-context few-shot evaluation (evals/fewshot.py): accuracy against the number of examples k."""
-
-    tasks: list[str] = Field(
-        default_factory=lambda: ["word_labels"], min_length=1,
-        description="built-in task names (word_labels, word_labels_generate) or .jsonl task files",
-    )
-    shots: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16], min_length=1)
-    items: int | None = Field(1000, ge=1, description="items per task (the first N); None: all of a file's")
-    interval: int = Field(0, ge=0, description="steps between evaluations during training; 0: none in the loop")
-    items_in_loop: int | None = Field(200, ge=1, description="items per task during training; None: as many as items")
-    seed: int = Field(0, description="draws each item's examples; the same seed gives the same prompts")
-    example_delimiter: str | None = Field(None, description="between examples; None: the task's own")
-    target_delimiter: str | None = Field(None, description="between a context and its answer; None: the task's own")
-    batch_size: int = Field(32, ge=1, description="prompts per forward pass")
-    max_new_tokens: int = Field(16, ge=1, description="greedy tokens at most, for generation tasks")
-
-    @field_validator("shots")
-    @classmethod
-    def _shots_are_counts(cls, shots: list[int]) -> list[int]:
-        if any(k < 0 for k in shots):
-            raise ValueError("numbers of examples cannot be negative")
-        return sorted(set(shots))
-
-
-class EvalConfig(_Section):
+class EvalConfig(Section):
     interval: int = Field(250, ge=0, description="steps between validation-loss evaluations; 0: only at the end")
     batches: int = Field(4, ge=1, description="validation micro-batches per rank at each evaluation")
     fewshot: FewShotConfig = Field(default_factory=FewShotConfig)
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(Section):
     wandb_project: str = "gpt-pretrain"
     wandb_entity: str | None = Field(None, description="W&B team or user; None: the API key's default entity")
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = Field(
@@ -255,7 +138,7 @@ class LoggingConfig(_Section):
 ENVIRONMENT_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
-class SlurmConfig(_Section):
+class SlurmConfig(Section):
     """What `python -m launch run --backend slurm` asks SLURM for; None leaves a setting to the cluster."""
 
     partition: str | None = None
@@ -274,7 +157,7 @@ class SlurmConfig(_Section):
     )
 
 
-class LaunchConfig(_Section):
+class LaunchConfig(Section):
     environment: dict[Annotated[str, Field(pattern=ENVIRONMENT_NAME)], str] = Field(
         {}, description="environment variables for every rank (NCCL settings and the like)"
     )
@@ -282,7 +165,7 @@ class LaunchConfig(_Section):
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
 
 
-class Config(_Section):
+class Config(Section):
     name: str = Field("quickstart", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     output_dir: str = "runs"
     seed: int = Field(0, ge=0)
@@ -320,139 +203,12 @@ class Config(_Section):
         )
 
 
-@dataclass(frozen=True)
-class BatchLayout:
-    world_size: int
-    seq_len: int
-    micro_batch_size: int
-    accumulation_steps: int
-
-    @property
-    def sequences_per_rank(self) -> int:
-        return self.micro_batch_size * self.accumulation_steps
-
-    @property
-    def sequences_per_step(self) -> int:
-        return self.sequences_per_rank * self.world_size
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.sequences_per_step * self.seq_len
-
-
-def _set_dotted(tree: dict[str, Any], override: str) -> None:
-    key, sep, raw_value = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. train.lr=3e-4")
-    # YAML parsing gives numbers, booleans and lists their types; YAML 1.1 reads "3e-4" as a string,
-    # which pydantic's number fields accept.
-    try:
-        value = yaml.safe_load(raw_value)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{key}: cannot parse value {raw_value!r}: {error}") from None
-    node = tree
-    parts = key.split(".")
-    for depth, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{'.'.join(parts[: depth + 1])}: is a value, not a section; cannot set {key}")
-        node = child
-    node[parts[-1]] = value
-
-
-def _describe(error: ValidationError) -> str:
-    first = error.errors()[0]
-    # Discriminated unions add the variant's tag to the location; it is noise to a user.
-    location = ".".join(str(part) for part in first["loc"] if part not in SOURCE_KINDS)
-    detail = first["msg"]
-    if first["type"] == "extra_forbidden":
-        detail = "unknown key (check its spelling and section)"
-    elif "input" in first and not isinstance(first["input"], (dict, list)):
-        detail += f" (got {first['input']!r})"
-    more = len(error.errors()) - 1
-    suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
-    return f"{location or 'config'}: {detail}{suffix}"
-
-
-class SweepSize(_Section):
-    """One rung of a model-size ladder; `lr` overrides the sweep's learning rate for this size."""
-
-    n_layer: int = Field(ge=1)
-    d_model: int = Field(ge=1)
-    n_head: int = Field(ge=1)
-    lr: float | None = Field(None, gt=0)
-
-
-class SweepConfig(_Section):
-    """A scaling sweep (configs/sweeps/*.yaml): every size trained on every token budget with every seed,
-    each run the base config with its size, budget, learning rate and seed set (`python -m launch sweep`)."""
-
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    base: str = Field(description="the config every run starts from, relative to the working directory")
-    overrides: list[str] = Field([], description="KEY=VALUE settings for every run, before the sweep's own")
-    sizes: list[SweepSize] = Field(min_length=1)
-    tokens_per_parameter: list[Annotated[float, Field(gt=0)]] = Field(
-        [], description="token budgets, as multiples of the non-embedding parameter count N"
-    )
-    compute_budgets: list[Annotated[float, Field(gt=0)]] = Field(
-        [], description="or budgets in FLOPs C, for isoFLOP profiles: each size trains on C / (6 N) tokens"
-    )
-    decay_branches: bool = Field(
-        False, description="with train.schedule=wsd: each size and seed trains its largest budget once, and its"
-        " smaller budgets branch off that run's stable phase and only decay (saving their stable phases)"
-    )
-    lr: float | None = Field(None, gt=0, description="for sizes without their own; None: the base config's")
-    seeds: list[Annotated[int, Field(ge=0)]] = [0]
-    output_dir: str = Field("runs", description="runs go to OUTPUT_DIR/<sweep name>/<run name>")
-
-    @model_validator(mode="after")
-    def _one_kind_of_budget(self) -> SweepConfig:
-        if bool(self.tokens_per_parameter) == bool(self.compute_budgets):
-            raise ValueError("give the token budgets as tokens_per_parameter or as compute_budgets, one of the two")
-        return self
-
-
-def _read_yaml_mapping(path: Path, what: str) -> dict[str, Any]:
-    """The mapping a YAML file holds ({} for an empty file); ConfigError naming the file otherwise."""
-    try:
-        loaded = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: {what} file not found") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: a {what} must be a mapping of sections, got {type(loaded).__name__}")
-    return loaded or {}
-
-
-def load_sweep(path: str | Path) -> SweepConfig:
-    path = Path(path)
-    tree = _read_yaml_mapping(path, "sweep spec")
-    try:
-        return SweepConfig.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(f"{path}: {_describe(error)}") from None
-
-
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config (or start from the defaults), apply `a.b=value` overrides, validate."""
-    tree = _read_yaml_mapping(Path(path), "config") if path is not None else {}
+    tree = read_yaml_mapping(Path(path), "config") if path is not None else {}
     for override in overrides:
-        _set_dotted(tree, override)
-    try:
-        return Config.model_validate(tree)
-    except ValidationError as error:
-        raise ConfigError(_describe(error)) from None
-
-
-@contextmanager
-def exit_on_config_error():
-    """Turn a ConfigError into one line on stderr and exit code 2, for command-line entry points."""
-    try:
-        yield
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr, flush=True)
-        sys.exit(CONFIG_ERROR_EXIT_CODE)
+        set_dotted(tree, override)
+    return validated(Config, tree)
 
 
 def deepspeed_config(config: Config, layout: BatchLayout, precision: str) -> dict[str, Any]:

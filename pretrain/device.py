@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ConfigError
+from data_pipeline.errors import ConfigError
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s. Longer names first: the first
 # name contained in the device's name wins.

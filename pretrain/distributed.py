@@ -17,6 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from data_pipeline.errors import UserError
 from pretrain.device import pick_device
 
 T = TypeVar("T")
@@ -80,8 +81,10 @@ def mean_across_ranks(value: float | torch.Tensor, device: torch.device) -> floa
     return means_across_ranks([value], device)[0]
 
 
-class RankZeroFailed(RuntimeError):
+class RankZeroFailed(UserError):
     """Raised on the other ranks when rank 0 failed at work they wait for; rank 0 reports the cause."""
+
+    every_rank_speaks = False
 
 
 def on_main_first(context: DistributedContext, work: Callable[[], T]) -> T:

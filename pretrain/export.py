@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline.cli import run_command
 from data_pipeline.errors import DataError
 from data_pipeline.tokenizer import load_tokenizer
 from pretrain import checkpoint
-from pretrain.config import Config, ModelConfig, exit_on_config_error, load_config
+from pretrain.config import Config, ModelConfig, load_config
 from pretrain.model import GPT
 
 
@@ -94,15 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--step", type=int, help="the checkpoint's step; default: the newest complete one")
     parser.add_argument("--out", type=Path, help="default: RUN_DIR/export/step_<N>.pt")
     args = parser.parse_args(argv)
-    with exit_on_config_error():
-        try:
-            out = export(args.run_dir, args.step, args.out)
-        except checkpoint.CheckpointError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
-    print(f"exported {out}")
+    print(f"exported {export(args.run_dir, args.step, args.out)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -10,17 +10,17 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
+from data_pipeline.errors import REQUEUE_EXIT_CODE, UserError
 from pretrain.checkpoint import newest_complete
 
-# EX_TEMPFAIL from sysexits.h: stopped in order to be continued. Launchers requeue the run on it.
-REQUEUE_EXIT_CODE = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-class TrainingStopped(RuntimeError):
+class TrainingStopped(UserError):
     """The run stopped before max_steps; rank 0 prints the message and every rank exits with exit_code."""
 
-    exit_code = 1
+    label = "stopped"
+    every_rank_speaks = False
 
 
 class TooManyNonFiniteSteps(TrainingStopped):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.cli import run_command
 from data_pipeline.errors import DataError
 from data_pipeline.loader import (
     TrainBatches,
@@ -37,13 +38,8 @@ from evals.fewshot import evaluate as evaluate_fewshot
 from evals.report import metrics_for_logging
 from evals.tasks import TaskError, load_tasks
 from pretrain import checkpoint
-from pretrain.config import (
-    BatchLayout,
-    Config,
-    deepspeed_config,
-    exit_on_config_error,
-    load_config,
-)
+from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
+from pretrain.data import prepare_and_verify
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
@@ -89,20 +85,6 @@ def seed_step(seed: int, step: int, rank: int) -> None:
     # Randomness (dropout) is a function of (seed, step, rank), so a resumed run draws what the uninterrupted
     # one drew without carrying generator state in the checkpoint.
     torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
-
-
-# Set by `python -m launch` for the ranks it starts: the fingerprint of the manifest it already verified.
-VERIFIED_DATA_VARIABLE = "PRETRAIN_VERIFIED_DATA"
-
-
-def prepare_and_verify(config: Config, is_main: bool, log) -> Manifest:
-    """Prepare the data if needed; on rank 0, check every local shard against the manifest, unless the
-    launcher already checked this very manifest."""
-    manifest = prepare(config.data, config.model.vocab_size, log=log)
-    already_verified = os.environ.get(VERIFIED_DATA_VARIABLE) == manifest.fingerprint
-    if is_main and config.data.verify == "start" and not already_verified:
-        verify_shards(manifest, config.data.shard_url)
-    return manifest
 
 
 def prepare_run_dir(config: Config, context: DistributedContext) -> None:
@@ -333,24 +315,13 @@ def main(argv: list[str] | None = None) -> None:
     # DeepSpeed's ZeRO-3 calls collectives this torch deprecates, at every step; the notice is for DeepSpeed's
     # developers, not for someone watching a run.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    with exit_on_config_error():
-        config = load_config(args.config, args.overrides)
+    config = load_config(args.config, args.overrides)
     context = init_distributed(config.deepspeed.timeout_minutes)
     try:
-        with exit_on_config_error():
-            layout = config.batch_layout(context.world_size)
-            train(config, layout, context)
-    except (DataError, checkpoint.CheckpointError, TaskError) as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(1)
-    except TrainingStopped as stopped:
-        context.print(f"stopped: {stopped}", file=sys.stderr)
-        sys.exit(stopped.exit_code)
-    except RankZeroFailed:
-        sys.exit(1)  # rank 0 has printed the cause
+        train(config, config.batch_layout(context.world_size), context)
     finally:
         shutdown()
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

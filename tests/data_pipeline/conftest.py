@@ -1,7 +1,7 @@
 import pytest
 
 from data_pipeline.prepare import prepare
-from pretrain.config import DataConfig
+from data_pipeline.config import DataConfig
 
 
 def episodes_config(directory, workers: int = 2, **changes) -> DataConfig:

@@ -19,7 +19,7 @@ from data_pipeline.loader import (
     verify_shards,
 )
 from data_pipeline.prepare import Manifest
-from pretrain.config import BatchLayout
+from data_pipeline.config import BatchLayout
 from tests.data_pipeline.test_prepare import split_stream
 
 SEQ_LEN = 32

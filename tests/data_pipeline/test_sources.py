@@ -9,7 +9,7 @@ import zstandard
 
 from data_pipeline.errors import DataError
 from data_pipeline.sources import weighted_documents
-from pretrain.config import DataConfig
+from data_pipeline.config import DataConfig
 
 
 def source(**fields):

@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
-from pretrain.config import ConfigError, load_config, load_sweep
+from data_pipeline.errors import ConfigError
+from launch.spec import load_sweep
+from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 from tests.helpers import launch, run_module, signal_job, wait_for
 from tests.pretrain.test_train import losses_by_step

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pretrain.checkpoint import consolidated_state_dict
-from pretrain.faults import REQUEUE_EXIT_CODE
+from data_pipeline.errors import REQUEUE_EXIT_CODE
 from pretrain.metrics import read_metrics
 from tests.helpers import (
     job_processes,

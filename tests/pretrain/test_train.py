@@ -47,7 +47,7 @@ def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wan
 
 def test_a_damaged_shard_stops_the_launch_before_any_rank_starts(tiny_config, tmp_path):
     config = tiny_config()
-    prepared = run_module("data_pipeline", "prepare", "--config", str(config), cwd=tmp_path)
+    prepared = run_module("launch", "prepare", "--config", str(config), cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
     shard = tmp_path / "data" / "train-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-1024])

@@ -1,0 +1,24 @@
+"""The one wrapper every command-line entry point runs through: a `UserError` becomes one line on stderr and
+its exit code; anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from data_pipeline.errors import UserError
+
+
+def run_command(main: Callable[[], int | None]) -> NoReturn:
+    """Run `main()` and exit with what it returns (None is 0), or with the exit code of the UserError it raised."""
+    try:
+        code = main()
+    except UserError as error:
+        message = str(error)
+        speaks = error.every_rank_speaks or os.environ.get("RANK", "0") == "0"
+        if message and speaks:
+            print(f"{error.label}: {message}", file=sys.stderr, flush=True)
+        code = error.exit_code
+    sys.exit(code or 0)
