@@ -11,7 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import ShardReader
+from data_pipeline.tokenizer import train_bpe
 from launch.local import child_pids
+from pretrain.config import ModelConfig
+from pretrain.metrics import read_metrics
+from pretrain.model import GPT
 
 # Small enough for a 2-rank DeepSpeed run in seconds on 2 CPU cores; in-context episodes only, so preparing
 # the data takes about a second.
@@ -124,3 +133,44 @@ def install_where_missing(tools: dict[str, str]) -> None:
     environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=environment)
     subprocess.run(["apt-get", "install", "-y", "-q", *packages], check=True, capture_output=True, env=environment)
+
+
+# Words for small tokenizers and tasks in tests.
+WORDS = "red green blue cyan amber violet small large tiny huge cat dog bird fish".split()
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["train/loss"] for record in read_metrics(run_dir) if "train/loss" in record}
+
+
+def split_stream(manifest, split: str) -> np.ndarray:
+    """A split's token stream rebuilt from its blocks (each block repeats the previous block's last token)."""
+    reader = ShardReader(manifest, split, None)
+    blocks = [reader.block(i) for i in range(reader.block_count)]
+    return np.concatenate([blocks[0]] + [block[1:] for block in blocks[1:]])
+
+
+def episodes_config(directory, workers: int = 2, **changes) -> DataConfig:
+    """A small real dataset: in-context episodes, small blocks and shards so there are many of each."""
+    source = {"kind": "icl_episodes", "episodes": 600, **changes}
+    return DataConfig(dir=str(directory), sources=[source], val_fraction=0.1, block_tokens=256, shard_bytes=8192,
+                      workers=workers)
+
+
+def tiny_tokenizer():
+    return train_bpe([" ".join(WORDS)] * 20 + ["the colour of the sky is blue", "a cat is not a dog"], 300)
+
+
+def tiny_model(vocab_size: int, seq_len: int = 64) -> GPT:
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=2, n_head=2, d_model=32))
+    with torch.no_grad():  # untrained logits are nearly flat; spread them so choices differ clearly
+        model.token_embedding.weight.normal_(0, 1.0)
+    return model.eval()
+
+
+WATCHED_STEPS = 100
+
+
+def of_type(records: list[dict], kind: str) -> list[dict]:
+    return [record[kind] for record in records if record["type"] == kind]

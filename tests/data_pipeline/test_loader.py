@@ -20,7 +20,7 @@ from data_pipeline.loader import (
 )
 from data_pipeline.prepare import Manifest
 from data_pipeline.config import BatchLayout
-from tests.data_pipeline.test_prepare import split_stream
+from tests.helpers import split_stream
 
 SEQ_LEN = 32
 SEQUENCES_PER_STEP = 12  # divides into 1, 2 and 3 ranks

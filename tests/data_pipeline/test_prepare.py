@@ -11,18 +11,11 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import ShardReader
 from data_pipeline.prepare import prepare
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
-from tests.data_pipeline.conftest import episodes_config
+from tests.helpers import episodes_config
 
 
 def quiet(*_):
     pass
-
-
-def split_stream(manifest, split: str) -> np.ndarray:
-    """A split's token stream rebuilt from its blocks (each block repeats the previous block's last token)."""
-    reader = ShardReader(manifest, split, None)
-    blocks = [reader.block(i) for i in range(reader.block_count)]
-    return np.concatenate([blocks[0]] + [block[1:] for block in blocks[1:]])
 
 
 def test_preparing_again_gives_byte_identical_shards_whatever_the_number_of_processes(tmp_path, prepared):

@@ -13,22 +13,10 @@ import torch
 from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe
 from evals.fewshot import encode_prompt, evaluate
 from evals.tasks import Item, Task, load_task
+from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 from pretrain.config import ModelConfig
 from pretrain.model import GPT
 
-WORDS = "red green blue cyan amber violet small large tiny huge cat dog bird fish".split()
-
-
-def tiny_tokenizer():
-    return train_bpe([" ".join(WORDS)] * 20 + ["the colour of the sky is blue", "a cat is not a dog"], 300)
-
-
-def tiny_model(vocab_size: int, seq_len: int = 64) -> GPT:
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=2, n_head=2, d_model=32))
-    with torch.no_grad():  # untrained logits are nearly flat; spread them so choices differ clearly
-        model.token_embedding.weight.normal_(0, 1.0)
-    return model.eval()
 
 
 def colour_task(items: int = 12) -> Task:
@@ -95,7 +83,7 @@ def test_prompts_that_do_not_fit_lose_their_oldest_examples_and_say_how_many():
 RANK_SCRIPT = """
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, os.getcwd())
-from tests.evals.test_fewshot import tiny_tokenizer, tiny_model
+from tests.helpers import tiny_tokenizer, tiny_model
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.fewshot import evaluate
 from evals.tasks import load_task

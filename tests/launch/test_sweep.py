@@ -20,7 +20,7 @@ from launch.spec import load_sweep
 from pretrain.config import load_config
 from pretrain.metrics import read_metrics
 from tests.helpers import launch, run_module, signal_job, wait_for
-from tests.pretrain.test_train import losses_by_step
+from tests.helpers import losses_by_step
 
 
 def write_sweep(directory: Path, base: Path, **changes) -> Path:

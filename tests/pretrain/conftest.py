@@ -12,10 +12,7 @@ import pytest
 import yaml
 
 from pretrain.metrics import read_metrics
-from tests.helpers import TINY_CONFIG, deep_merge, launch, signal_job, start_launch, wait_for, wandb_records
-
-WATCHED_STEPS = 100
-
+from tests.helpers import WATCHED_STEPS, TINY_CONFIG, deep_merge, launch, signal_job, start_launch, wait_for, wandb_records
 
 @dataclass
 class WatchedRun:
@@ -24,10 +21,6 @@ class WatchedRun:
     resumed: subprocess.CompletedProcess  # the second launch, which resumed and finished
     attempts: list[Path]  # the offline W&B directories, oldest first
     records: list[list[dict]]  # each attempt's W&B records
-
-
-def of_type(records: list[dict], kind: str) -> list[dict]:
-    return [record[kind] for record in records if record["type"] == kind]
 
 
 @pytest.fixture(scope="session")

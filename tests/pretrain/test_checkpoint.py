@@ -5,7 +5,7 @@ import shutil
 import pytest
 
 from tests.helpers import launch, run_module
-from tests.pretrain.test_train import losses_by_step
+from tests.helpers import losses_by_step
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])

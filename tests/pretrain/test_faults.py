@@ -21,7 +21,7 @@ from tests.helpers import (
     start_launch,
     wait_for,
 )
-from tests.pretrain.test_train import losses_by_step
+from tests.helpers import losses_by_step
 
 
 def marker(run_dir, step: int) -> dict:

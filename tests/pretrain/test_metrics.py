@@ -14,7 +14,7 @@ import yaml
 from pretrain.config import load_config
 from pretrain.metrics import NAMESPACES, WANDB_ID_FILE, RunLogger, read_metrics
 from tests.helpers import TINY_CONFIG, run_module, wandb_records
-from tests.pretrain.conftest import WATCHED_STEPS, of_type
+from tests.helpers import WATCHED_STEPS, of_type
 
 
 def test_a_killed_and_resumed_run_is_one_wandb_run_with_strictly_increasing_steps(watched_run):

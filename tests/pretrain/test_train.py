@@ -7,11 +7,7 @@ import pytest
 import yaml
 
 from pretrain.metrics import read_metrics
-from tests.helpers import launch, run_module, wandb_records
-
-
-def losses_by_step(run_dir: Path) -> dict[int, float]:
-    return {record["step"]: record["train/loss"] for record in read_metrics(run_dir) if "train/loss" in record}
+from tests.helpers import launch, losses_by_step, run_module, wandb_records
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

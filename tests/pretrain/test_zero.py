@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from tests.helpers import TINY_CONFIG, deep_merge, launch
-from tests.pretrain.test_train import losses_by_step
+from tests.helpers import losses_by_step
 
 
 def train_losses(directory, stage: int, ranks: int, activation_checkpointing: bool = False,
