@@ -10,7 +10,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test data bench-data bench eval report sync sweep
+.PHONY: setup train test test-tools data bench-data bench eval report sync sweep
 
 setup: $(VENV)/.installed
 
@@ -27,8 +27,22 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(PY) -m launch run --backend $(BACKEND) --config $(CONFIG) $(ARGS)
 
-test: setup
-	$(PY) -m pytest -q
+# The real components the tests drive (a SLURM cluster, network namespaces, a headless browser) come from the
+# distribution's packages, installed here once where a tool is missing; the tests then only use them.
+TEST_TOOLS := sbatch:slurm-wlm slurmctld:slurm-wlm slurmd:slurm-wlm munged:munge ip:iproute2 unshare:util-linux \
+	chromium:chromium
+test-tools:
+	@missing=$$(for pair in $(TEST_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair##*:}; done | sort -u); \
+	if [ -n "$$missing" ]; then \
+		echo "installing test tools: $$missing"; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: setup test-tools
+	$(PY) -m ruff check .
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest -q --durations=10
 
 # Tokenize and shard a config's data now (training does it on first use otherwise).
 data: setup

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from pretrain.checkpoint import newest_complete, read_marker
 from data_pipeline.errors import REQUEUE_EXIT_CODE
 from pretrain.faults import PREEMPTION_SIGNALS
@@ -53,19 +55,6 @@ def torchrun_command(ranks_per_node: int, config_path: str | None, overrides: li
     return command + list(overrides)
 
 
-def child_pids(parent: int) -> list[int]:
-    """The processes whose parent is `parent` (Linux /proc)."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended while we looked
-            continue
-        if int(fields[1]) == parent:
-            children.append(int(stat.parent.name))
-    return children
-
-
 def _ignore_preemption_warning() -> None:
     # torchrun would die of SIGUSR1 (it does not handle it) and leave its ranks unsupervised; ignoring it is
     # inherited, and the ranks install their own handler.
@@ -87,11 +76,14 @@ def run_node(command: list[str], environment: dict[str, str], ranks_per_node: in
             stopped_before_ranks.append(signal_number)
             return
         # The ranks run in sessions of their own, so a signal to this process group does not reach them.
-        ranks = child_pids(torchrun.pid)
-        for rank_pid in ranks:
+        try:
+            ranks = psutil.Process(torchrun.pid).children()
+        except psutil.NoSuchProcess:
+            ranks = []
+        for rank in ranks:
             try:
-                os.kill(rank_pid, signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
-            except ProcessLookupError:
+                rank.send_signal(signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
+            except psutil.NoSuchProcess:
                 pass
         if not ranks:  # none started yet: nothing to save, and nothing would hear the signal
             stopped_before_ranks.append(signal_number)

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
@@ -113,7 +114,9 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
         for seed in sweep.seeds:
             for part, tag, steps in ordered:
                 name = _run_name(sweep, size, part, seed)
-                tags = f"[{sweep.name}, 'n={parameters}', '{tag}', 'seed={seed}']"
+                # An override is YAML text after "=": dumped by the YAML library, so any sweep name reads back.
+                tags = yaml.safe_dump([sweep.name, f"n={parameters}", tag, f"seed={seed}"], default_flow_style=True,
+                                      width=2**16).strip()
                 overrides = [
                     *sweep.overrides, *shape, f"name={name}", f"output_dir={sweep_dir}",
                     f"train.max_steps={steps}", f"train.lr={lr}", f"seed={seed}",

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import ConfigError, UserError
+from data_pipeline.files import publish_directory, write_atomically
 from pretrain.config import Config
 
 COMPLETE_MARKER = "complete"
@@ -91,12 +92,18 @@ def save(
         marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
         if preempted_by:
             marker["preempted_by"] = preempted_by
-        (path / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
-        complete = complete_tags(run_dir)
-        if keep and len(complete) > keep:
-            remove_older_than(run_dir, complete[-keep], spare={tag_for_step(step) for step in spare})
+        write_atomically(path / COMPLETE_MARKER, json.dumps(marker) + "\n")
+        prune(run_dir, keep, spare)
     dist.barrier()
     return path
+
+
+def prune(run_dir: Path, keep: int, spare: list[int] = ()) -> None:
+    """Keep the newest `keep` complete checkpoints (keep=0: all) and those of the steps in `spare`; delete the
+    older ones, complete or not."""
+    complete = complete_tags(run_dir)
+    if keep and len(complete) > keep:
+        remove_older_than(run_dir, complete[-keep], spare={tag_for_step(step) for step in spare})
 
 
 def remove_older_than(run_dir: Path, oldest_kept: str, spare: set[str] = frozenset()) -> None:
@@ -149,9 +156,8 @@ def convert_to_universal(checkpoint: Path) -> Path:
         strict=True,
         inject_missing_state=True,  # the metadata Megatron models carry and a plain torch model lacks
     ))
-    (partial / COMPLETE_MARKER).write_text(json.dumps(read_marker(checkpoint)) + "\n")
-    partial.rename(universal)
-    return universal
+    write_atomically(partial / COMPLETE_MARKER, json.dumps(read_marker(checkpoint)) + "\n")
+    return publish_directory(partial, universal)
 
 
 def load(engine, checkpoint: Path, universal: bool) -> dict[str, Any]:

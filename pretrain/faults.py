@@ -7,11 +7,14 @@ warnings) make every rank save a checkpoint at the end of the current step and e
 
 from __future__ import annotations
 
+import math
 import signal
+from collections.abc import Iterable
 from pathlib import Path
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE, UserError
 from pretrain.checkpoint import newest_complete
+from pretrain.config import Config
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -32,7 +35,8 @@ class Preempted(TrainingStopped):
 
 
 class PreemptionWatch:
-    """Records a preemption signal instead of dying of it; the loop checks `received` after each step."""
+    """Records a preemption signal instead of dying of it. Each rank votes after every step (its vote rides on
+    the step's loss all-reduce); any vote stops every rank, which save a checkpoint and exit to be requeued."""
 
     def __init__(self):
         self.received: str | None = None
@@ -42,19 +46,66 @@ class PreemptionWatch:
     def _record(self, signal_number: int, _frame) -> None:
         self.received = signal.Signals(signal_number).name
 
+    def vote(self) -> float:
+        return float(self.received is not None)
 
-class NonFiniteSteps:
-    """Counts skipped non-finite steps, and how many in a row; `limit` in a row stop the run."""
+    def agreed(self, mean_vote: float) -> str | None:
+        """What asked the ranks to stop, given the mean of their votes; None to carry on."""
+        if mean_vote <= 0:
+            return None
+        return self.received or "a signal to another rank"
 
-    def __init__(self, limit: int, run_dir: Path, total: int = 0):
+
+class NonFiniteGuard:
+    """Counts the steps skipped for a non-finite loss or gradient, says when to alert (once per streak), and
+    stops the run after `limit` in a row. It also runs the NaN drill: rank 0's loss is made NaN at `drill_steps`.
+
+    `total` survives a resume through the checkpoint's loop state; the streak starts again at zero."""
+
+    LOOP_STATE_KEY = "non_finite_steps_skipped"
+
+    def __init__(self, limit: int, run_dir: Path, precision: str, drill_steps: Iterable[int] = (),
+                 is_main: bool = True):
         self.limit = limit
         self.run_dir = run_dir
-        self.total = total  # a resumed run carries on the count of the run it continues
+        self.precision = precision
+        self.drill_steps = frozenset(drill_steps)
+        self.is_main = is_main
+        self.total = 0
         self.in_a_row = 0
 
-    def record(self, not_finite: bool) -> None:
+    @classmethod
+    def from_config(cls, config: Config, precision: str, is_main: bool) -> NonFiniteGuard:
+        faults = config.faults
+        return cls(faults.max_consecutive_skipped_steps, config.run_dir, precision, faults.nan_loss_at_steps, is_main)
+
+    def loop_state(self) -> dict[str, int]:
+        return {self.LOOP_STATE_KEY: self.total}
+
+    def restore(self, loop_state: dict) -> None:
+        # Absent from checkpoints made before the count was kept (DeepSpeed's own "skipped_steps" is another count).
+        self.total = loop_state.get(self.LOOP_STATE_KEY, 0)
+
+    def poisons(self, step: int) -> bool:
+        """Whether this rank's loss at `step` (1-based) is to be made NaN, as the drill asks."""
+        return step in self.drill_steps and self.is_main
+
+    def record(self, step: int, loss: float, optimizer_skipped: bool, step_applied: bool) -> str | None:
+        """Count step `step` (1-based); return an alert's text on the first step of a streak, else None."""
+        skipped = optimizer_skipped or not step_applied
+        # Under fp16, DeepSpeed's loss scaler also skips steps whose scaled gradients overflowed while it finds
+        # its scale; those are routine, not a sign of divergence.
+        loss_scaler_skip = self.precision == "fp16" and not optimizer_skipped and math.isfinite(loss)
+        not_finite = skipped and not loss_scaler_skip
         self.total += not_finite
         self.in_a_row = self.in_a_row + 1 if not_finite else 0
+        if self.in_a_row != 1:  # a longer streak was alerted at its start, and stop_if_too_many ends it
+            return None
+        return (f"step {step}: loss {loss} (or its gradient) is not finite; the step was skipped ({self.total} skipped"
+                " so far)")
+
+    def metrics(self) -> dict[str, int]:
+        return {"train/skipped_steps": self.total}
 
     def stop_if_too_many(self, step: int) -> None:
         if self.in_a_row < self.limit:

@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import ShardReader
 from data_pipeline.tokenizer import train_bpe
-from launch.local import child_pids
 from pretrain.config import ModelConfig
 from pretrain.metrics import read_metrics
 from pretrain.model import GPT
@@ -90,20 +90,16 @@ def wait_for(path: Path, job: subprocess.Popen, timeout: float = 300, poll: floa
 
 def job_processes(job: subprocess.Popen) -> list[int]:
     """The launcher and everything below it: torchrun, the ranks (each in a session of its own), readers."""
-    found, frontier = [], [job.pid]
-    while frontier:
-        pid = frontier.pop()
-        found.append(pid)
-        frontier += child_pids(pid)
-    return found
+    launcher = psutil.Process(job.pid)
+    return [launcher.pid, *(child.pid for child in launcher.children(recursive=True))]
 
 
 def rank_pid(job: subprocess.Popen, rank: int) -> int:
     """The process of one training rank: a child of torchrun, itself the launcher's child."""
-    (torchrun,) = [pid for pid in child_pids(job.pid) if b"torch.distributed.run" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    for pid in child_pids(torchrun):
-        if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-            return pid
+    (torchrun,) = [child for child in psutil.Process(job.pid).children() if "torch.distributed.run" in child.cmdline()]
+    for process in torchrun.children():
+        if process.environ().get("RANK") == str(rank):
+            return process.pid
     raise AssertionError(f"no process for rank {rank}")
 
 
@@ -123,16 +119,6 @@ def wandb_records(offline_run: Path) -> list[dict]:
         capture_output=True, text=True, check=True,
     )
     return [json.loads(line) for line in inspected.stdout.splitlines() if line.strip()]
-
-
-def install_where_missing(tools: dict[str, str]) -> None:
-    """apt-get install the package of each tool ({tool: package}) not on PATH: tests use the real thing."""
-    packages = sorted({package for tool, package in tools.items() if not shutil.which(tool)})
-    if not packages:
-        return
-    environment = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run(["apt-get", "update", "-q"], check=True, capture_output=True, env=environment)
-    subprocess.run(["apt-get", "install", "-y", "-q", *packages], check=True, capture_output=True, env=environment)
 
 
 # Words for small tokenizers and tasks in tests.

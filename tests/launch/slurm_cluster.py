@@ -1,5 +1,5 @@
 """A real one-node SLURM cluster on this machine, for tests: munge, slurmctld and slurmd from the
-distribution's packages (installed with apt-get where missing), configured in a temporary directory."""
+distribution's packages (`make test-tools` installs them), configured in a temporary directory."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import install_where_missing
 
 
 def node_resources() -> str:
@@ -34,7 +33,6 @@ class SlurmCluster:
         return {**os.environ, "SLURM_CONF": str(self.conf)}
 
     def start(self) -> SlurmCluster:
-        install_where_missing({tool: "slurm-wlm" for tool in ("sbatch", "slurmctld", "slurmd")} | {"munged": "munge"})
         state, spool = self.directory / "state", self.directory / "spool"
         state.mkdir(parents=True)
         spool.mkdir()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.metrics import read_metrics
-from tests.helpers import install_where_missing, launch, run_module
+from tests.helpers import launch, run_module
 
 HOSTS = {"node1": "10.77.0.1", "node2": "10.77.0.2"}
 
@@ -23,7 +23,6 @@ def ip(*args: str) -> None:
 def two_hosts():
     if os.geteuid() != 0:
         pytest.skip("network namespaces need root")
-    install_where_missing({"ip": "iproute2", "unshare": "util-linux"})
     names = {host: f"pretrain-{host}" for host in HOSTS}
     hosts_file = "127.0.0.1 localhost\n" + "".join(f"{address} {host}\n" for host, address in HOSTS.items())
     for namespace in names.values():

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.helpers import install_where_missing, run_module
+from tests.helpers import run_module
 
 # Screenshots are kept here (or under $TEST_ARTIFACTS) after the run, to look at.
 ARTIFACTS = Path(os.environ.get("TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
@@ -21,7 +21,6 @@ LINE_COLOURS = {"C0": (0x1F, 0x77, 0xB4), "C1": (0xFF, 0x7F, 0x0E), "C2": (0x2C,
 
 def render_in_chromium(page: Path, screenshot: Path) -> list[str]:
     """Load the page in headless Chromium, save a screenshot, and return the page's console messages."""
-    install_where_missing({"chromium": "chromium"})
     result = subprocess.run(
         ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
          "--v=0", f"--screenshot={screenshot}", "--window-size=900,4400", page.resolve().as_uri()],
