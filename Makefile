@@ -70,7 +70,7 @@ report: setup
 # Upload every offline W&B run under RUNS (each resumed run's attempts in order); ARGS=--dry-run prints it.
 RUNS ?= runs
 sync: setup
-	$(PY) -m pretrain.metrics sync $(RUNS) $(ARGS)
+	$(PY) -m pretrain.wandb_runs sync $(RUNS) $(ARGS)
 
 # A scaling sweep: every run of SPEC not finished yet (finished ones are skipped, interrupted ones resume),
 # then the fit, its intervals and plots in runs/<sweep>/scaling/. ARGS take `launch run` options and

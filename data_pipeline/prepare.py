@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
+from data_pipeline.files import publish_directory
 from data_pipeline.sources import describe, text_hash, weighted_documents
 from data_pipeline.tokenizer import (
     END_OF_DOCUMENT,
@@ -261,7 +262,7 @@ def prepare(data: DataConfig, vocab_size: int, log=print) -> Manifest:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    staging.rename(directory)
+    publish_directory(staging, directory)  # durable before anyone reads it, whole or not at all
     return Manifest.load(directory)
 
 

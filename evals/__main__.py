@@ -15,10 +15,22 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-from evals.tasks import TaskError, load_tasks
+from data_pipeline.cli import run_command
+from data_pipeline.config import validated
+from data_pipeline.tokenizer import END_OF_DOCUMENT
+from evals import report
+from evals.config import FewShotConfig
+from evals.fewshot import Score, evaluate
+from evals.fit_runs import FitSettings, WandbTarget, fit_runs
+from evals.interop import export_hf, write_lm_eval_tasks
+from evals.tasks import load_tasks
+from pretrain.checkpoint import tag_for_step
+from pretrain.config import Config
+from pretrain.distributed import init_distributed, shutdown
+from pretrain.rundir import load_checkpoint, run_config, run_tokenizer
+from pretrain.wandb_runs import finish_run, start_run
 
 
 def _comma_list(text: str) -> list[str]:
@@ -29,7 +41,8 @@ def _shots(text: str) -> list[int]:
     try:
         shots = sorted({int(part) for part in _comma_list(text)})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give numbers of examples separated by commas, e.g. 0,1,8") from None
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give numbers of examples separated by commas, e.g. 0,1,8") from None
     if not shots or shots[0] < 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give numbers of examples >= 0, e.g. 0,1,8")
     return shots
@@ -94,93 +107,30 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def run_scaling(args: argparse.Namespace) -> int:
-    import json
-
-    from evals import scaling
-    from evals.report import write_whole
-    from evals.scaling import format_interval as interval
-
-    runs = scaling.read_csv(args.csv) if args.csv else scaling.find_runs(args.runs)
-    if args.holdout and len(runs) - args.holdout < 5:
-        raise scaling.ScalingError(
-            f"--holdout {args.holdout} leaves {len(runs) - args.holdout} runs; the fit needs at least 5")
-    result = scaling.analyse(runs, args.target_flops, args.bootstrap, args.holdout, fewshot_k=args.fewshot_k)
-    args.out.mkdir(parents=True, exist_ok=True)
-    law, intervals = result["law"], result["intervals_95"]
-    print(f"{len(runs)} runs; L(N, D) = E + A / N^alpha + B / D^beta, 95% bootstrap intervals:")
-    for name, value in law.items():
-        print(f"  {name:6s} {value:12.5g}  [{intervals[name][0]:.5g}, {intervals[name][1]:.5g}]")
-    if "holdout" in result:
-        errors = ", ".join(f"{error:+.2%}" for error in result["holdout"]["relative_errors"])
-        held_out = ", ".join(result["holdout"]["held_out"])
-        print(f"holdout: fitted without {held_out}, predicted them with errors {errors}")
-    if "compute_optimal" in result:
-        best = result["compute_optimal"]
-        print(f"compute-optimal at {best['flops']:.3g} FLOPs: N {best['parameters']:.3g}"
-              f"{interval(best['parameters_interval_95'])}, D {best['tokens']:.3g}"
-              f"{interval(best['tokens_interval_95'])}, loss {best['loss']:.4g}")
-        if "isoflop" in best:
-            print(f"  from the isoFLOP power law: N {best['isoflop']['parameters']:.3g}"
-                  f"{interval(best['isoflop']['parameters_interval_95'])}, D {best['isoflop']['tokens']:.3g}"
-                  f"{interval(best['isoflop']['tokens_interval_95'])}")
-    isoflop = result["isoflop"]
-    for budget in isoflop["budgets"]:
-        about = (f"skipped: {budget['skipped']}" if "skipped" in budget else
-                 f"N_opt {budget['optimal_parameters']:.3g}{interval(budget['optimal_parameters_interval_95'])},"
-                 f" loss {budget['loss_at_optimum']:.4g}")
-        print(f"isoFLOP budget {budget['flops']:.3g} FLOPs ({len(budget['runs'])} runs): {about}")
-    if "skipped" in isoflop:
-        print(f"isoFLOP: skipped: {isoflop['skipped']}")
-    else:
-        print(f"isoFLOP power law through the budgets' minima: N_opt ∝ C^{isoflop['parameters_exponent']:.3f}"
-              f"{interval(isoflop['parameters_exponent_interval_95'])}, D_opt ∝ C^{isoflop['tokens_exponent']:.3f}"
-              f"{interval(isoflop['tokens_exponent_interval_95'])}")
-    if "k" in result["fewshot"]:
-        fewshot = result["fewshot"]
-        print(f"few-shot accuracy against compute at k={fewshot['k']}: {', '.join(fewshot['tasks'])}")
-    report = json.dumps(result, indent=2) + "\n"
-    written = [write_whole(args.out / "scaling.json", lambda path: path.write_text(report))]
-    written += scaling.plot(result, args.out)
-    for path in written:
-        print(f"wrote {path}")
-    if args.wandb_group:
-        from pretrain.metrics import wandb_mode
-
-        mode = wandb_mode(args.wandb_mode)
-        if mode != "disabled":
-            settings = {
-                "runs": [str(path) for path in args.runs] if args.runs else None,
-                "csv": str(args.csv) if args.csv else None,
-                "bootstrap": args.bootstrap, "holdout": args.holdout, "target_flops": args.target_flops,
-                "fewshot_k": args.fewshot_k, "out": str(args.out),
-            }
-            print(scaling.log_to_wandb(result, written, settings, args.wandb_group, args.wandb_project,
-                                       args.wandb_entity, mode, args.out))
+    settings = FitSettings(out=args.out, runs=args.runs, csv=args.csv, target_flops=args.target_flops,
+                           bootstrap=args.bootstrap, holdout=args.holdout, fewshot_k=args.fewshot_k)
+    wandb = (WandbTarget(args.wandb_group, args.wandb_project, args.wandb_entity, args.wandb_mode)
+             if args.wandb_group else None)
+    fit_runs(settings, wandb)
     return 0
 
 
 def run_fewshot(args: argparse.Namespace) -> int:
-    from data_pipeline.tokenizer import END_OF_DOCUMENT
-    from evals import report
-    from evals.fewshot import evaluate
-    from pretrain.checkpoint import tag_for_step
-    from pretrain.distributed import init_distributed, shutdown
-    from pretrain.export import load_checkpoint, run_config, run_tokenizer
-
     config = run_config(args.checkpoint)
     overrides = {
         "tasks": args.tasks, "shots": args.shots, "items": args.items, "seed": args.seed,
         "batch_size": args.batch_size,
     }
-    settings = config.eval.fewshot.model_validate(
-        {**config.eval.fewshot.model_dump(), **{key: value for key, value in overrides.items() if value is not None}}
-    )
+    settings = validated(FewShotConfig, {
+        **config.eval.fewshot.model_dump(), **{key: value for key, value in overrides.items() if value is not None}
+    })
     tasks = load_tasks(
         settings.tasks, items=settings.items, example_delimiter=settings.example_delimiter,
         target_delimiter=settings.target_delimiter,
     )
     tokenizer = run_tokenizer(config)
-    model, step, _ = load_checkpoint(args.checkpoint, args.step)
+    trained = load_checkpoint(args.checkpoint, args.step)
+    model, step = trained.model, trained.step
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     context = init_distributed(config.deepspeed.timeout_minutes) if distributed else None
     try:
@@ -204,55 +154,37 @@ def run_fewshot(args: argparse.Namespace) -> int:
     for path in report.write_files(scores, out, about):
         print(f"wrote {path}")
     if not args.no_wandb:
-        log_to_wandb(config, step, scores, out)
+        log_fewshot_to_wandb(config, step, scores, out)
     return 0
 
 
-def log_to_wandb(config, step: int, scores, out: Path) -> None:
-    from evals import report
-    from pretrain.metrics import wandb_mode
-
-    mode = wandb_mode(config.logging.wandb_mode)
-    if mode == "disabled":
+def log_fewshot_to_wandb(config: Config, step: int, scores: list[Score], out: Path) -> None:
+    """The scores in a W&B run of their own, `<run>-fewshot-step<N>` in the run's group."""
+    logging = config.logging
+    run = start_run(mode=logging.wandb_mode, directory=out, project=logging.wandb_project,
+                    entity=logging.wandb_entity, group=config.name, job_type="fewshot-eval",
+                    name=f"{config.name}-fewshot-step{step}", config={"run": config.name, "step": step})
+    if run is None:
         return
-    import wandb  # deferred: only a run that logs to W&B needs it
-
-    run = wandb.init(
-        project=config.logging.wandb_project, name=f"{config.name}-fewshot-step{step}", group=config.name,
-        job_type="fewshot-eval", dir=str(out), mode=mode, config={"run": config.name, "step": step},
-        settings=wandb.Settings(console="off", quiet=True),
-    )
     report.log_to_wandb(scores, run)
-    run.finish()
+    finished = finish_run(run)
+    if finished:
+        print(finished)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_pipeline.errors import DataError
-    from evals.scaling import ScalingError
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import exit_on_config_error
-
     args = parse_args(argv)
-    with exit_on_config_error():
-        try:
-            if args.command == "fewshot":
-                return run_fewshot(args)
-            if args.command == "scaling":
-                return run_scaling(args)
-            if args.command == "export-hf":
-                from evals.interop import export_hf
-
-                print(f"exported {export_hf(args.checkpoint, args.step, args.out)}")
-                return 0
-            from evals.interop import write_lm_eval_tasks
-
-            for path in write_lm_eval_tasks(args.tasks, args.shots, args.items, args.seed, args.out):
-                print(f"wrote {path}")
-            return 0
-        except (TaskError, CheckpointError, DataError, ScalingError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 1
+    if args.command == "fewshot":
+        return run_fewshot(args)
+    if args.command == "scaling":
+        return run_scaling(args)
+    if args.command == "export-hf":
+        print(f"exported {export_hf(args.checkpoint, args.step, args.out)}")
+        return 0
+    for path in write_lm_eval_tasks(args.tasks, args.shots, args.items, args.seed, args.out):
+        print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import tempfile
 import time
 from importlib.metadata import version
@@ -23,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.cli import run_command
 from data_pipeline.embedded import icl_episodes
+from data_pipeline.files import write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe
 from evals.fewshot import evaluate
 from evals.interop import to_hf, write_lm_eval_tasks
@@ -51,6 +52,7 @@ def synchronize(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Deferred: the harness and transformers take seconds to import, and only the benchmark needs them.
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -63,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = train_bpe(icl_episodes(2000, 0, 64, 8, 4, 24), 2048)
     eod = tokenizer.token_to_id(END_OF_DOCUMENT)
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=max(shape.vocab_size, tokenizer.get_vocab_size()), seq_len=shape.seq_len, n_layer=shape.n_layer,
-                            n_head=shape.n_head, d_model=shape.d_model)).eval()
+    model = GPT(ModelConfig(vocab_size=max(shape.vocab_size, tokenizer.get_vocab_size()), seq_len=shape.seq_len,
+                            n_layer=shape.n_layer, n_head=shape.n_head, d_model=shape.d_model)).eval()
     with tempfile.TemporaryDirectory() as scratch:
         hf_dir, tasks_dir = Path(scratch) / "hf", Path(scratch) / "tasks"
         to_hf(model, eod).save_pretrained(hf_dir)
@@ -106,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(figures, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+        write_atomically(args.json, json.dumps(figures, indent=2) + "\n")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

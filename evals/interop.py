@@ -18,11 +18,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
+from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.tasks import MULTIPLE_CHOICE, TaskError, load_tasks
+from pretrain.checkpoint import tag_for_step
 from pretrain.model import GPT, MLP_RATIO
+from pretrain.rundir import load_checkpoint, run_tokenizer
 
 
 def _weights(layer: nn.Module, name: str, convert: Callable[[torch.Tensor], torch.Tensor]) -> dict:
@@ -119,26 +123,22 @@ def to_hf(model: GPT, end_of_document_id: int):
 
 
 def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # deferred: only an export needs transformers loaded
 
-    from pretrain.checkpoint import tag_for_step
-    from pretrain.export import load_checkpoint, run_tokenizer
-
-    model, written_at, config = load_checkpoint(run_dir, step)
-    tokenizer = run_tokenizer(config)
+    trained = load_checkpoint(run_dir, step)
+    tokenizer = run_tokenizer(trained.config)
     eod = tokenizer.token_to_id(END_OF_DOCUMENT)
-    out = out or run_dir / "hf" / tag_for_step(written_at)
-    partial = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good directory
-    shutil.rmtree(partial, ignore_errors=True)
-    to_hf(model, eod).save_pretrained(partial)
+    out = out or run_dir / "hf" / tag_for_step(trained.step)
+    staging = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good directory
+    shutil.rmtree(staging, ignore_errors=True)
+    to_hf(trained.model, eod).save_pretrained(staging)
     PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT,
-        model_max_length=config.model.seq_len,
-    ).save_pretrained(partial)
+        model_max_length=trained.config.model.seq_len,
+    ).save_pretrained(staging)
     if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return out
+        shutil.rmtree(out)  # an earlier export of this step, replaced
+    return publish_directory(staging, out)
 
 
 def write_lm_eval_tasks(specs: list[str], shots: list[int], items: int, seed: int, out: Path) -> list[Path]:
@@ -154,22 +154,22 @@ def write_lm_eval_tasks(specs: list[str], shots: list[int], items: int, seed: in
         for k in shots:
             name = f"{task.name}_{k}shot"
             documents = out / f"{name}.jsonl"
-            with documents.open("w") as file:
-                for index, item in enumerate(task.items):
-                    prompt = task.prompt(item, task.shots(index, k, seed))
-                    file.write(json.dumps({"context": prompt, "choices": list(item.choices), "gold": item.gold}) + "\n")
+            write_atomically(documents, "".join(
+                json.dumps({"context": task.prompt(item, task.shots(index, k, seed)), "choices": list(item.choices),
+                            "gold": item.gold}) + "\n"
+                for index, item in enumerate(task.items)))
             spec = out / f"{name}.yaml"
-            spec.write_text(
-                f"task: {name}\n"
-                "dataset_path: json\n"
-                f"dataset_kwargs:\n  data_files:\n    test: {json.dumps(str(documents.resolve()))}\n"
-                "test_split: test\n"
-                "output_type: multiple_choice\n"
-                'doc_to_text: "{{context}}"\n'
-                'doc_to_choice: "{{choices}}"\n'
-                'doc_to_target: "{{gold}}"\n'
-                f"target_delimiter: {json.dumps(task.target_delimiter)}\n"
-                "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-            )
+            write_atomically(spec, yaml.safe_dump({
+                "task": name,
+                "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(documents.resolve())}},
+                "test_split": "test",
+                "output_type": "multiple_choice",
+                "doc_to_text": "{{context}}",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{gold}}",
+                "target_delimiter": task.target_delimiter,
+                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
+            }, sort_keys=False, allow_unicode=True))
             written += [documents, spec]
     return written

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import re
 from pathlib import Path
 
+from data_pipeline.files import write_atomically
 from evals.fewshot import Score
 
 CSV_COLUMNS = list(Score.__dataclass_fields__)
@@ -32,32 +34,18 @@ def table(scores: list[Score]) -> str:
     return "\n".join(lines)
 
 
-def write_whole(path: Path, fill) -> Path:
-    """Write `path` through `fill(partial_path)` and rename it into place: an interrupted write never leaves a
-    half-written file where an earlier good one stood."""
-    partial = path.with_name(f".{path.name}.partial")
-    fill(partial)
-    partial.replace(path)
-    return path
-
-
 def write_files(scores: list[Score], out_dir: Path, about: dict) -> list[Path]:
     """fewshot.json (the scores with what was evaluated), fewshot.csv and fewshot.png, each written whole."""
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    def fill_json(path: Path) -> None:
-        path.write_text(json.dumps({**about, "scores": [score.as_dict() for score in scores]}, indent=2) + "\n")
-
-    def fill_csv(path: Path) -> None:
-        with path.open("w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-            writer.writeheader()
-            writer.writerows(score.as_dict() for score in scores)
-
+    rows = io.StringIO(newline="")
+    writer = csv.DictWriter(rows, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    writer.writerows(score.as_dict() for score in scores)
     return [
-        write_whole(out_dir / "fewshot.json", fill_json),
-        write_whole(out_dir / "fewshot.csv", fill_csv),
-        write_whole(out_dir / "fewshot.png", lambda path: plot(scores, path, about.get("title", ""))),
+        write_atomically(out_dir / "fewshot.json",
+                         json.dumps({**about, "scores": [score.as_dict() for score in scores]}, indent=2) + "\n"),
+        write_atomically(out_dir / "fewshot.csv", rows.getvalue()),
+        write_atomically(out_dir / "fewshot.png", lambda path: plot(scores, path, about.get("title", ""))),
     ]
 
 

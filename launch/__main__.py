@@ -23,6 +23,7 @@ from pathlib import Path
 
 from data_pipeline.cli import run_command
 from data_pipeline.errors import ConfigError
+from data_pipeline.files import write_atomically
 from data_pipeline.prepare import MANIFEST, prepare
 from launch import hostfile, slurm
 from launch.local import (
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     record_launch(config.run_dir, args.backend, argv, commands, host_names, config.launch.environment)
     if args.backend == "hostfile" and args.hostfile_launcher == "deepspeed":
         environment_file = config.run_dir / "launches" / "deepspeed_env"  # what DeepSpeed exports to every host
-        environment_file.write_text("".join(f"{name}={value}\n" for name, value in config.launch.environment.items()))
+        write_atomically(environment_file, "".join(f"{name}={value}\n" for name, value in config.launch.environment.items()))
         environment["DS_ENV_FILE"] = str(environment_file)
     return run_node(commands[0], environment, ranks_here, config.run_dir)
 

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.files import write_atomically
+
 # Variables that change how a distributed run behaves; secrets are never recorded, whatever their prefix.
 RECORDED = re.compile(r"^(NCCL_|CUDA_|TORCH|OMP_|MASTER_|SLURM_(JOB_ID|JOB_NODELIST|NNODES|RESTART_COUNT)$|GLOO_)")
 SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
@@ -33,5 +35,4 @@ def record_launch(run_dir: Path, backend: str, argv: list[str], commands: list[l
     directory = run_dir / "launches"
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{socket.gethostname()}-{backend}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    return path
+    return write_atomically(path, json.dumps(record, indent=2) + "\n")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
+from data_pipeline.files import write_atomically
 from pretrain.config import Config
 
 
@@ -125,8 +126,7 @@ def submit(script: str, directory: Path) -> tuple[str, Path]:
     if sbatch is None:
         raise ConfigError("--backend slurm: sbatch is not on PATH; run this on a SLURM login node, or use --dry-run")
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "submit.sbatch"
-    path.write_text(script)
+    path = write_atomically(directory / "submit.sbatch", script)
     result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"--backend slurm: sbatch refused the job: {result.stderr.strip()}")

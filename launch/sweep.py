@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from evals.fit_runs import FitSettings, WandbTarget, fit_runs
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
 from pretrain.checkpoint import (
@@ -50,6 +51,7 @@ from pretrain.checkpoint import (
     tag_for_step,
 )
 from data_pipeline.errors import ConfigError
+from data_pipeline.files import write_atomically
 from launch.spec import SweepConfig, SweepSize
 from pretrain.config import Config, load_config
 from pretrain.data import prepare_and_verify
@@ -319,7 +321,7 @@ def submit_arrays(sweep: SweepConfig, pending: list[tuple[str, SweepRun]], paral
         if job is not None:
             queued.append(job)
             log_dir.mkdir(parents=True, exist_ok=True)
-            (log_dir / QUEUED_RECORD).write_text(json.dumps({"jobs": queued}) + "\n")
+            write_atomically(log_dir / QUEUED_RECORD, json.dumps({"jobs": queued}) + "\n")
         return job
 
     first_job = submit(first, sweep.name, None) if first else None
@@ -391,11 +393,7 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
         print(f"sweep {sweep.name}: {len(failed)} run(s) did not finish: {', '.join(failed)}; run the sweep again")
         return 1
     print(f"sweep {sweep.name}: every run finished; fitting", flush=True)
-    from evals.__main__ import main as evals_main
-
     logging = runs[0].config.logging
-    return evals_main(["scaling", "--runs", str(sweep_dir), "--out", str(sweep_dir / "scaling"),
-                       *(["--holdout", str(len(runs) // 4)] if len(runs) >= 8 else []),
-                       "--wandb-group", sweep.name, "--wandb-project", logging.wandb_project,
-                       "--wandb-mode", logging.wandb_mode,
-                       *(["--wandb-entity", logging.wandb_entity] if logging.wandb_entity else [])])
+    fit_runs(FitSettings(out=sweep_dir / "scaling", runs=[sweep_dir], holdout=len(runs) // 4 if len(runs) >= 8 else 0),
+             WandbTarget(sweep.name, logging.wandb_project, logging.wandb_entity, logging.wandb_mode))
+    return 0

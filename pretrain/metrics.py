@@ -1,9 +1,10 @@
 """Where a run's numbers go: `metrics.jsonl` in the run directory always, and W&B on rank 0.
 
-One W&B run per training run: its id is made from the run directory's name when the run starts and kept in
-the directory (`wandb_run_id`), so every resume or requeue continues the same W&B run. W&B runs offline when
-no API key is configured, so a run on a machine with no network still records everything; the end of the run
-prints the `wandb sync` command that uploads it (`make sync` uploads every offline run under a directory).
+One W&B run per training run (started by `pretrain.wandb_runs`, the project's one W&B module): its id is made
+from the run directory's name when the run starts and kept in the directory (`wandb_run_id`), so every resume
+or requeue continues the same W&B run. W&B runs offline when no API key is configured, so a run on a machine with
+no network still records everything; the end of the run prints the `wandb sync` command that uploads it (`make
+sync` uploads every offline run under a directory). `pretrain.rundir.read_metrics` reads `metrics.jsonl` back.
 
 Metrics are named by namespace (`train/`, `val/`, `perf/`, `eval/fewshot/<task>/k=<k>`, `system/`) and every
 one of them can be plotted against `train/tokens` as well as the step. Alerts (`wandb.alert`, and a line on the
@@ -13,16 +14,10 @@ when the run finishes, is preempted or fails.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import netrc
 import os
 import platform
-import re
-import secrets
-import shlex
-import subprocess
 import sys
 import threading
 import time
@@ -32,48 +27,14 @@ from typing import Any
 
 import torch
 
+from data_pipeline.files import write_atomically
 from pretrain.config import Config
 from pretrain.faults import Preempted
+from pretrain.rundir import METRICS_FILE, read_metrics
+from pretrain.wandb_runs import finish_run, run_id_for, start_run
 
-METRICS_FILE = "metrics.jsonl"
-WANDB_ID_FILE = "wandb_run_id"
 NAMESPACES = ("train", "val", "perf", "eval", "system")
 GIB = 2**30
-# W&B writes its offline record in batches; a job killed outright (a node lost) loses what was not written
-# yet. Every 2 s bounds that loss at a cost nobody sees (metrics.jsonl is written at every step regardless).
-WANDB_FLUSH_SECONDS = 2.0
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _wandb_api_key_configured() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    try:
-        return netrc.netrc().authenticators("api.wandb.ai") is not None  # where `wandb login` stores it
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
-def wandb_mode(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "online" if _wandb_api_key_configured() else "offline"
-
-
-def wandb_run_id(run_dir: Path) -> str:
-    """The run directory's W&B id, made on first use: its name (in the characters W&B ids allow) and a random
-    suffix, so a new run in a directory of the same name never continues an old W&B run."""
-    id_file = run_dir / WANDB_ID_FILE
-    if not id_file.exists():
-        stem = re.sub(r"[^a-z0-9]+", "-", run_dir.resolve().name.lower()).strip("-")[:48] or "run"
-        id_file.write_text(f"{stem}-{secrets.token_hex(4)}\n")
-    return id_file.read_text().strip()
 
 
 def _package_version(name: str) -> str | None:
@@ -126,11 +87,6 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     return values
 
 
-def wandb_command() -> str:
-    beside_python = Path(sys.executable).with_name("wandb")
-    return str(beside_python) if beside_python.exists() else "wandb"
-
-
 class RunLogger:
     """Records one dict of metrics per step and raises alerts. Only rank 0 writes; elsewhere every call is a
     no-op. Used as a context manager, it closes the W&B run with an alert saying how the run ended."""
@@ -150,12 +106,10 @@ class RunLogger:
         if resumed_from_step is not None:
             # Steps after the checkpoint were thrown away with the crash; the resumed run logs them anew.
             kept = [record for record in earlier if record["step"] <= resumed_from_step]
-            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
+            write_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
         self.file = path.open("a")
         self.last: dict[str, Any] = {}
-        self.mode = wandb_mode(config.logging.wandb_mode)
-        if self.mode != "disabled":
-            self.wandb_run = self._start_wandb(config, launch or {})
+        self.wandb_run = self._start_wandb(config, launch or {})
         self.last_progress = time.monotonic()
         self.stalled = False
         self.stop_watching = threading.Event()
@@ -163,27 +117,17 @@ class RunLogger:
             threading.Thread(target=self._watch_for_stalls, name="stall-watch", daemon=True).start()
 
     def _start_wandb(self, config: Config, launch: dict):
-        import wandb  # deferred: a run with W&B disabled does not need it installed
-
         logging = config.logging
-        run = wandb.init(
-            entity=logging.wandb_entity,
-            project=logging.wandb_project,
-            group=logging.wandb_group,
-            job_type=logging.wandb_job_type,
-            tags=logging.wandb_tags,
-            name=config.name,
-            id=wandb_run_id(config.run_dir),
-            resume="allow",  # a resumed training run continues the same W&B run
-            dir=str(config.run_dir),
-            config={**config.model_dump(mode="json"), "launched": launch},
-            allow_val_change=True,  # a resumed run may have changed a setting, max_steps say
-            mode=self.mode,
-            settings=wandb.Settings(console="off", quiet=True, x_transaction_log_flush_interval=WANDB_FLUSH_SECONDS),
+        run = start_run(
+            mode=logging.wandb_mode, directory=config.run_dir, project=logging.wandb_project, name=config.name,
+            job_type=logging.wandb_job_type, config={**config.model_dump(mode="json"), "launched": launch},
+            entity=logging.wandb_entity, group=logging.wandb_group, tags=logging.wandb_tags,
+            run_id=run_id_for(config.run_dir),  # a resumed training run continues the same W&B run
         )
-        run.define_metric("train/tokens")
-        for namespace in NAMESPACES:
-            run.define_metric(f"{namespace}/*", step_metric="train/tokens")
+        if run is not None:
+            run.define_metric("train/tokens")
+            for namespace in NAMESPACES:
+                run.define_metric(f"{namespace}/*", step_metric="train/tokens")
         return run
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -242,42 +186,6 @@ class RunLogger:
         self.file.close()
         if self.wandb_run is None:
             return
-        run_id = self.wandb_run.id
-        self.wandb_run.finish(exit_code=exit_code)
-        if self.mode == "offline":
-            attempts = sorted(str(path) for path in (self.config.run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
-            print(f"W&B ran offline; upload this run with: {shlex.join([wandb_command(), 'sync', *attempts])}"
-                  " (or `make sync` for every run under a directory)", flush=True)
-
-
-def offline_runs_to_sync(directory: Path) -> list[Path]:
-    """Every offline W&B run directory under `directory` not uploaded yet, each run's attempts in the order they
-    ran (their names start with the time), so a resumed run is uploaded as one run in step order."""
-    found = sorted(directory.rglob("wandb/offline-run-*"), key=lambda path: (path.parent, path.name))
-    # `wandb sync` leaves <run file>.synced beside a run it has uploaded.
-    return [path for path in found if path.is_dir() and not any(path.glob("*.wandb.synced"))]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.metrics", description="W&B housekeeping for runs")
-    commands = parser.add_subparsers(dest="command", required=True)
-    sync = commands.add_parser("sync", help="upload every offline W&B run under a directory (make sync)")
-    sync.add_argument("directory", type=Path, nargs="?", default=Path("runs"))
-    sync.add_argument("--dry-run", action="store_true", help="print the wandb command instead of running it")
-    args = parser.parse_args(argv)
-    if not args.directory.is_dir():
-        print(f"error: {args.directory}: no such directory; pass the directory that holds the runs", file=sys.stderr)
-        return 1
-    pending = offline_runs_to_sync(args.directory)
-    if not pending:
-        print(f"nothing to sync: no offline W&B run under {args.directory} that is not uploaded already")
-        return 0
-    command = [wandb_command(), "sync", *map(str, pending)]
-    if args.dry_run:
-        print(shlex.join(command))
-        return 0
-    return subprocess.run(command).returncode
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        finished = finish_run(self.wandb_run, exit_code=exit_code)
+        if finished:
+            print(finished, flush=True)

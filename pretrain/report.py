@@ -15,49 +15,36 @@ import argparse
 import collections
 import html
 import io
-import json
 import math
-import sys
 from pathlib import Path
 
-import yaml
-
-from evals.report import draw_accuracy_against_k, fewshot_metric, write_whole
-from pretrain.metrics import METRICS_FILE, WANDB_ID_FILE
+from data_pipeline.cli import run_command
+from data_pipeline.errors import UserError
+from data_pipeline.files import write_atomically
+from evals.report import draw_accuracy_against_k, fewshot_metric
+from pretrain.config import Config
+from pretrain.rundir import metrics_path, read_metrics, run_config
+from pretrain.wandb_runs import WANDB_ID_FILE
 
 # Training loss is noisy step to step: the report draws it raw (faint) and as a moving average over this many.
 SMOOTHING_STEPS = 25
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A run directory the report cannot be made from; the message names it and what to do."""
 
 
-def load_run(run_dir: Path) -> tuple[dict, list[dict]]:
+def load_run(run_dir: Path) -> tuple[Config, list[dict]]:
     """The run's resolved config and its metrics records, in step order."""
-    metrics_path = run_dir / METRICS_FILE
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory; pass the directory of a run (runs/<name>)")
-    if not metrics_path.exists():
-        raise ReportError(f"{metrics_path}: not found; is {run_dir} a run directory, and has its first step run?")
-    records = []
-    for number, line in enumerate(metrics_path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step = record["step"]
-        except (json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ReportError(
-                f"{metrics_path}:{number}: not a metrics record ({error}); was the file edited?") from None
-        if not isinstance(step, int):
-            raise ReportError(f"{metrics_path}:{number}: step {step!r} is not a whole number; was the file edited?")
-        records.append(record)
+    path = metrics_path(run_dir)
+    if not path.exists():
+        raise ReportError(f"{path}: not found; is {run_dir} a run directory, and has its first step run?")
+    records = read_metrics(run_dir)
     if not records:
-        raise ReportError(f"{metrics_path}: holds no steps yet; make the report once the run has logged some")
-    config_path = run_dir / "config.yaml"
-    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
-    return config, sorted(records, key=lambda record: record["step"])
+        raise ReportError(f"{path}: holds no steps yet; make the report once the run has logged some")
+    return run_config(run_dir), sorted(records, key=lambda record: record["step"])
 
 
 def series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
@@ -86,7 +73,7 @@ def svg(figure) -> str:
     return text[text.index("<svg"):]  # inline: the XML prologue and doctype belong to a file, not a page
 
 
-def figures(config: dict, records: list[dict]) -> list[tuple[str, str]]:
+def figures(config: Config, records: list[dict]) -> list[tuple[str, str]]:
     """(caption, inline SVG) for each chart the run's records can fill."""
     import matplotlib
 
@@ -117,7 +104,7 @@ def figures(config: dict, records: list[dict]) -> list[tuple[str, str]]:
     if rates:
         figure, axes = new("learning rate", "step", "learning rate")
         axes.plot(steps, rates, color="C2")
-        drawn.append((f"Learning rate at each step ({config.get('train', {}).get('schedule', '?')} schedule).",
+        drawn.append((f"Learning rate at each step ({config.train.schedule} schedule).",
                       svg(figure)))
     steps, throughput = series(records, "perf/tokens_per_second")
     if throughput:
@@ -149,19 +136,18 @@ def figures(config: dict, records: list[dict]) -> list[tuple[str, str]]:
     return drawn
 
 
-def summary(run_dir: Path, config: dict, records: list[dict]) -> list[tuple[str, str]]:
+def summary(run_dir: Path, config: Config, records: list[dict]) -> list[tuple[str, str]]:
     last = records[-1]
-    train = config.get("train", {})
-    model = config.get("model", {})
+    model = config.model
     finite = [r["train/loss"] for r in records if "train/loss" in r and math.isfinite(r["train/loss"])]
     validation = [r["val/loss"] for r in records if "val/loss" in r]
     wandb_id = run_dir / WANDB_ID_FILE
     rows = [
-        ("run", f"{config.get('name', run_dir.name)} ({run_dir})"),
-        ("steps", f"{last['step']:,} of {train.get('max_steps', '?'):,}" if train else f"{last['step']:,}"),
-        ("tokens seen", f"{max((r.get('train/tokens', 0) for r in records)):,}"),
-        ("model", ", ".join(f"{key} {model[key]}" for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size")
-                            if key in model)),
+        ("run", f"{config.name} ({run_dir})"),
+        ("steps", f"{last['step']:,} of {config.train.max_steps:,}"),
+        ("tokens seen", f"{max(r.get('train/tokens', 0) for r in records):,}"),
+        ("model", ", ".join(f"{key} {getattr(model, key)}"
+                            for key in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"))),
         ("last training loss", f"{finite[-1]:.4f}" if finite else "none finite"),
         ("validation loss (first, last, best)",
          f"{validation[0]:.4f}, {validation[-1]:.4f}, {min(validation):.4f}" if validation else "not evaluated"),
@@ -177,7 +163,7 @@ def render(run_dir: Path) -> str:
                    for label, value in summary(run_dir, config, records))
     charts = "".join(f"<figure>{chart}<figcaption>{html.escape(caption)}</figcaption></figure>"
                      for caption, chart in figures(config, records))
-    title = html.escape(f"{config.get('name', run_dir.name)}: training report")
+    title = html.escape(f"{config.name}: training report")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
@@ -190,7 +176,7 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <body><h1>{title}</h1>
 <table>{rows}</table>
 {charts}
-<p>From {html.escape(str(run_dir / METRICS_FILE))}; made by <code>python -m pretrain.report</code>.</p>
+<p>From {html.escape(str(metrics_path(run_dir)))}; made by <code>python -m pretrain.report</code>.</p>
 </body></html>
 """
 
@@ -200,19 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run directory (runs/<name>)")
     parser.add_argument("--out", type=Path, help="where to write the page (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)
-    try:
-        page = render(args.run_dir)
-    except ReportError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    page = render(args.run_dir)
     out = args.out or args.run_dir / "report.html"
     if not out.parent.is_dir():
-        print(f"error: {out.parent}: no such directory for --out", file=sys.stderr)
-        return 1
-    write_whole(out, lambda path: path.write_text(page))
+        raise ReportError(f"{out.parent}: no such directory for --out")
+    write_atomically(out, page)
     print(f"report: {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_command(main)

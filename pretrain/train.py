@@ -2,8 +2,11 @@
 
     torchrun --nproc_per_node 2 -m pretrain.train --config configs/quickstart.yaml train.lr=1e-3
 
-The loop, top to bottom: config -> ranks -> data -> model and engine -> resume -> steps (with validation and
-checkpoints) -> final summary.
+Top to bottom: config -> ranks -> `set_up` (data, few-shot tasks, model and engine, resume) -> the step loop
+in `train` -> final summary. Around each step, components decide for themselves whether it is their time and
+return the metrics they measured: the validator and the few-shot evaluator (pretrain/evaluation.py), the
+non-finite guard and the preemption vote (pretrain/faults.py), progress and system metrics (pretrain/progress.py)
+and the checkpointer (pretrain/checkpointer.py).
 """
 
 from __future__ import annotations
@@ -11,49 +14,40 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import os
-import sys
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.cli import run_command
 from data_pipeline.errors import DataError
-from data_pipeline.loader import (
-    TrainBatches,
-    Windows,
-    document_ids,
-    iterate_steps,
-    validation_batches,
-    verify_shards,
-)
-from data_pipeline.prepare import Manifest, prepare
+from data_pipeline.files import write_atomically
+from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
 from data_pipeline.tokenizer import load_tokenizer
-from evals.fewshot import evaluate as evaluate_fewshot
-from evals.report import metrics_for_logging
-from evals.tasks import TaskError, load_tasks
+from evals.tasks import load_tasks
 from pretrain import checkpoint
+from pretrain.checkpointer import Checkpointer
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
 from pretrain.data import prepare_and_verify
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
-    RankZeroFailed,
     init_distributed,
     mean_across_ranks,
     means_across_ranks,
     on_main_first,
     shutdown,
 )
-from pretrain.faults import NonFiniteSteps, Preempted, PreemptionWatch, TrainingStopped
-from pretrain.metrics import RunLogger, launch_details, read_metrics, system_metrics
+from pretrain.evaluation import FewShotEvaluator, Validator
+from pretrain.faults import NonFiniteGuard, PreemptionWatch
+from pretrain.loss import next_token_loss
+from pretrain.metrics import RunLogger, launch_details, read_metrics
 from pretrain.model import GPT
 from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
+from pretrain.progress import Progress
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,24 +55,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config; the defaults of the schema if omitted")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     return parser.parse_args(argv)
-
-
-def next_token_loss(engine, windows: torch.Tensor, end_of_document_id: int | None) -> torch.Tensor:
-    """Mean loss of predicting each window's next tokens. With an end-of-document id, attention stays
-    within each document (data.document_masking)."""
-    ids = None if end_of_document_id is None else document_ids(windows, end_of_document_id)
-    logits = engine(windows[:, :-1], ids)
-    return F.cross_entropy(logits.float().flatten(0, 1), windows[:, 1:].flatten())
-
-
-@torch.no_grad()
-def validation_loss(engine, batches: list[torch.Tensor], context: DistributedContext, masking: int | None) -> float:
-    engine.eval()
-    total = 0.0
-    for batch in batches:
-        total += next_token_loss(engine, batch.to(context.device), masking).item()
-    engine.train()
-    return mean_across_ranks(total / len(batches), context.device)
 
 
 def seed_step(seed: int, step: int, rank: int) -> None:
@@ -97,7 +73,7 @@ def prepare_run_dir(config: Config, context: DistributedContext) -> None:
     resolved, saved = config.to_yaml(), run_dir / "config.yaml"
     if saved.exists() and saved.read_text() != resolved:
         saved.rename(run_dir / f"config.until-{time.strftime('%Y%m%d-%H%M%S')}.yaml")
-    saved.write_text(resolved)
+    write_atomically(saved, resolved)
 
 
 @dataclass
@@ -141,7 +117,7 @@ def build_engine(config: Config, layout: BatchLayout, context: DistributedContex
     if config.deepspeed.compile:
         engine.compile()
     return EngineSetup(engine, optimizer, scheduler, precision, ds_config, parameters, non_embedding_parameters,
-                  model.flops_per_token())
+                       model.flops_per_token())
 
 
 def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | None, poison: bool = False):
@@ -160,9 +136,32 @@ def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | N
     return loss_sum
 
 
-def train(config: Config, layout: BatchLayout, context: DistributedContext) -> None:
-    # From here on a preemption signal is recorded, and acted on after the next step, instead of killing the rank.
-    preemption = PreemptionWatch()
+@dataclass
+class Run:
+    """What the step loop works with, built by `set_up`: the engine, this rank's data, where the run starts,
+    and the components that each decide when to act around a step."""
+
+    setup: EngineSetup
+    train_batches: TrainBatches
+    masking: int | None  # the end-of-document id with data.document_masking, else None
+    data_fingerprint: str
+    start_step: int
+    resumed: bool  # started from a checkpoint, its own or another run's
+    launch: dict | None  # how the run was started, for W&B (rank 0)
+    validator: Validator
+    fewshot: FewShotEvaluator
+    guard: NonFiniteGuard
+    progress: Progress
+    checkpointer: Checkpointer
+
+    def loop_state(self, step: int) -> dict:
+        """What a checkpoint records besides DeepSpeed's own state, to resume from it."""
+        return {"step": step, "data_fingerprint": self.data_fingerprint, **self.guard.loop_state()}
+
+
+def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> Run:
+    """Data, few-shot tasks, the engine and the checkpoint to resume, in the order in which a failure costs
+    least; then the components of the loop."""
     say = context.print
     run_dir = config.run_dir
     resume_from = checkpoint.starting_checkpoint(config)
@@ -193,13 +192,13 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     if universal:
         on_main_first(context, functools.partial(checkpoint.convert_to_universal, resume_from))
     setup = build_engine(config, layout, context, load_universal=universal)
-    engine, optimizer, scheduler, precision = setup.engine, setup.optimizer, setup.scheduler, setup.precision
     if context.is_main:
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(setup.ds_config, indent=2) + "\n")
+        write_atomically(run_dir / "deepspeed_config.json", json.dumps(setup.ds_config, indent=2) + "\n")
 
-    start_step, skipped_before = 0, 0
+    guard = NonFiniteGuard.from_config(config, setup.precision, context.is_main)
+    start_step = 0
     if resume_from is not None:
-        loop_state = checkpoint.load(engine, resume_from, universal)
+        loop_state = checkpoint.load(setup.engine, resume_from, universal)
         if loop_state["data_fingerprint"] != data.fingerprint:
             raise DataError(
                 f"{resume_from}: was trained on other data (fingerprint"
@@ -207,107 +206,99 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
                 " new run"
             )
         start_step = loop_state["step"]
-        # DeepSpeed keeps a "skipped_steps" of its own in the same state; absent from checkpoints made before this.
-        skipped_before = loop_state.get("non_finite_steps_skipped", 0)
+        guard.restore(loop_state)
         written_by = checkpoint.read_marker(resume_from)["world_size"]
         own = resume_from.parent.parent == run_dir
         say(f"{'resumed from ' + resume_from.name if own else f'branched from {resume_from}'} (step {start_step})" + (
             f", written by {written_by} ranks, through its universal form" if universal else ""))
-    launch = launch_details(run_dir, context.world_size, context.device) if context.is_main else None
-    with RunLogger(config, context.is_main, start_step if resume_from else None, launch) as logger:
-        peak_flops = peak_bf16_flops(context.device)
-        say(
-            f"{config.name}: {setup.parameters:,} parameters ({setup.non_embedding_parameters:,} without embeddings)"
-            f", {context.world_size} rank(s) on {context.device.type}, {precision}, ZeRO-"
-            f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
-            f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
-            f" x {layout.seq_len}, run directory {run_dir}"
-        )
-        if start_step == 0:
-            logger.log(0, {"val/loss": validation_loss(engine, val_batches, context, masking), "train/tokens": 0})
+    max_steps = config.train.max_steps
+    return Run(
+        setup, train_batches, masking, data.fingerprint, start_step, resume_from is not None,
+        launch_details(run_dir, context.world_size, context.device) if context.is_main else None,
+        Validator(val_batches, context.device, masking, config.eval.interval, max_steps,
+                  functools.partial(mean_across_ranks, device=context.device)),
+        FewShotEvaluator(fewshot_tasks, tokenizer, fewshot, config.model.seq_len, data.end_of_document_id, max_steps,
+                         say),
+        guard,
+        Progress(layout.tokens_per_step, setup.flops_per_token, peak_bf16_flops(context.device), context.world_size,
+                 config.logging.print_every, max_steps, context.device),
+        Checkpointer.from_config(config),
+    )
 
-        non_finite = NonFiniteSteps(config.faults.max_consecutive_skipped_steps, run_dir, skipped_before)
-        max_steps = config.train.max_steps
-        steps = iterate_steps(train_batches, start_step, max_steps, config.data.loader_workers)
-        for step in range(start_step, max_steps):
+
+def describe(config: Config, layout: BatchLayout, context: DistributedContext, setup: EngineSetup) -> str:
+    return (
+        f"{config.name}: {setup.parameters:,} parameters ({setup.non_embedding_parameters:,} without embeddings)"
+        f", {context.world_size} rank(s) on {context.device.type}, {setup.precision}, ZeRO-"
+        f"{config.deepspeed.zero_stage}, {layout.tokens_per_step:,} tokens/step ="
+        f" {layout.world_size} ranks x {layout.accumulation_steps} accumulation x {layout.micro_batch_size}"
+        f" x {layout.seq_len}, run directory {config.run_dir}"
+    )
+
+
+def next_micro_batches(steps, step: int, layout: BatchLayout, device: torch.device) -> tuple[torch.Tensor, ...]:
+    loaded_step, (tokens, _window_ids) = next(steps)
+    assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
+    return tokens.to(device, non_blocking=True).split(layout.micro_batch_size)
+
+
+def global_grad_norm(engine) -> float | None:
+    # DeepSpeed computes the norm inside its ZeRO and mixed-precision optimizers, not at stage 0 in fp32.
+    grad_norm = engine.get_global_grad_norm()
+    return None if grad_norm is None else float(grad_norm)
+
+
+def train(config: Config, layout: BatchLayout, context: DistributedContext) -> None:
+    # From here on a preemption signal is recorded, and acted on after the next step, instead of killing the rank.
+    preemption = PreemptionWatch()
+    run = set_up(config, layout, context)
+    engine, optimizer, max_steps = run.setup.engine, run.setup.optimizer, config.train.max_steps
+    with RunLogger(config, context.is_main, run.start_step if run.resumed else None, run.launch) as logger:
+        context.print(describe(config, layout, context, run.setup))
+        if run.start_step == 0:
+            logger.log(0, {**run.validator.validate(engine), "train/tokens": 0})
+        steps = iterate_steps(run.train_batches, run.start_step, max_steps, config.data.loader_workers)
+        for step in range(run.start_step, max_steps):
             seed_step(config.seed, step, context.rank)
-            lr = scheduler.get_last_lr()[0]  # the rate this step's update uses
+            lr = run.setup.scheduler.get_last_lr()[0]  # the rate this step's update uses
             step_start = time.perf_counter()
-            loaded_step, (tokens, _window_ids) = next(steps)
-            assert loaded_step == step, f"loader delivered step {loaded_step} for step {step}"
-            micro_batches = tokens.to(context.device, non_blocking=True).split(layout.micro_batch_size)
+            micro_batches = next_micro_batches(steps, step, layout, context.device)
             data_wait = time.perf_counter() - step_start
             done = step + 1
-            poison = done in config.faults.nan_loss_at_steps and context.is_main
-            loss_sum = train_step(engine, optimizer, micro_batches, masking, poison)
+            loss_sum = train_step(engine, optimizer, micro_batches, run.masking, run.guard.poisons(done))
             # One collective for the step's loss and the preemption vote (any rank that got a signal stops them all).
             train_loss, stop_votes = means_across_ranks(
-                [loss_sum / layout.accumulation_steps, float(preemption.received is not None)], context.device)
+                [loss_sum / layout.accumulation_steps, preemption.vote()], context.device)
             step_seconds = time.perf_counter() - step_start
-            tokens_per_second = layout.tokens_per_step / step_seconds
-            skipped = optimizer.skipped or not engine.was_step_applied()
-            # Under fp16, DeepSpeed's loss scaler also skips steps whose scaled gradients overflowed while it finds
-            # its scale; those are routine, not a sign of divergence.
-            loss_scaler_skip = precision == "fp16" and not optimizer.skipped and math.isfinite(train_loss)
-            non_finite.record(skipped and not loss_scaler_skip)
-            if non_finite.in_a_row == 1:  # once per streak; a streak too long stops the run below
-                logger.alert("non-finite loss", f"step {done}: loss {train_loss} (or its gradient) is not finite; the"
-                             f" step was skipped ({non_finite.total} skipped so far)")
-            metrics = {
-                "train/loss": train_loss,
-                "train/lr": lr,
-                # DeepSpeed computes the norm inside its ZeRO and mixed-precision optimizers, not at stage 0 in fp32.
-                "train/grad_norm": None if (grad_norm := engine.get_global_grad_norm()) is None else float(grad_norm),
-                "train/tokens": done * layout.tokens_per_step,
-                "train/skipped_steps": non_finite.total,
-                "perf/tokens_per_second": tokens_per_second,
-                "perf/mfu": (setup.flops_per_token * tokens_per_second / (peak_flops * context.world_size)
-                             if peak_flops else None),
-                "perf/step_seconds": step_seconds,
-                "perf/data_wait_fraction": data_wait / step_seconds,
-            }
-            if (config.eval.interval and done % config.eval.interval == 0) or done == max_steps:
-                metrics["val/loss"] = validation_loss(engine, val_batches, context, masking)
-            if fewshot_tasks and (done % fewshot.interval == 0 or done == max_steps):
-                # Every rank scores its share of the items; every rank gets the whole table back.
-                scores = evaluate_fewshot(
-                    engine.module, tokenizer, fewshot_tasks, fewshot.shots, context_length=config.model.seq_len,
-                    end_of_document_id=data.end_of_document_id, seed=fewshot.seed, batch_size=fewshot.batch_size,
-                    max_new_tokens=fewshot.max_new_tokens,
-                )
-                metrics.update(metrics_for_logging(scores))
-                for task in fewshot_tasks:
-                    curve = ", ".join(f"k={score.k} {score.acc:.2f}" for score in scores if score.task == task.name)
-                    say(f"step {done} few-shot {task.name}: {curve}")
-            report_now = done % config.logging.print_every == 0 or done == max_steps
+            alert = run.guard.record(done, train_loss, optimizer.skipped, engine.was_step_applied())
+            if alert is not None:
+                logger.alert("non-finite loss", alert)
+            metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": global_grad_norm(engine),
+                       "train/tokens": done * layout.tokens_per_step, **run.guard.metrics(),
+                       **run.progress.step_metrics(step_seconds, data_wait)}
+            if run.validator.due(done):
+                metrics.update(run.validator.validate(engine))
+            if run.fewshot.due(done):
+                metrics.update(run.fewshot.evaluate(engine.module, done))
+            report_now = run.progress.due(done)
             if report_now:
-                metrics.update(system_metrics(context.device))
+                metrics.update(run.progress.system_metrics())
             logger.log(done, metrics)
             if report_now:
-                say(
-                    f"step {done}/{max_steps} | loss {train_loss:.4f} | lr {lr:.2e}"
-                    f" | {tokens_per_second:,.0f} tokens/s | data wait {metrics['perf/data_wait_fraction']:.1%}"
-                    + (f" | val loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else "")
-                )
-            non_finite.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
-            preempted_by = (preemption.received or "a signal to another rank") if stop_votes > 0 else None
-            if (done % config.train.checkpoint_every == 0 or done == max_steps or done in config.train.checkpoint_steps
-                    or preempted_by):
-                loop_state = {"step": done, "data_fingerprint": data.fingerprint,
-                              "non_finite_steps_skipped": non_finite.total}
-                saved = checkpoint.save(engine, run_dir, done, loop_state, keep=config.train.keep_checkpoints,
-                                        preempted_by=preempted_by, spare=config.train.checkpoint_steps)
-            if preempted_by and done < max_steps:
-                raise Preempted(
-                    f"{preempted_by} asked to stop: saved {saved} at step {done}; resume with train.resume=auto"
-                    " (launchers requeue on this exit code)"
-                )
+                context.print(run.progress.line(done, metrics))
+            run.guard.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
+            run.checkpointer.save(engine, done, run.loop_state(done), preemption.agreed(stop_votes))
+    summarize(config.run_dir, context)
 
-    validation = [(r["step"], r["val/loss"]) for r in read_metrics(run_dir) if "val/loss" in r] if context.is_main else []
+
+def summarize(run_dir: Path, context: DistributedContext) -> None:
+    if not context.is_main:
+        return
+    validation = [(record["step"], record["val/loss"]) for record in read_metrics(run_dir) if "val/loss" in record]
     if validation:
         (first_step, first_loss), (last_step, last_loss) = validation[0], validation[-1]
-        say(f"validation loss: {first_loss:.4f} at step {first_step} -> {last_loss:.4f} at step {last_step}")
-    say(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, config.yaml, wandb/)")
+        context.print(f"validation loss: {first_loss:.4f} at step {first_step} -> {last_loss:.4f} at step {last_step}")
+    context.print(f"run directory: {run_dir} (metrics.jsonl, checkpoints/, config.yaml, wandb/)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import TINY_CONFIG, deep_merge
+from data_pipeline.cli import run_command
+from tests.helpers import TINY_CONFIG, deep_merge, launch, losses_by_step
+
+# Steps of every shared run: enough for the loss to fall, few enough that a launch costs little more than its start.
+SHARED_RUN_STEPS = 6
 
 
 @pytest.fixture
@@ -23,6 +29,67 @@ def tiny_config(tmp_path: Path):
         return path
 
     return write
+
+
+class SharedRuns:
+    """Tiny runs, each launched once per session on first use and then only read, by ZeRO stage, number of ranks
+    and DeepSpeed option. They share one prepared dataset."""
+
+    steps = SHARED_RUN_STEPS
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.data_dir = root / "data"
+        self.finished: dict[str, Path] = {}
+
+    def run_dir(self, stage: int, ranks: int, activation_checkpointing: bool = False, compile: bool = False) -> Path:
+        name = f"zero{stage}-ranks{ranks}" + ("-checkpointed" if activation_checkpointing else "") + (
+            "-compiled" if compile else "")
+        if name not in self.finished:
+            config = self.config(name, self.root / "runs", stage, activation_checkpointing, compile)
+            path = self.root / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(config))
+            launch(path, ranks=ranks)
+            self.finished[name] = self.root / "runs" / name
+        return self.finished[name]
+
+    def config(self, name: str, output_dir: Path, stage: int, activation_checkpointing: bool = False,
+               compile: bool = False) -> dict:
+        """The tiny config of the shared runs (fp32, validation and a checkpoint only at the end), for one variant;
+        also for a run started another way that must train what a shared run trains."""
+        return deep_merge(TINY_CONFIG, {
+            "name": name,
+            "output_dir": str(output_dir),
+            "data": {"dir": str(self.data_dir)},
+            "train": {"max_steps": self.steps, "checkpoint_every": 100},
+            "deepspeed": {"zero_stage": stage, "precision": "fp32",
+                          "activation_checkpointing": activation_checkpointing, "compile": compile},
+            "eval": {"interval": 0, "batches": 1},
+        })
+
+    def losses(self, stage: int, ranks: int, **options: bool) -> list[float]:
+        """Train losses of steps 1..steps."""
+        losses = losses_by_step(self.run_dir(stage, ranks, **options))
+        return [losses[step] for step in range(1, self.steps + 1)]
+
+
+@pytest.fixture(scope="session")
+def shared_runs(tmp_path_factory) -> SharedRuns:
+    return SharedRuns(tmp_path_factory.mktemp("shared-runs"))
+
+
+@pytest.fixture
+def in_process(capsys) -> Callable[..., subprocess.CompletedProcess]:
+    """Run an entry point's `main(argv)` in this process as `python -m` runs it, through run_command, to test what
+    it refuses without paying for a new interpreter: returns its exit code and what it printed."""
+
+    def run(main: Callable[[list[str]], int | None], *argv: str) -> subprocess.CompletedProcess:
+        with pytest.raises(SystemExit) as exited:
+            run_command(lambda: main(list(argv)))
+        printed = capsys.readouterr()
+        return subprocess.CompletedProcess(list(argv), exited.value.code, printed.out, printed.err)
+
+    return run
 
 
 def pytest_collection_modifyitems(config, items):

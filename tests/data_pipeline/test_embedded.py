@@ -33,8 +33,13 @@ def test_asking_for_more_made_up_words_than_exist_is_a_clear_error():
 
 
 def test_stdlib_docstrings_are_real_prose_from_the_standard_library():
-    docstrings = list(stdlib_docstrings(min_chars=40))
-    assert len(docstrings) > 3000
-    assert sum(map(len, docstrings)) > 1_000_000
-    assert all(len(text) >= 40 for text in docstrings)
-    assert any(text.startswith("JSON (JavaScript Object Notation)") for text in docstrings)
+    # Read lazily, file by file in sorted order: the test stops once the corpus has shown its size and kind,
+    # a fraction of the standard library, rather than parsing all of it.
+    count, characters, seen_abc = 0, 0, False
+    for text in stdlib_docstrings(min_chars=40):
+        assert len(text) >= 40
+        count, characters = count + 1, characters + len(text)
+        seen_abc = seen_abc or text.startswith("Abstract Base Classes (ABCs)")  # Lib/abc.py's module docstring
+        if count > 3000 and characters > 1_000_000 and seen_abc:
+            break
+    assert count > 3000 and characters > 1_000_000 and seen_abc

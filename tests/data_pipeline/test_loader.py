@@ -8,6 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.loader import (
     GlobalOrder,
@@ -19,7 +20,6 @@ from data_pipeline.loader import (
     verify_shards,
 )
 from data_pipeline.prepare import Manifest
-from data_pipeline.config import BatchLayout
 from tests.helpers import split_stream
 
 SEQ_LEN = 32
@@ -84,7 +84,8 @@ def test_the_order_is_reproducible_independent_of_workers_and_world_size_and_res
     assert windows_seen(rank_batches(prepared, 1), 0, 2 * steps, workers=2)[0] == reference
     three_ranks = windows_seen(rank_batches(prepared, 3), 0, 2 * steps, workers=2)
     per_step = SEQUENCES_PER_STEP // 3
-    interleaved = [i for step in range(2 * steps) for ids in three_ranks for i in ids[step * per_step:(step + 1) * per_step]]
+    interleaved = [i for step in range(2 * steps) for ids in three_ranks
+                   for i in ids[step * per_step:(step + 1) * per_step]]
     assert interleaved == reference
     epoch_one = reference[:steps * SEQUENCES_PER_STEP]
     assert epoch_one != reference[steps * SEQUENCES_PER_STEP:]
@@ -157,7 +158,8 @@ def test_a_manifest_written_for_another_tokenizer_is_named(damaged, tmp_path):
     other = Tokenizer.from_file(str(damaged.tokenizer_path))
     other.add_tokens(["<a token the shards were not made with>"])
     other.save(str(damaged.tokenizer_path))
-    with pytest.raises(DataError, match=re.escape(f"{damaged.dir / 'manifest.json'}: was written for another tokenizer")):
+    manifest = damaged.dir / "manifest.json"
+    with pytest.raises(DataError, match=re.escape(f"{manifest}: was written for another tokenizer")):
         verify_shards(damaged, None)
 
 

@@ -2,16 +2,14 @@ import hashlib
 import json
 import re
 
-import numpy as np
 import pytest
 from tokenizers import Tokenizer, models
 
 from data_pipeline.embedded import episode_inventories
 from data_pipeline.errors import DataError
-from data_pipeline.loader import ShardReader
 from data_pipeline.prepare import prepare
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
-from tests.helpers import episodes_config
+from tests.helpers import episodes_config, split_stream
 
 
 def quiet(*_):

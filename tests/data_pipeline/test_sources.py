@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.sources import weighted_documents
-from data_pipeline.config import DataConfig
 
 
 def source(**fields):
@@ -19,13 +19,15 @@ def source(**fields):
 def test_parquet_is_read_by_row_group_from_the_configured_column(tmp_path):
     table = pa.table({"body": [f"document {i}" for i in range(10)], "id": list(range(10))})
     pq.write_table(table, tmp_path / "a.parquet", row_group_size=3)
-    documents = list(weighted_documents(source(kind="parquet", paths=[str(tmp_path / "*.parquet")], text_column="body")))
+    parquet = source(kind="parquet", paths=[str(tmp_path / "*.parquet")], text_column="body")
+    documents = list(weighted_documents(parquet))
     assert documents == [f"document {i}" for i in range(10)]
 
 
 def test_a_missing_parquet_column_is_named_with_the_file(tmp_path):
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "a.parquet")
-    with pytest.raises(DataError, match=re.escape(str(tmp_path / "a.parquet")) + r": has no column 'text' \(it has: body\)"):
+    named = re.escape(str(tmp_path / "a.parquet")) + r": has no column 'text' \(it has: body\)"
+    with pytest.raises(DataError, match=named):
         list(weighted_documents(source(kind="parquet", paths=[str(tmp_path / "a.parquet")])))
 
 

@@ -7,12 +7,13 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.fewshot import evaluate
 from evals.tasks import load_task
-from pretrain.export import load_checkpoint, run_tokenizer
-from pretrain.metrics import read_metrics
+from pretrain.model import GPT
+from pretrain.rundir import load_checkpoint, read_metrics, run_config, run_tokenizer, scaling_point
 from tests.helpers import TINY_CONFIG, deep_merge, launch, run_module
 
 FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_loop": 24, "interval": 4}
@@ -21,8 +22,6 @@ FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny 2-rank run whose loop evaluated few-shot accuracy at steps 4 and 8."""
-    import yaml
-
     root = tmp_path_factory.mktemp("fewshot")
     config = deep_merge(TINY_CONFIG, {"eval": {"fewshot": FEWSHOT}})
     config.update(output_dir=str(root / "runs"))
@@ -49,7 +48,6 @@ def test_the_training_loop_logs_accuracy_at_each_k_and_the_command_line_reproduc
     rows = list(csv.DictReader((out / "fewshot.csv").open()))
     assert [(r["task"], int(r["k"])) for r in rows] == [("word_labels", 0), ("word_labels", 2), ("word_labels", 4)]
     assert (out / "fewshot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "word_labels" in result.stdout and "k=4" in result.stdout
 
 
 def test_a_bad_task_file_is_named_and_earlier_results_are_kept(trained, tmp_path):
@@ -59,7 +57,8 @@ def test_a_bad_task_file_is_named_and_earlier_results_are_kept(trained, tmp_path
                       "--out", str(out), cwd=root).returncode == 0
     before = (out / "fewshot.json").read_text()
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"context": "a", "choices": ["x", "y"], "gold": 0}\n{"context": "b", "choices": ["x"], "gold": 0}\n')
+    broken.write_text('{"context": "a", "choices": ["x", "y"], "gold": 0}\n'
+                      '{"context": "b", "choices": ["x"], "gold": 0}\n')
     result = run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--no-wandb", "--tasks", str(broken),
                         "--out", str(out), cwd=root)
     assert result.returncode == 1
@@ -77,7 +76,8 @@ def test_the_exported_transformers_model_gives_the_projects_logits(trained):
     hf_model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
     hf_tokenizer = AutoTokenizer.from_pretrained(hf_dir)
 
-    model, _, config = load_checkpoint(run_dir)
+    trained = load_checkpoint(run_dir)
+    model, config = trained.model, trained.config
     text = "vuvi lili dolu vuru vuvi lili mobu"
     ids = run_tokenizer(config).encode(text).ids
     assert hf_tokenizer(text)["input_ids"] == ids
@@ -91,7 +91,8 @@ def test_the_exported_transformers_model_gives_the_projects_logits(trained):
 def test_lm_evaluation_harness_agrees_on_the_same_prompts(trained, tmp_path):
     root, run_dir = trained
     hf_dir = tmp_path / "hf"
-    assert run_module("evals", "export-hf", "--checkpoint", str(run_dir), "--out", str(hf_dir), cwd=root).returncode == 0
+    exported = run_module("evals", "export-hf", "--checkpoint", str(run_dir), "--out", str(hf_dir), cwd=root)
+    assert exported.returncode == 0, exported.stderr
     tasks_dir = tmp_path / "tasks"
     result = run_module("evals", "lm-eval-tasks", "--tasks", "word_labels", "--shots", "4", "--items", "60",
                         "--out", str(tasks_dir), cwd=root)
@@ -105,7 +106,8 @@ def test_lm_evaluation_harness_agrees_on_the_same_prompts(trained, tmp_path):
     [results_file] = (tmp_path / "lm_eval").rglob("results_*.json")
     theirs = json.loads(results_file.read_text())["results"]["word_labels_4shot"]
 
-    model, _, config = load_checkpoint(run_dir)
+    trained = load_checkpoint(run_dir)
+    model, config = trained.model, trained.config
     tokenizer = run_tokenizer(config)
     [ours] = evaluate(model, tokenizer, [load_task("word_labels", items=60)], [4], context_length=config.model.seq_len,
                       end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT))
@@ -115,12 +117,8 @@ def test_lm_evaluation_harness_agrees_on_the_same_prompts(trained, tmp_path):
 
 
 def test_a_finished_run_gives_its_scaling_point_and_one_run_is_too_few_to_fit(trained):
-    from evals.scaling import read_run
-    from pretrain.export import run_config
-    from pretrain.model import GPT
-
     root, run_dir = trained
-    point = read_run(run_dir)
+    point = scaling_point(run_dir)
     model = GPT(run_config(run_dir).model)
     assert point.parameters == model.num_parameters(include_embeddings=False)
     assert point.tokens == TINY_CONFIG["train"]["max_steps"] * TINY_CONFIG["train"]["global_batch_tokens"]

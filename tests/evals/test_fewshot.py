@@ -10,13 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe
+from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.fewshot import encode_prompt, evaluate
 from evals.tasks import Item, Task, load_task
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
-from pretrain.config import ModelConfig
-from pretrain.model import GPT
-
 
 
 def colour_task(items: int = 12) -> Task:

@@ -11,6 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
+CREDENTIAL_SECONDS = 10
 
 
 def node_resources() -> str:
@@ -19,6 +20,12 @@ def node_resources() -> str:
     cpus = re.search(r"CPUs=(\d+)", measured).group(1)
     memory = re.search(r"RealMemory=(\d+)", measured).group(1)
     return f"CPUs={cpus} RealMemory={memory}"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 class SlurmCluster:
@@ -39,14 +46,22 @@ class SlurmCluster:
         self.conf.write_text("\n".join([
             "ClusterName=testcluster",
             f"SlurmctldHost={self.host}",
+            # Ports of their own, so that this cluster never meets another one running on the machine.
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "AuthType=auth/munge",
+            # A requeued job waits out the credential lifetime (120 s by default) before it starts again.
+            f"AuthInfo=cred_expire={CREDENTIAL_SECONDS}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "JobAcctGatherType=jobacct_gather/none",
             "AccountingStorageType=accounting_storage/none",
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_Core",
+            # Pending jobs (a requeued one once its credential expired, one whose dependency just ended) are looked
+            # at every second, not every 30 to 60 s.
+            "SchedulerParameters=sched_interval=1,bf_interval=1",
             "ReturnToService=2",
             "MpiDefault=none",
             "KillWait=60",
@@ -84,14 +99,17 @@ class SlurmCluster:
             assert result.returncode == 0, result.stderr
         return result.stdout + result.stderr
 
+    def job_field(self, job_id: str, field: str) -> str:
+        return re.search(rf"\b{field}=(\S+)", self.scontrol("show", "job", job_id)).group(1)
+
     def job_state(self, job_id: str) -> str:
-        return re.search(r"JobState=(\S+)", self.scontrol("show", "job", job_id)).group(1)
+        return self.job_field(job_id, "JobState")
 
     def wait_for_state(self, job_id: str, states: set[str], timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
         while (state := self.job_state(job_id)) not in states:
             assert time.monotonic() < deadline, f"job {job_id} still {state} after {timeout} s\n" + self.logs()
-            time.sleep(1)
+            time.sleep(0.5)
         return state
 
     def logs(self) -> str:

@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
 from data_pipeline.errors import ConfigError
 from launch.spec import load_sweep
+from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
 from pretrain.config import load_config
-from pretrain.metrics import read_metrics
-from tests.helpers import launch, run_module, signal_job, wait_for
-from tests.helpers import losses_by_step
+from pretrain.rundir import read_metrics
+from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for
 
 
 def write_sweep(directory: Path, base: Path, **changes) -> Path:
@@ -51,7 +50,7 @@ def test_a_spec_expands_into_stably_named_runs_of_each_size_budget_and_seed(tiny
     spec = load_sweep(write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[1, 2], seeds=[0, 7], lr=2e-3))
     runs = expand(spec)
     assert [run.name for run in runs] == [
-        f"ladder-l{l}-d{d}-tpp{t}-s{s}" for l, d in ((1, 32), (2, 64)) for s in (0, 7) for t in (1, 2)]
+        f"ladder-l{layers}-d{d}-tpp{t}-s{s}" for layers, d in ((1, 32), (2, 64)) for s in (0, 7) for t in (1, 2)]
     assert runs == expand(spec)  # the same spec, the same runs
     for run in runs:
         config = load_config(spec.base, run.overrides)
@@ -68,7 +67,7 @@ def test_compute_budgets_give_each_size_the_tokens_of_its_isoflop_budget(tiny_co
     spec = load_sweep(write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[], compute_budgets=[1e9, 2.5e10]))
     runs = expand(spec)
     assert [run.name for run in runs] == [
-        f"ladder-l{l}-d{d}-c{c}-s0" for l, d in ((1, 32), (2, 64)) for c in ("1e9", "2.5e10")]
+        f"ladder-l{layers}-d{d}-c{c}-s0" for layers, d in ((1, 32), (2, 64)) for c in ("1e9", "2.5e10")]
     for run, flops in zip(runs, [1e9, 2.5e10] * 2):
         steps = math.ceil(flops / (6 * run.parameters) / run.config.train.global_batch_tokens)
         assert run.config.train.max_steps == steps and f"C={flops:.3g}" in run.config.logging.wandb_tags

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -11,8 +12,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.metrics import read_metrics
-from tests.helpers import WATCHED_STEPS, TINY_CONFIG, deep_merge, launch, signal_job, start_launch, wait_for, wandb_records
+from pretrain.metrics import METRICS_FILE, read_metrics
+from tests.helpers import (
+    TINY_CONFIG,
+    WATCHED_STEPS,
+    deep_merge,
+    launch,
+    of_type,
+    signal_job,
+    start_launch,
+    wait_for,
+    wandb_records,
+)
+
 
 @dataclass
 class WatchedRun:
@@ -21,6 +33,12 @@ class WatchedRun:
     resumed: subprocess.CompletedProcess  # the second launch, which resumed and finished
     attempts: list[Path]  # the offline W&B directories, oldest first
     records: list[list[dict]]  # each attempt's W&B records
+
+
+def highest_step(run_dir: Path) -> int:
+    """The highest step in metrics.jsonl among its whole lines (the last may be half written)."""
+    lines = (run_dir / METRICS_FILE).read_text().split("\n")[:-1]
+    return max((json.loads(line)["step"] for line in lines if line.strip()), default=0)
 
 
 @pytest.fixture(scope="session")
@@ -48,8 +66,10 @@ def watched_run(tmp_path_factory) -> WatchedRun:
     wait_for(run_dir / "checkpoints" / "step_00000010" / "complete", job)
     (attempt,) = (run_dir / "wandb").glob("offline-run-*")
     deadline = time.monotonic() + 120
-    # Until W&B's offline record holds steps past the checkpoint, which the resumed run will repeat.
-    while max((h["step"]["num"] for h in of_type(wandb_records(attempt), "history")), default=0) <= 11:
+    # Until W&B's offline record holds steps past the checkpoint, which the resumed run will repeat. Each step
+    # reaches metrics.jsonl first, and reading it costs nothing, unlike a `wandb` process per look at W&B's record.
+    while highest_step(run_dir) <= 11 or max(
+            (h["step"]["num"] for h in of_type(wandb_records(attempt), "history")), default=0) <= 11:
         assert job.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
         time.sleep(0.1)
     signal_job(job, signal.SIGKILL)

@@ -1,11 +1,59 @@
-"""Checkpoints outlive the number of ranks that wrote them."""
+"""Checkpoints: which ones a run keeps, and that they outlive the number of ranks that wrote them."""
 
+import json
 import shutil
 
 import pytest
 
-from tests.helpers import launch, run_module
-from tests.helpers import losses_by_step
+from pretrain.checkpoint import (
+    COMPLETE_MARKER,
+    complete_tags,
+    newest_complete,
+    prune,
+    read_marker,
+    starting_checkpoint,
+)
+from pretrain.config import Config
+from pretrain.metrics import read_metrics
+from tests.helpers import launch, losses_by_step, run_module
+
+
+def fake_checkpoints(run_dir, complete: list[int], incomplete: list[int]) -> None:
+    for step in complete + incomplete:
+        directory = run_dir / "checkpoints" / f"step_{step:08d}"
+        directory.mkdir(parents=True)
+        (directory / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+        if step in complete:
+            (directory / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 2}) + "\n")
+
+
+def kept(run_dir) -> list[int]:
+    return sorted(int(path.name.removeprefix("step_")) for path in (run_dir / "checkpoints").glob("step_*"))
+
+
+def test_pruning_keeps_the_newest_complete_checkpoints_the_spare_steps_and_any_newer_save(tmp_path):
+    fake_checkpoints(tmp_path, complete=[2, 3, 4, 6, 8], incomplete=[5, 9])
+    prune(tmp_path, keep=2, spare=[3])
+    # Older than the second-newest complete one (6) goes, complete or not, but the spare step 3; the save of
+    # step 9, perhaps under way, stays.
+    assert kept(tmp_path) == [3, 6, 8, 9]
+    assert complete_tags(tmp_path) == ["step_00000003", "step_00000006", "step_00000008"]
+    assert newest_complete(tmp_path) == tmp_path / "checkpoints" / "step_00000008"
+
+
+def test_pruning_with_keep_zero_or_few_checkpoints_deletes_nothing(tmp_path):
+    fake_checkpoints(tmp_path, complete=[2, 4], incomplete=[1])
+    prune(tmp_path, keep=0)
+    prune(tmp_path, keep=2)
+    assert kept(tmp_path) == [1, 2, 4]
+
+
+def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
+    config = Config(name="tiny", output_dir=str(tmp_path))
+    # A save that died before every rank finished has no marker; the run goes back to step 4.
+    fake_checkpoints(config.run_dir, complete=[4], incomplete=[8])
+    assert starting_checkpoint(config) == config.run_dir / "checkpoints" / "step_00000004"
+    assert starting_checkpoint(Config(name="tiny", output_dir=str(tmp_path), train={"resume": "never"})) is None
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
@@ -24,26 +72,31 @@ def test_a_two_rank_checkpoint_resumes_on_one_and_three_ranks_with_the_uninterru
         output_dir = tmp_path / f"resumed-on-{ranks}"
         shutil.copytree(tmp_path / "runs", output_dir)
         shutil.rmtree(output_dir / "tiny" / "checkpoints" / "step_00000008")
-        result = launch(config, f"output_dir={output_dir}", ranks=ranks)
-        # ZeRO-0 in fp32 keeps the optimizer state whole, which loads at any world size as it is.
-        how = ", written by 2 ranks, through its universal form" if stage else ""
-        assert f"resumed from step_00000004 (step 4){how}\n" in result.stdout
+        launch(config, f"output_dir={output_dir}", ranks=ranks)
+        checkpoints = output_dir / "tiny" / "checkpoints"
+        # ZeRO-0 in fp32 keeps the optimizer state whole, which loads at any world size as it is; the other
+        # stages resume through DeepSpeed's universal form, converted once beside the checkpoint.
+        assert (checkpoints / "step_00000004" / "universal" / COMPLETE_MARKER).exists() == bool(stage)
+        assert read_marker(checkpoints / "step_00000008")["world_size"] == ranks
+        # Records through step 4 kept, steps 5-8 logged once each by the resumed run.
+        assert [record["step"] for record in read_metrics(output_dir / "tiny")] == list(range(9))
         resumed = losses_by_step(output_dir / "tiny")
         assert [resumed[s] for s in range(5, 9)] == pytest.approx([uninterrupted[s] for s in range(5, 9)], rel=1e-4)
 
 
 def test_a_checkpoint_of_another_zero_stage_is_refused_before_any_rank_starts(tiny_config, tmp_path):
-    config = tiny_config({"train": {"max_steps": 4}})
-    launch(config)
-    result = run_module("launch", "run", "--config", str(config), "deepspeed.zero_stage=3", "train.max_steps=8",
-                        cwd=tmp_path)
+    config = tiny_config({"train": {"max_steps": 8}})
+    # What the refusal reads of a checkpoint is its marker, as a 2-rank ZeRO-2 run wrote it at step 4.
+    fake_checkpoints(tmp_path / "runs" / "tiny", complete=[4], incomplete=[])
     checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000004"
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 2}) + "\n")
+    result = run_module("launch", "run", "--config", str(config), "deepspeed.zero_stage=3", cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"error: {checkpoint}: was written with ZeRO-2 and this run uses ZeRO-3; resume it with"
         " deepspeed.zero_stage=2, or start a new run (a new name)"
     )
-    assert "step 5" not in result.stdout
+    assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
 
 
 def test_a_branch_from_a_checkpoint_that_is_not_complete_is_refused_before_any_rank_starts(tiny_config, tmp_path):

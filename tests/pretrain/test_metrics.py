@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import time
@@ -12,14 +11,14 @@ import pytest
 import yaml
 
 from pretrain.config import load_config
-from pretrain.metrics import NAMESPACES, WANDB_ID_FILE, RunLogger, read_metrics
-from tests.helpers import TINY_CONFIG, run_module, wandb_records
-from tests.helpers import WATCHED_STEPS, of_type
+from pretrain.metrics import NAMESPACES, RunLogger
+from pretrain.rundir import read_metrics
+from pretrain.wandb_runs import WANDB_ID_FILE
+from tests.helpers import TINY_CONFIG, WATCHED_STEPS, of_type, run_module, wandb_records
 
 
 def test_a_killed_and_resumed_run_is_one_wandb_run_with_strictly_increasing_steps(watched_run):
-    resumed_at = int(re.search(r"resumed from step_\d+ \(step (\d+)\)", watched_run.resumed.stdout).group(1))
-    assert 10 <= resumed_at <= watched_run.killed_after
+    assert watched_run.killed_after > 10  # killed after its checkpoint at step 10, with steps to repeat
     assert len(watched_run.records) == 2
     run_id = (watched_run.run_dir / WANDB_ID_FILE).read_text().strip()
     assert run_id.startswith("watched-")
@@ -69,12 +68,13 @@ def test_a_non_finite_loss_and_the_end_of_the_run_raise_alerts(watched_run):
     (non_finite,) = [a for a in of_type(watched_run.records[0], "alert") if "non-finite loss" in a["title"]]
     assert non_finite["level"] == "WARN" and non_finite["text"].startswith("step 3: loss nan")
     assert [alert["title"] for alert in of_type(watched_run.records[-1], "alert")] == ["watched: finished"]
-    assert f"info: finished: reached step {WATCHED_STEPS}, val/loss" in watched_run.resumed.stdout
+    (finished,) = of_type(watched_run.records[-1], "alert")
+    assert finished["level"] == "INFO" and finished["text"].startswith(f"reached step {WATCHED_STEPS}, val/loss")
     # The count of skipped steps carries across the restart, in W&B and in the local record.
     assert read_metrics(watched_run.run_dir)[-1]["train/skipped_steps"] == 1
 
 
-def test_a_run_that_stops_making_progress_raises_an_alert(tiny_config, capsys):
+def test_a_run_that_stops_making_progress_raises_an_alert(tiny_config):
     config = load_config(tiny_config({"logging": {"wandb_mode": "offline", "stall_alert_minutes": 0.01}}))
     config.run_dir.mkdir(parents=True)
     with pytest.raises(RuntimeError), RunLogger(config, is_main=True, resumed_from_step=None) as logger:
@@ -87,12 +87,11 @@ def test_a_run_that_stops_making_progress_raises_an_alert(tiny_config, capsys):
     assert [(alert["title"], alert["level"]) for alert in alerts] == [("tiny: no progress", "WARN"),
                                                                     ("tiny: failed", "ERROR")]
     assert "after step 1" in alerts[0]["text"] and alerts[1]["text"] == "RuntimeError after step 1: a rank died"
-    assert "warn: no progress: no step has completed for" in capsys.readouterr().err
     assert [record["exit_code"] for record in of_type(records, "exit")] == [1]
 
 
 def test_sync_uploads_each_offline_run_once_with_its_attempts_in_order(watched_run, tmp_path):
-    result = run_module("pretrain.metrics", "sync", str(watched_run.run_dir.parent), "--dry-run", cwd=tmp_path)
+    result = run_module("pretrain.wandb_runs", "sync", str(watched_run.run_dir.parent), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout)
     assert Path(command[0]).name == "wandb" and command[1] == "sync"
@@ -102,10 +101,10 @@ def test_sync_uploads_each_offline_run_once_with_its_attempts_in_order(watched_r
     shutil.copytree(watched_run.run_dir / "wandb", uploaded / "watched" / "wandb")
     for attempt in (uploaded / "watched" / "wandb").glob("offline-run-*"):
         (attempt / f"run-{attempt.name.split('-', 3)[3]}.wandb.synced").touch()  # as `wandb sync` marks them
-    result = run_module("pretrain.metrics", "sync", str(uploaded), "--dry-run", cwd=tmp_path)
-    assert result.returncode == 0 and result.stdout.startswith("nothing to sync")
+    result = run_module("pretrain.wandb_runs", "sync", str(uploaded), "--dry-run", cwd=tmp_path)
+    assert result.returncode == 0 and not any(attempt.name in result.stdout for attempt in watched_run.attempts)
 
-    result = run_module("pretrain.metrics", "sync", str(tmp_path / "nowhere"), cwd=tmp_path)
+    result = run_module("pretrain.wandb_runs", "sync", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: no such directory; pass the directory that"
                                      " holds the runs")

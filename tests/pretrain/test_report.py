@@ -9,8 +9,10 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
+from pretrain.rundir import RunDirectoryError, read_metrics
 from tests.helpers import run_module
 
 # Screenshots are kept here (or under $TEST_ARTIFACTS) after the run, to look at.
@@ -79,3 +81,16 @@ def test_a_damaged_metrics_file_is_named_with_its_line_and_the_earlier_report_is
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {run_dir / 'metrics.jsonl'}:{lines}: not a metrics record")
     assert (run_dir / "report.html").read_text() == "the earlier report"
+
+
+@pytest.mark.parametrize(("bad_line", "problem"), [
+    ('{"step": 3, "train/loss": 2.', "not a metrics record"),
+    ('{"train/loss": 2.5}', "not a metrics record"),
+    ('{"step": 3.5, "train/loss": 2.5}', "step 3.5 is not a whole number"),
+])
+def test_every_reader_of_metrics_refuses_a_bad_line_naming_the_file_and_line(tmp_path, bad_line, problem):
+    (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1, "train/loss": 3.0}}\n\n{bad_line}\n')
+    with pytest.raises(RunDirectoryError) as refused:
+        read_metrics(tmp_path)
+    assert str(refused.value).startswith(f"{tmp_path / 'metrics.jsonl'}:3: {problem}")
+    assert read_metrics(tmp_path / "not-started") == []

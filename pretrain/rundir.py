@@ -1,0 +1,139 @@
+"""Reading a run directory (output_dir/name): the one way every command reads what a run left behind.
+
+A run directory holds its resolved `config.yaml`, its `metrics.jsonl` (one JSON record per line, each with a
+whole-number `step`), its checkpoints, and points to its data directory, where its tokenizer is. From these
+files and the model's own counts, `scaling_point` gives a finished run's point for the scaling fit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+from data_pipeline.errors import DataError, UserError
+from data_pipeline.tokenizer import load_tokenizer
+from evals.scaling import RunPoint, ScalingError
+from pretrain import checkpoint
+from pretrain.config import Config, load_config
+from pretrain.model import GPT
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class RunDirectoryError(UserError):
+    """A run directory, or one of its files, that cannot be read; the message names it and what to do."""
+
+
+def metrics_path(run_dir: Path) -> Path:
+    return Path(run_dir) / METRICS_FILE
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's metrics records in the order they were written ([] before its first step). A line that is not
+    a record with a whole-number step is a RunDirectoryError naming the file and line."""
+    path = metrics_path(run_dir)
+    if not path.exists():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step = record["step"]
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise RunDirectoryError(f"{path}:{number}: not a metrics record ({error}); was the file edited?") from None
+        if not isinstance(step, int):
+            raise RunDirectoryError(f"{path}:{number}: step {step!r} is not a whole number; was the file edited?")
+        records.append(record)
+    return records
+
+
+def run_config(run_dir: Path) -> Config:
+    """The resolved config a run saved; RunDirectoryError if the directory is not a run."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise RunDirectoryError(f"{run_dir}: is not a run directory (it has no {CONFIG_FILE})")
+    return load_config(path)
+
+
+def run_tokenizer(config: Config) -> Tokenizer:
+    """The tokenizer the run trained with, from its data directory; DataError if it is not there."""
+    path = Path(config.data.dir) / "tokenizer.json"
+    if not path.is_file():
+        raise DataError(
+            f"{path}: the run's tokenizer is missing; run from the directory training ran in, or prepare the data"
+            " again with `make data`"
+        )
+    return load_tokenizer(path, config.model.vocab_size)
+
+
+def find_checkpoint(run_dir: Path, step: int | None) -> Path:
+    """The newest complete checkpoint of the run, or the one at `step`; CheckpointError if there is none."""
+    newest = checkpoint.newest_complete(run_dir)
+    if newest is None:
+        raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint; train it first")
+    if step is None:
+        return newest
+    tags = checkpoint.complete_tags(run_dir)
+    tag = checkpoint.tag_for_step(step)
+    if tag not in tags:
+        steps = ", ".join(str(int(t.removeprefix("step_"))) for t in tags)
+        raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint at step {step}; it has: {steps}")
+    return checkpoint.checkpoints_dir(run_dir) / tag
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: GPT  # whole fp32 weights on the CPU, in eval mode
+    step: int  # the step the checkpoint was written at
+    config: Config  # the run's
+
+
+def load_checkpoint(run_dir: Path, step: int | None = None) -> TrainedModel:
+    """The run's model at its newest complete checkpoint (or at `step`), whatever ZeRO stage and ranks wrote it."""
+    config = run_config(run_dir)
+    source = find_checkpoint(run_dir, step)
+    model = GPT(config.model)
+    model.load_state_dict(checkpoint.consolidated_state_dict(source))
+    return TrainedModel(model.eval(), checkpoint.read_marker(source)["step"], config)
+
+
+def scaling_point(run_dir: Path) -> RunPoint:
+    """A finished run's point for the scaling fit: N (without embeddings) and the FLOPs per token from its
+    config's model, D and the loss from its last validation, and its few-shot accuracies at that step."""
+    config = run_config(run_dir)
+    records = read_metrics(run_dir)
+    validation = [record for record in records if "val/loss" in record]
+    if not validation or validation[-1]["step"] != config.train.max_steps:
+        raise ScalingError(f"{run_dir}: has not finished (no validation loss at step {config.train.max_steps});"
+                           " finish or remove it before fitting")
+    with torch.device("meta"):  # counts only: no memory for the weights
+        model = GPT(config.model)
+    last = validation[-1]
+    fewshot = {key: value for record in records if record["step"] == last["step"]
+               for key, value in record.items() if key.startswith("eval/fewshot/")}
+    tokens = last["step"] * config.train.global_batch_tokens
+    return RunPoint(config.name, model.num_parameters(include_embeddings=False), tokens, last["val/loss"],
+                    model.num_parameters(), model.flops_per_token(), fewshot or None)
+
+
+def scaling_points(paths: list[Path]) -> list[RunPoint]:
+    """The points of run directories, or of directories that hold run directories (a sweep's output)."""
+    points = []
+    for path in paths:
+        if (path / CONFIG_FILE).is_file():
+            points.append(scaling_point(path))
+        elif path.is_dir():
+            points.extend(scaling_point(child) for child in sorted(path.iterdir()) if (child / CONFIG_FILE).is_file())
+        else:
+            raise ScalingError(f"{path}: no such run directory")
+    if not points:
+        raise ScalingError(f"no run directories (with a {CONFIG_FILE}) in {', '.join(map(str, paths))}")
+    return points
