@@ -14,6 +14,7 @@ Each figure is the median of --repeats runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             prepare(config, vocab_size=2048, log=lambda *_: None)
 
-        raw = statistics.median(megabytes / timed(lambda: tokenizer.encode_batch(documents)) for _ in range(args.repeats))
+        encode_all = functools.partial(tokenizer.encode_batch, documents)
+        raw = statistics.median(megabytes / timed(encode_all) for _ in range(args.repeats))
         pipeline = statistics.median(megabytes / timed(lambda r=r: prepare_once(r)) for r in range(args.repeats))
 
         manifest = prepare(DataConfig(dir=str(work / "run0"), sources=[{"kind": "jsonl", "paths": [str(source)]}],
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         layout = BatchLayout(world_size=1, seq_len=args.seq_len, micro_batch_size=8, accumulation_steps=8)
         loader_rates = {}
         for workers in (0, 1):
-            def read_epoch() -> int:
+            def read_epoch(workers: int = workers) -> int:
                 batches = TrainBatches(Windows(manifest, "train", args.seq_len), layout, 0, 64, seed=0)
                 steps = iterate_steps(batches, 0, EPOCHS * batches.steps_per_epoch, workers)
                 return sum(tokens.numel() for _, (tokens, _window_ids) in steps)

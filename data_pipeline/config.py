@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -79,7 +79,7 @@ class TextSource(_FileSourceBase):
 
 
 Source = Annotated[
-    Union[StdlibDocstringsSource, InContextEpisodesSource, ParquetSource, JsonlSource, TextSource],
+    StdlibDocstringsSource | InContextEpisodesSource | ParquetSource | JsonlSource | TextSource,
     Field(discriminator="kind"),
 ]
 SOURCE_KINDS = ("stdlib_docstrings", "icl_episodes", "parquet", "jsonl", "txt")

@@ -91,7 +91,9 @@ class Manifest:
                 splits={split: [Shard(**shard) for shard in meta["splits"][split]] for split in SPLITS},
             )
         except FileNotFoundError:
-            raise DataError(f"{path}: not found; run `python -m launch prepare --config CONFIG` (make data) to create it") from None
+            raise DataError(
+                f"{path}: not found; run `python -m launch prepare --config CONFIG` (make data) to create it"
+            ) from None
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{path}: not a manifest this version can read ({error}); prepare the data again") from None
 

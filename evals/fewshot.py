@@ -4,9 +4,10 @@ line calls it on a checkpoint.
 
 The model is called as `model(tokens, positions=..., attention_mask=..., logits_at=...)`, the calling
 convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out. That lets
-the shared prompt of a multiple-choice item be computed once: one row holds the prompt followed by every choice's tokens, each choice at the positions it would have right
-after the prompt and attending only to the prompt and to itself. The log-likelihoods equal those of scoring
-prompt + choice separately, as lm-evaluation-harness does, at a fraction of the tokens.
+the shared prompt of a multiple-choice item be computed once: one row holds the prompt followed by every
+choice's tokens, each choice at the positions it would have right after the prompt and attending only to the
+prompt and to itself. The log-likelihoods equal those of scoring prompt + choice separately, as
+lm-evaluation-harness does, at a fraction of the tokens.
 
 Items are sharded across ranks (item i on rank i mod world size) when torch.distributed is initialised; every
 rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively in each), and the

@@ -200,7 +200,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     record_launch(config.run_dir, args.backend, argv, commands, host_names, config.launch.environment)
     if args.backend == "hostfile" and args.hostfile_launcher == "deepspeed":
         environment_file = config.run_dir / "launches" / "deepspeed_env"  # what DeepSpeed exports to every host
-        write_atomically(environment_file, "".join(f"{name}={value}\n" for name, value in config.launch.environment.items()))
+        lines = "".join(f"{name}={value}\n" for name, value in config.launch.environment.items())
+        write_atomically(environment_file, lines)
         environment["DS_ENV_FILE"] = str(environment_file)
     return run_node(commands[0], environment, ranks_here, config.run_dir)
 

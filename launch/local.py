@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from pretrain.checkpoint import newest_complete, read_marker
 from data_pipeline.errors import REQUEUE_EXIT_CODE
+from pretrain.checkpoint import newest_complete, read_marker
 from pretrain.faults import PREEMPTION_SIGNALS
 
 DEFAULT_CPU_RANKS = 2

@@ -40,9 +40,12 @@ from pathlib import Path
 import torch
 import yaml
 
+from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
+from data_pipeline.files import write_atomically
 from evals.fit_runs import FitSettings, WandbTarget, fit_runs
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
+from launch.spec import SweepConfig, SweepSize
 from pretrain.checkpoint import (
     CheckpointError,
     newest_complete,
@@ -50,12 +53,8 @@ from pretrain.checkpoint import (
     starting_checkpoint,
     tag_for_step,
 )
-from data_pipeline.errors import ConfigError
-from data_pipeline.files import write_atomically
-from launch.spec import SweepConfig, SweepSize
 from pretrain.config import Config, load_config
 from pretrain.data import prepare_and_verify
-from data_pipeline.errors import REQUEUE_EXIT_CODE
 from pretrain.faults import PREEMPTION_SIGNALS
 from pretrain.model import GPT
 

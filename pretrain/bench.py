@@ -52,9 +52,10 @@ from data_pipeline.errors import ConfigError, UserError
 from pretrain.config import Config, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import DistributedContext, init_distributed, shutdown
+from pretrain.loss import next_token_loss
 from pretrain.model import GPT
 from pretrain.optim import parameter_groups
-from pretrain.train import build_engine, next_token_loss, train_step
+from pretrain.train import build_engine, train_step
 
 DATA_SEED = 1234
 

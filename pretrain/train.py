@@ -44,10 +44,11 @@ from pretrain.distributed import (
 from pretrain.evaluation import FewShotEvaluator, Validator
 from pretrain.faults import NonFiniteGuard, PreemptionWatch
 from pretrain.loss import next_token_loss
-from pretrain.metrics import RunLogger, launch_details, read_metrics
+from pretrain.metrics import RunLogger, launch_details
 from pretrain.model import GPT
 from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
 from pretrain.progress import Progress
+from pretrain.rundir import read_metrics
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.loader import ShardReader
 from data_pipeline.tokenizer import train_bpe
 from pretrain.config import ModelConfig
-from pretrain.metrics import read_metrics
 from pretrain.model import GPT
+from pretrain.rundir import read_metrics
 
 # Small enough for a 2-rank DeepSpeed run in seconds on 2 CPU cores; in-context episodes only, so preparing
 # the data takes about a second.
@@ -90,8 +89,10 @@ def wait_for(path: Path, job: subprocess.Popen, timeout: float = 300, poll: floa
 
 def job_processes(job: subprocess.Popen) -> list[int]:
     """The launcher and everything below it: torchrun, the ranks (each in a session of its own), readers."""
-    launcher = psutil.Process(job.pid)
-    return [launcher.pid, *(child.pid for child in launcher.children(recursive=True))]
+    try:
+        return [job.pid, *(child.pid for child in psutil.Process(job.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:  # the launcher has ended: nothing is left below it to find
+        return [job.pid]
 
 
 def rank_pid(job: subprocess.Popen, rank: int) -> int:

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from pretrain.checkpoint import read_marker
-from pretrain.metrics import read_metrics
+from pretrain.rundir import read_metrics
 from tests.launch.slurm_cluster import SlurmCluster
 
 REPOSITORY = Path(__file__).resolve().parents[2]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.metrics import METRICS_FILE, read_metrics
+from pretrain.rundir import METRICS_FILE, read_metrics
 from tests.helpers import (
     TINY_CONFIG,
     WATCHED_STEPS,

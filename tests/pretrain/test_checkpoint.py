@@ -14,7 +14,7 @@ from pretrain.checkpoint import (
     starting_checkpoint,
 )
 from pretrain.config import Config
-from pretrain.metrics import read_metrics
+from pretrain.rundir import read_metrics
 from tests.helpers import launch, losses_by_step, run_module
 
 

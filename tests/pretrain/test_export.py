@@ -7,8 +7,8 @@ from data_pipeline.loader import Windows, validation_batches
 from data_pipeline.prepare import Manifest
 from pretrain.config import load_config
 from pretrain.export import load_exported
+from pretrain.loss import next_token_loss
 from pretrain.rundir import read_metrics
-from pretrain.train import next_token_loss
 from tests.helpers import launch, run_module
 
 

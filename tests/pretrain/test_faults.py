@@ -13,7 +13,7 @@ import pytest
 from data_pipeline.errors import REQUEUE_EXIT_CODE
 from pretrain.checkpoint import COMPLETE_MARKER, consolidated_state_dict, newest_complete, read_marker
 from pretrain.faults import NonFiniteGuard, PreemptionWatch, TooManyNonFiniteSteps
-from pretrain.metrics import read_metrics
+from pretrain.rundir import read_metrics
 from tests.helpers import (
     job_processes,
     launch,

@@ -12,8 +12,8 @@ from data_pipeline.loader import TrainBatches, Windows, validation_batches
 from data_pipeline.prepare import prepare
 from pretrain.config import load_config
 from pretrain.loss import next_token_loss
-from pretrain.metrics import read_metrics
 from pretrain.model import GPT
+from pretrain.rundir import read_metrics
 from pretrain.train import train_step
 from tests.helpers import launch, losses_by_step, run_module, tiny_model, wandb_records
 
