@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from data_pipeline.errors import ConfigError
+from launch.__main__ import main as launch_main
 from launch.spec import load_sweep
 from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
 from pretrain.config import load_config
@@ -90,22 +91,23 @@ def test_runs_side_by_side_share_the_cores_or_each_get_their_own_gpus(monkeypatc
         side_by_side_environments(4, None)
 
 
-def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path):
+def test_a_bad_spec_is_refused_naming_the_field(tiny_config, tmp_path, in_process, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     spec = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[])
-    result = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
+    result = in_process(launch_main, "sweep", "--spec", str(spec))
     assert result.returncode == 2
     assert result.stderr.strip() == (f"config error: {spec}: config: Value error, give the token budgets as"
                                      " tokens_per_parameter or as compute_budgets, one of the two")
     twice = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[20, 20.0])
-    result = run_module("launch", "sweep", "--spec", str(twice), cwd=tmp_path)
+    result = in_process(launch_main, "sweep", "--spec", str(twice))
     assert result.returncode == 2
     assert result.stderr.strip() == ("config error: ladder: two runs would share a name; make the sizes, budgets"
                                      " and seeds distinct")
     for option in ("--nodes", "--parallel"):
-        result = run_module("launch", "sweep", "--spec", str(twice), "--backend", "slurm", option, "0", cwd=tmp_path)
+        result = in_process(launch_main, "sweep", "--spec", str(twice), "--backend", "slurm", option, "0")
         assert result.returncode == 2 and result.stderr.strip() == f"config error: {option}: must be at least 1, got 0"
     cosine = write_sweep(tmp_path, tiny_config({"train": {"schedule": "cosine"}}), decay_branches=True)
-    result = run_module("launch", "sweep", "--spec", str(cosine), cwd=tmp_path)
+    result = in_process(launch_main, "sweep", "--spec", str(cosine))
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "config error: ladder: decay_branches needs train.schedule=wsd, and the base config with the sweep's"

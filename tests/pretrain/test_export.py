@@ -5,11 +5,14 @@ import torch
 
 from data_pipeline.loader import Windows, validation_batches
 from data_pipeline.prepare import Manifest
+from pretrain.checkpoint import COMPLETE_MARKER, tag_for_step
+from pretrain.checkpoint import checkpoints_dir as checkpoint_dir
 from pretrain.config import load_config
 from pretrain.export import load_exported
+from pretrain.export import main as export_main
 from pretrain.loss import next_token_loss
 from pretrain.rundir import read_metrics
-from tests.helpers import launch, run_module
+from tests.helpers import launch
 
 
 def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(tiny_config, tmp_path):
@@ -17,7 +20,7 @@ def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(t
     launch(config_path)
     run_dir = tmp_path / "runs" / "tiny"
 
-    result = run_module("pretrain.export", str(run_dir), cwd=tmp_path)
+    result = in_process(export_main, str(run_dir))
     assert result.returncode == 0, result.stderr
     exported = run_dir / "export" / "step_00000004.pt"
     assert result.stdout.strip().splitlines()[-1] == f"exported {exported}"
@@ -38,19 +41,24 @@ def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(t
     assert sum(per_rank) / 2 == pytest.approx(logged, rel=1e-5)
 
 
-def test_exporting_a_step_without_a_checkpoint_names_the_steps_there_are(tiny_config, tmp_path):
-    launch(tiny_config({"train": {"max_steps": 8, "checkpoint_every": 4}}))
+def test_exporting_a_step_without_a_checkpoint_names_the_steps_there_are(tmp_path, in_process):
     run_dir = tmp_path / "runs" / "tiny"
-    result = run_module("pretrain.export", str(run_dir), "--step", "5", cwd=tmp_path)
+    (run_dir / "config.yaml").parent.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("name: tiny\n")
+    for step in (4, 8):  # what every rank finishing a save leaves: the complete marker
+        tag = checkpoint_dir(run_dir) / tag_for_step(step)
+        tag.mkdir(parents=True)
+        (tag / COMPLETE_MARKER).write_text("{}\n")
+    result = in_process(export_main, str(run_dir), "--step", "5")
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {run_dir}: has no complete checkpoint at step 5; it has: 4, 8"
     assert not (run_dir / "export").exists()
 
 
-def test_exporting_a_run_without_checkpoints_says_to_train_it_first(tmp_path):
+def test_exporting_a_run_without_checkpoints_says_to_train_it_first(tmp_path, in_process):
     run_dir = tmp_path / "runs" / "never-trained"
     run_dir.mkdir(parents=True)
     (run_dir / "config.yaml").write_text("name: never-trained\n")
-    result = run_module("pretrain.export", str(run_dir), cwd=tmp_path)
+    result = in_process(export_main, str(run_dir))
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {run_dir}: has no complete checkpoint; train it first"
