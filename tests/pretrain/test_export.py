@@ -15,7 +15,7 @@ from pretrain.rundir import read_metrics
 from tests.helpers import launch
 
 
-def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(tiny_config, tmp_path):
+def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(tiny_config, tmp_path, in_process):
     config_path = tiny_config({"train": {"max_steps": 4}, "deepspeed": {"zero_stage": 3}})
     launch(config_path)
     run_dir = tmp_path / "runs" / "tiny"
