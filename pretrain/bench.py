@@ -49,6 +49,7 @@ import torch
 
 from data_pipeline.cli import run_command
 from data_pipeline.errors import ConfigError, UserError
+from data_pipeline.files import write_atomically
 from pretrain.config import Config, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import DistributedContext, init_distributed, shutdown
@@ -343,9 +344,7 @@ def main(argv: list[str] | None = None) -> None:
             "command": shlex.join(["python", "-m", "pretrain.bench", *argv]),
             "records": records,
         }
-        with open(args.json, "w") as output:
-            json.dump(summary, output, indent=2)
-            output.write("\n")
+        write_atomically(Path(args.json), json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":
