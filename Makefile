@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -c 'import torch' 2>/dev/null || $(PY) -m pip install torch==$(TORCH_VERSION)
 	$(PY) -m pip install -e '.[dev]'
+	@# DeepSpeed builds its CPU communication op on first use (half a minute); build it here, once, not in a run.
+	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
 	touch $@
 
 # BACKEND=local|hostfile|slurm; launcher options and overrides go in ARGS, e.g.
@@ -42,7 +44,9 @@ test-tools:
 test: setup test-tools
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q --durations=10
+	@# Two workers: a launch leaves a core idle while it starts, waits on SLURM or on torchrun's grace period, and the
+	@# other worker fills it. Tests that share a built-once fixture stay on one worker (tests/conftest.py).
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
 
 # Tokenize and shard a config's data now (training does it on first use otherwise).
 data: setup

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.files import write_atomically
-from evals.scaling import ScalingReport, analyse, log_to_wandb, plot, read_csv, summary_lines
+from evals.scaling.plots import plot
+from evals.scaling.points import read_csv
+from evals.scaling.publish import log_to_wandb
+from evals.scaling.report import ScalingReport, analyse, summary_lines
 from pretrain.rundir import scaling_points
 from pretrain.wandb_runs import finish_run, start_run
 

@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError, UserError
 from data_pipeline.tokenizer import load_tokenizer
-from evals.scaling import RunPoint, ScalingError
+from evals.scaling.points import RunPoint, ScalingError
 from pretrain import checkpoint
 from pretrain.config import Config, load_config
 from pretrain.model import GPT

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data_pipeline.cli import run_command
@@ -55,13 +56,16 @@ class SharedRuns:
 
     def config(self, name: str, output_dir: Path, stage: int, activation_checkpointing: bool = False,
                compile: bool = False) -> dict:
-        """The tiny config of the shared runs (fp32, validation and a checkpoint only at the end), for one variant;
+        """The tiny config of the shared runs (fp32, validation only at the end), for one variant;
         also for a run started another way that must train what a shared run trains."""
         return deep_merge(TINY_CONFIG, {
             "name": name,
             "output_dir": str(output_dir),
             "data": {"dir": str(self.data_dir)},
-            "train": {"max_steps": self.steps, "checkpoint_every": 100},
+            # 24 sequences a step: 6, 3 or 2 micro-batches of 4 on 1, 2 or 3 ranks. A checkpoint halfway, to
+            # resume from at another world size.
+            "train": {"global_batch_tokens": 24 * 64, "micro_batch_size": 4, "max_steps": self.steps,
+                      "checkpoint_every": 100, "checkpoint_steps": [self.steps // 2]},
             "deepspeed": {"zero_stage": stage, "precision": "fp32",
                           "activation_checkpointing": activation_checkpointing, "compile": compile},
             "eval": {"interval": 0, "batches": 1},
@@ -92,12 +96,39 @@ def in_process(capsys) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
-def pytest_collection_modifyitems(config, items):
-    import torch
+def shared_fixtures(item: pytest.Item) -> list[str]:
+    """The project's session- and module-scoped fixtures a test uses: things built once and then only read."""
+    keys = []
+    for definitions in item._fixtureinfo.name2fixturedefs.values():
+        for definition in definitions:
+            if definition.scope in ("session", "module") and definition.func.__module__.startswith("tests"):
+                where = "" if definition.scope == "session" else f"{item.module.__name__}::"
+                keys.append(where + definition.argname)
+    return keys
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+
+def xdist_groups(items: list[pytest.Item]) -> dict[pytest.Item, str]:
+    """Under pytest-xdist, tests that share a built-once fixture (the SLURM cluster, the shared runs, a module's
+    trained run) run on one worker, so that it is built once, not once per worker: a group per connected set."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    uses = {item: shared_fixtures(item) for item in items}
+    for keys in uses.values():
+        for key in keys[1:]:
+            parent[root(key)] = root(keys[0])
+    return {item: root(keys[0]) for item, keys in uses.items() if keys}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item, group in xdist_groups(items).items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    gpu_here = torch.cuda.is_available()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "gpu" in item.keywords and not gpu_here:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))

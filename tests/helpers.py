@@ -87,6 +87,15 @@ def wait_for(path: Path, job: subprocess.Popen, timeout: float = 300, poll: floa
         time.sleep(poll)
 
 
+def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the running job has logged `step` (or a later one) to metrics.jsonl."""
+    deadline = time.monotonic() + timeout
+    while not any(record["step"] >= step for record in read_metrics(run_dir)):
+        assert job.poll() is None, f"the job ended (code {job.returncode}) before step {step} was logged"
+        assert time.monotonic() < deadline, f"step {step} was not logged within {timeout} s"
+        time.sleep(0.02)
+
+
 def job_processes(job: subprocess.Popen) -> list[int]:
     """The launcher and everything below it: torchrun, the ranks (each in a session of its own), readers."""
     try:

@@ -11,36 +11,6 @@ and a training run costs about C = 6 N D FLOPs, which gives the compute-optimal 
 - `plots` and `publish`: the PNGs, and the report in a W&B run.
 
 This package reads typed run points, never a run directory or a live model: it imports nothing from `pretrain`.
+Its modules are imported by name (`evals.scaling.points`, ...), so that a reader of run points (every
+training rank, through `pretrain.rundir`) does not pay for scipy.
 """
-
-from evals.scaling.choose_k import FewshotChoice, choose_fewshot_k
-from evals.scaling.isoflop import (
-    BudgetOptimum,
-    IsoflopBudget,
-    IsoflopPowerLaw,
-    IsoflopProfiles,
-    Split,
-    compute_budgets,
-    isoflop_profiles,
-)
-from evals.scaling.law import ConstantIntervals, Law, bootstrap, constant_intervals, fit_law, interval
-from evals.scaling.plots import plot
-from evals.scaling.points import RunPoint, ScalingError, read_csv
-from evals.scaling.publish import log_to_wandb, wandb_summary
-from evals.scaling.report import (
-    ComputeOptimal,
-    FittedRun,
-    Holdout,
-    ScalingReport,
-    analyse,
-    format_interval,
-    summary_lines,
-)
-
-__all__ = [
-    "BudgetOptimum", "ComputeOptimal", "ConstantIntervals", "FewshotChoice", "FittedRun", "Holdout",
-    "IsoflopBudget", "IsoflopPowerLaw", "IsoflopProfiles", "Law", "RunPoint", "ScalingError", "ScalingReport",
-    "Split", "analyse", "bootstrap", "choose_fewshot_k", "compute_budgets", "constant_intervals", "fit_law",
-    "format_interval", "interval", "isoflop_profiles", "log_to_wandb", "plot", "read_csv", "summary_lines",
-    "wandb_summary",
-]

@@ -9,18 +9,11 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 
-from evals.scaling import (
-    Law,
-    RunPoint,
-    ScalingError,
-    analyse,
-    bootstrap,
-    compute_budgets,
-    constant_intervals,
-    fit_law,
-    isoflop_profiles,
-    plot,
-)
+from evals.scaling.isoflop import compute_budgets, isoflop_profiles
+from evals.scaling.law import Law, bootstrap, constant_intervals, fit_law
+from evals.scaling.plots import plot
+from evals.scaling.points import RunPoint, ScalingError
+from evals.scaling.report import analyse
 from tests.helpers import run_module, wandb_records
 
 # Hoffmann et al. (2022), eq. 10: the Chinchilla fit.

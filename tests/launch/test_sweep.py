@@ -8,7 +8,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from launch.spec import load_sweep
 from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
 from pretrain.config import load_config
 from pretrain.rundir import read_metrics
-from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for
+from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for_step
 
 
 def write_sweep(directory: Path, base: Path, **changes) -> Path:
@@ -123,10 +122,7 @@ def test_an_interrupted_sweep_run_again_skips_the_finished_run_and_resumes_the_o
     second = tmp_path / "runs" / "ladder" / "ladder-l2-d64-tpp2-s0"
     job = subprocess.Popen([sys.executable, "-m", "launch", "sweep", "--spec", str(spec)], cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_for(second / "metrics.jsonl", job)
-    while not any(record["step"] >= 3 for record in read_metrics(second)):
-        assert job.poll() is None, job.communicate()[0]
-        time.sleep(0.05)
+    wait_for_step(second, 3, job)
     signal_job(job, signal.SIGTERM)  # as SLURM or Ctrl-C would stop it
     output = job.communicate(timeout=300)[0]
     assert job.returncode == 75, output

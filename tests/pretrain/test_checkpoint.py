@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 
 from pretrain.checkpoint import (
     COMPLETE_MARKER,
@@ -56,32 +57,29 @@ def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     assert starting_checkpoint(Config(name="tiny", output_dir=str(tmp_path), train={"resume": "never"})) is None
 
 
-@pytest.mark.parametrize("stage", [0, 2, 3])
-def test_a_two_rank_checkpoint_resumes_on_one_and_three_ranks_with_the_uninterrupted_losses(tiny_config, tmp_path,
-                                                                                             stage):
-    config = tiny_config({
-        # 24 sequences a step: 6, 3 or 2 micro-batches of 4 on 1, 2 or 3 ranks.
-        "train": {"global_batch_tokens": 24 * 64, "micro_batch_size": 4, "max_steps": 8, "checkpoint_every": 4},
-        "deepspeed": {"zero_stage": stage},
-        "eval": {"interval": 0},
-    })
-    launch(config, ranks=2)
-    uninterrupted = losses_by_step(tmp_path / "runs" / "tiny")
+# Shrinking and growing, through the plain load (ZeRO-0) and the universal form (ZeRO-2 and 3).
+@pytest.mark.parametrize(("stage", "ranks"), [(0, 1), (2, 3), (3, 1)])
+def test_a_two_rank_checkpoint_resumes_at_another_world_size_with_the_uninterrupted_losses(shared_runs, tmp_path,
+                                                                                          stage, ranks):
+    uninterrupted = shared_runs.run_dir(stage, ranks=2)
+    halfway, last = shared_runs.steps // 2, shared_runs.steps
+    run_dir = tmp_path / uninterrupted.name
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{last:08d}")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(shared_runs.config(uninterrupted.name, tmp_path, stage)))
+    launch(config, ranks=ranks)
 
-    for ranks in (1, 3):
-        output_dir = tmp_path / f"resumed-on-{ranks}"
-        shutil.copytree(tmp_path / "runs", output_dir)
-        shutil.rmtree(output_dir / "tiny" / "checkpoints" / "step_00000008")
-        launch(config, f"output_dir={output_dir}", ranks=ranks)
-        checkpoints = output_dir / "tiny" / "checkpoints"
-        # ZeRO-0 in fp32 keeps the optimizer state whole, which loads at any world size as it is; the other
-        # stages resume through DeepSpeed's universal form, converted once beside the checkpoint.
-        assert (checkpoints / "step_00000004" / "universal" / COMPLETE_MARKER).exists() == bool(stage)
-        assert read_marker(checkpoints / "step_00000008")["world_size"] == ranks
-        # Records through step 4 kept, steps 5-8 logged once each by the resumed run.
-        assert [record["step"] for record in read_metrics(output_dir / "tiny")] == list(range(9))
-        resumed = losses_by_step(output_dir / "tiny")
-        assert [resumed[s] for s in range(5, 9)] == pytest.approx([uninterrupted[s] for s in range(5, 9)], rel=1e-4)
+    checkpoints = run_dir / "checkpoints"
+    # ZeRO-0 in fp32 keeps the optimizer state whole, which loads at any world size as it is; the other
+    # stages resume through DeepSpeed's universal form, converted once beside the checkpoint.
+    assert (checkpoints / f"step_{halfway:08d}" / "universal" / COMPLETE_MARKER).exists() == bool(stage)
+    assert read_marker(checkpoints / f"step_{last:08d}")["world_size"] == ranks
+    # Records through the halfway step kept, the later steps logged once each by the resumed run.
+    assert [record["step"] for record in read_metrics(run_dir)] == list(range(last + 1))
+    resumed = losses_by_step(run_dir)
+    assert [resumed[s] for s in range(halfway + 1, last + 1)] == pytest.approx(
+        shared_runs.losses(stage, ranks=2)[halfway:], rel=1e-4)
 
 
 def test_a_checkpoint_of_another_zero_stage_is_refused_before_any_rank_starts(tiny_config, tmp_path):

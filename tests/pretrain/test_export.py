@@ -1,5 +1,7 @@
 """An exported checkpoint is the trained model: whole fp32 weights, whatever ZeRO stage and ranks wrote it."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -12,32 +14,31 @@ from pretrain.export import load_exported
 from pretrain.export import main as export_main
 from pretrain.loss import next_token_loss
 from pretrain.rundir import read_metrics
-from tests.helpers import launch
 
 
-def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(tiny_config, tmp_path, in_process):
-    config_path = tiny_config({"train": {"max_steps": 4}, "deepspeed": {"zero_stage": 3}})
-    launch(config_path)
-    run_dir = tmp_path / "runs" / "tiny"
+def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(shared_runs, tmp_path, in_process):
+    run_dir = tmp_path / "zero3"
+    shutil.copytree(shared_runs.run_dir(stage=3, ranks=2), run_dir)
+    last = shared_runs.steps
 
     result = in_process(export_main, str(run_dir))
     assert result.returncode == 0, result.stderr
-    exported = run_dir / "export" / "step_00000004.pt"
+    exported = run_dir / "export" / f"step_{last:08d}.pt"
     assert result.stdout.strip().splitlines()[-1] == f"exported {exported}"
     model, step = load_exported(exported)
-    assert step == 4
+    assert step == last
     assert model.head.weight is model.token_embedding.weight
 
     # The run's last validation loss: each of 2 ranks' batches, averaged, as the training loop computes it.
-    config = load_config(config_path)
-    windows = Windows(Manifest.load(tmp_path / "data"), "val", config.model.seq_len, None)
+    config = load_config(run_dir / "config.yaml")
+    windows = Windows(Manifest.load(shared_runs.data_dir), "val", config.model.seq_len, None)
     layout = config.batch_layout(2)
     with torch.no_grad():
         per_rank = [
             sum(next_token_loss(model, batch, None).item() for batch in batches) / len(batches)
             for batches in (validation_batches(windows, layout, rank, config.eval.batches) for rank in (0, 1))
         ]
-    logged = next(r["val/loss"] for r in read_metrics(run_dir) if r["step"] == 4 and "val/loss" in r)
+    logged = next(r["val/loss"] for r in read_metrics(run_dir) if r["step"] == last and "val/loss" in r)
     assert sum(per_rank) / 2 == pytest.approx(logged, rel=1e-5)
 
 
