@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import ConfigError, UserError
 
 
 def run_command(main: Callable[[], int | None]) -> NoReturn:
@@ -27,3 +27,9 @@ def run_command(main: Callable[[], int | None]) -> NoReturn:
         # CPU per process, each rank of each run); the work is done, so the heap is frozen out of its reach.
         gc.freeze()
     sys.exit(code or 0)
+
+
+def at_least_one(option: str, value: int | None) -> None:
+    """A command-line count (`--items`, `--ranks`, ...) that must be at least 1 when given."""
+    if value is not None and value < 1:
+        raise ConfigError(f"--{option}: must be at least 1, got {value}")

@@ -17,8 +17,9 @@ from data_pipeline.errors import ConfigError
 
 
 class Section(BaseModel):
-    # Unknown keys are typos until proven otherwise: refuse them rather than silently ignore them.
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # Unknown keys are typos until proven otherwise: refuse them rather than silently ignore them. No setting
+    # means anything at infinity or NaN (`lr: .nan` trains nothing, silently).
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 SectionT = TypeVar("SectionT", bound=Section)
 

@@ -74,10 +74,13 @@ class ShardReader:
     """Random access to the blocks of one split. Local shards are indexed once and read by seeking; shards
     behind a URL (http(s), pipe:, ...) are fetched whole through webdataset's gopen and checked on read."""
 
-    def __init__(self, manifest: Manifest, split: str, shard_url: str | None):
+    def __init__(self, manifest: Manifest, split: str, shard_url: str | None, check_local: bool = False):
         self.manifest = manifest
         self.shards = manifest.splits[split]
         self.shard_url = shard_url
+        # data.verify=on_read: a local shard's sha256 is checked too, the first time this reader opens it.
+        self.check_local = check_local
+        self._checked: set[int] = set()
         self.first_block = np.cumsum([0] + [shard.samples for shard in self.shards])
         self.dtype = np.dtype(manifest.dtype).newbyteorder("<")
         self._open: OrderedDict[int, tuple[object, list[tuple[int, int]]]] = OrderedDict()
@@ -91,6 +94,11 @@ class ShardReader:
         location = shard_location(self.manifest, shard, self.shard_url)
         try:
             if is_local(location):
+                if self.check_local and index not in self._checked:
+                    if file_sha256(location) != shard.sha256:
+                        raise DataError(f"{location}: sha256 differs from the manifest's; the shard is damaged or"
+                                        " from another preparation: prepare the data again")
+                    self._checked.add(index)
                 source = open(location, "rb")
             else:
                 import webdataset  # deferred: only remote shards need it
@@ -133,7 +141,8 @@ class ShardReader:
 class Windows:
     """The windows of one split: how many there are, the global order, and reading them."""
 
-    def __init__(self, manifest: Manifest, split: str, seq_len: int, shard_url: str | None = None):
+    def __init__(self, manifest: Manifest, split: str, seq_len: int, shard_url: str | None = None,
+                 check_local: bool = False):
         if seq_len > manifest.block_tokens:
             raise DataError(
                 f"{manifest.dir}: blocks of {manifest.block_tokens} tokens are shorter than model.seq_len={seq_len};"
@@ -141,7 +150,7 @@ class Windows:
             )
         self.manifest = manifest
         self.seq_len = seq_len
-        self.reader = ShardReader(manifest, split, shard_url)
+        self.reader = ShardReader(manifest, split, shard_url, check_local)
         self.per_block = manifest.block_tokens // seq_len
         shards = manifest.splits[split]
         last_block_tokens = shards[-1].tokens - (shards[-1].samples - 1) * (manifest.block_tokens + 1)

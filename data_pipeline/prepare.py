@@ -21,6 +21,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterable, Iterator
@@ -88,7 +89,8 @@ class Manifest:
                 end_of_document_id=meta["end_of_document_id"],
                 tokenizer_sha256=meta["tokenizer_sha256"],
                 tokenizer_vocab_size=meta["tokenizer_vocab_size"],
-                splits={split: [Shard(**shard) for shard in meta["splits"][split]] for split in SPLITS},
+                splits={split: [checked_shard(path, split, shard) for shard in meta["splits"][split]]
+                        for split in SPLITS},
             )
         except FileNotFoundError:
             raise DataError(
@@ -96,6 +98,18 @@ class Manifest:
             ) from None
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DataError(f"{path}: not a manifest this version can read ({error}); prepare the data again") from None
+
+
+def checked_shard(manifest: Path, split: str, recorded: dict) -> Shard:
+    """A shard as the manifest records it, whose name is one this project writes: a name reaches a URL template
+    and, with a `pipe:` shard_url, a shell command, so a tampered manifest must not choose it."""
+    shard = Shard(**recorded)
+    if not re.fullmatch(rf"{split}-\d{{6}}\.tar", shard.name):
+        raise DataError(
+            f"{manifest}: shard name {shard.name!r} is not one `prepare` writes ({split}-NNNNNN.tar); the manifest"
+            " was edited or damaged: prepare the data again"
+        )
+    return shard
 
 
 def recipe_fingerprint(data: DataConfig, vocab_size: int) -> str:

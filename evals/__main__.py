@@ -17,7 +17,7 @@ import argparse
 import os
 from pathlib import Path
 
-from data_pipeline.cli import run_command
+from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.config import validated
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals import report
@@ -181,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "export-hf":
         print(f"exported {export_hf(args.checkpoint, args.step, args.out)}")
         return 0
+    at_least_one("items", args.items)
     for path in write_lm_eval_tasks(args.tasks, args.shots, args.items, args.seed, args.out):
         print(f"wrote {path}")
     return 0

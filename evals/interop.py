@@ -21,12 +21,17 @@ import torch
 import yaml
 from torch import nn
 
+from data_pipeline.errors import UserError
 from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.tasks import MULTIPLE_CHOICE, TaskError, load_tasks
 from pretrain.checkpoint import tag_for_step
 from pretrain.model import GPT, MLP_RATIO
 from pretrain.rundir import load_checkpoint, run_tokenizer
+
+
+class ExportError(UserError):
+    """An export that would overwrite something it did not write."""
 
 
 def _weights(layer: nn.Module, name: str, convert: Callable[[torch.Tensor], torch.Tensor]) -> dict:
@@ -129,6 +134,7 @@ def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -
     tokenizer = run_tokenizer(trained.config)
     eod = tokenizer.token_to_id(END_OF_DOCUMENT)
     out = out or run_dir / "hf" / tag_for_step(trained.step)
+    refuse_to_replace(out)
     staging = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good directory
     shutil.rmtree(staging, ignore_errors=True)
     to_hf(trained.model, eod).save_pretrained(staging)
@@ -136,9 +142,23 @@ def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -
         tokenizer_object=tokenizer, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT,
         model_max_length=trained.config.model.seq_len,
     ).save_pretrained(staging)
+    write_atomically(staging / EXPORT_RECORD, json.dumps({"run_dir": str(run_dir), "step": trained.step}) + "\n")
     if out.exists():
-        shutil.rmtree(out)  # an earlier export of this step, replaced
+        shutil.rmtree(out)  # an earlier export (refuse_to_replace checked), replaced
     return publish_directory(staging, out)
+
+
+# Written into every export: what tells an earlier export, which a new one may replace, from anything else.
+EXPORT_RECORD = "exported_from.json"
+
+
+def refuse_to_replace(out: Path) -> None:
+    """An existing `out` is replaced only if it is empty or an earlier export; anything else is the user's."""
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / EXPORT_RECORD).is_file())):
+        raise ExportError(
+            f"--out: {out} exists and is not an earlier export (it has no {EXPORT_RECORD}); choose a new or empty"
+            " directory, or remove it yourself"
+        )
 
 
 def write_lm_eval_tasks(specs: list[str], shots: list[int], items: int, seed: int, out: Path) -> list[Path]:

@@ -1,8 +1,8 @@
 """Start a run anywhere, with one command and one config:
 
     python -m launch run --config CONFIG [--backend local|hostfile|slurm] [--nodes N] [--gpus-per-node G]
-                         [--ranks R] [--hostfile FILE] [--hostfile-launcher torchrun|deepspeed]
-                         [--max-restarts K] [--dry-run] [KEY=VALUE ...]
+                         [--ranks R] [--hostfile FILE] [--hostfile-launcher torchrun|deepspeed] [--dry-run]
+                         [KEY=VALUE ...]
     python -m launch sweep --spec configs/sweeps/micro.yaml [--parallel K] [the same options, for every run]
 
 The config is validated here, for the world size the run will have, and the data is prepared (once) and its
@@ -21,7 +21,7 @@ import socket
 import sys
 from pathlib import Path
 
-from data_pipeline.cli import run_command
+from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.files import write_atomically
 from data_pipeline.prepare import MANIFEST, prepare
@@ -68,8 +68,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         command.add_argument("--hostfile-launcher", choices=("torchrun", "deepspeed"), default="torchrun",
                              help="torchrun: run this command on every host; deepspeed: on the first, pdsh/ssh"
                              " reaches the rest")
-        command.add_argument("--max-restarts", type=int, default=0,
-                             help="torchrun restarts of failed ranks (local, hostfile)")
         command.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     sweep.add_argument("--parallel", type=int,
@@ -81,7 +79,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     node.add_argument("--ranks-per-node", type=int, required=True)
     node.add_argument("--rendezvous", required=True, metavar="HOST:PORT")
     node.add_argument("--rendezvous-id", required=True)
-    node.add_argument("--max-restarts", type=int, default=0)
     node.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     prepare = commands.add_parser("prepare", help="tokenize and shard a config's data now (training does it on"
                                   " first use otherwise)")
@@ -90,16 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _at_least_one(option: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"--{option}: must be at least 1, got {value}")
-
-
 def ranks_per_node(args: argparse.Namespace, gpus_available: int | None) -> int:
     """Processes per node: one per GPU, or --ranks CPU processes. `gpus_available` is None for remote nodes."""
-    _at_least_one("ranks", args.ranks)
+    at_least_one("ranks", args.ranks)
     if args.gpus_per_node is not None:
-        _at_least_one("gpus-per-node", args.gpus_per_node)
+        at_least_one("gpus-per-node", args.gpus_per_node)
         if gpus_available is not None and args.gpus_per_node > gpus_available:
             raise ConfigError(f"--gpus-per-node: {args.gpus_per_node} requested, this host has {gpus_available} GPU(s)")
         return args.gpus_per_node
@@ -122,7 +114,7 @@ def check_config(config: Config, world_size: int, remote_gpus: bool | None) -> N
 
 def slurm_layout(args: argparse.Namespace, config: Config) -> tuple[int, int]:
     """(nodes, ranks per node) of a SLURM job, with the config checked for that world size."""
-    _at_least_one("nodes", args.nodes)
+    at_least_one("nodes", args.nodes)
     nodes = args.nodes or 1
     per_node = ranks_per_node(args, None)
     check_config(config, nodes * per_node, bool(args.gpus_per_node))
@@ -140,9 +132,7 @@ def show(commands: list[list[str]]) -> str:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
-    _at_least_one("nodes", args.nodes)
-    if args.max_restarts < 0:
-        raise ConfigError(f"--max-restarts: must be 0 or more, got {args.max_restarts}")
+    at_least_one("nodes", args.nodes)
     config = load_config(args.config, args.overrides)
     environment = dict(config.launch.environment)
     hosts: list[hostfile.Host] = []
@@ -153,7 +143,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         world_size = ranks_here = per_node
         first_host = True
         check_config(config, world_size, None)
-        commands = [torchrun_command(per_node, args.config, args.overrides, max_restarts=args.max_restarts)]
+        commands = [torchrun_command(per_node, args.config, args.overrides)]
     elif args.backend == "hostfile":
         if args.hostfile is None:
             raise ConfigError("--hostfile: the hostfile backend needs one (lines of `host slots=N`)")
@@ -176,7 +166,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             here = hostfile.this_host(hosts, args.hostfile)
             first_host, ranks_here = here == 0, hosts[here].slots
             rendezvous = Rendezvous(len(hosts), f"{hosts[0].name}:{port}", config.name)
-            commands = [torchrun_command(ranks_here, args.config, args.overrides, rendezvous, args.max_restarts)]
+            commands = [torchrun_command(ranks_here, args.config, args.overrides, rendezvous)]
     else:
         nodes, per_node = slurm_layout(args, config)
         world_size, first_host = nodes * per_node, True
@@ -207,11 +197,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def node(args: argparse.Namespace, argv: list[str]) -> int:
-    _at_least_one("nodes", args.nodes)
-    _at_least_one("ranks-per-node", args.ranks_per_node)
+    at_least_one("nodes", args.nodes)
+    at_least_one("ranks-per-node", args.ranks_per_node)
     config = load_config(args.config, args.overrides)
     rendezvous = Rendezvous(args.nodes, args.rendezvous, args.rendezvous_id)
-    command = torchrun_command(args.ranks_per_node, args.config, args.overrides, rendezvous, args.max_restarts)
+    command = torchrun_command(args.ranks_per_node, args.config, args.overrides, rendezvous)
     # The sbatch script exported the configured variables; record what this node actually received.
     received = {name: os.environ[name] for name in config.launch.environment if name in os.environ}
     record_launch(config.run_dir, "node", argv, [command], [socket.gethostname()], received)
@@ -242,8 +232,8 @@ def submit_array(args: argparse.Namespace, argv: list[str], config_path: str, co
 
 
 def sweep(args: argparse.Namespace, argv: list[str]) -> int:
-    _at_least_one("nodes", args.nodes)
-    _at_least_one("parallel", args.parallel)
+    at_least_one("nodes", args.nodes)
+    at_least_one("parallel", args.parallel)
     spec = load_sweep(args.spec)
     launch_args = argparse.Namespace(**{key: value for key, value in vars(args).items() if key != "spec"})
     return run_sweep(spec, launch_args, functools.partial(submit_array, launch_args, argv))

@@ -39,7 +39,7 @@ class Rendezvous:
 
 
 def torchrun_command(ranks_per_node: int, config_path: str | None, overrides: list[str],
-                     rendezvous: Rendezvous | None = None, max_restarts: int = 0) -> list[str]:
+                     rendezvous: Rendezvous | None = None) -> list[str]:
     """The command that starts this node's ranks, as an argument list (no shell involved)."""
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks_per_node}"]
     if rendezvous is None:
@@ -47,8 +47,6 @@ def torchrun_command(ranks_per_node: int, config_path: str | None, overrides: li
     else:
         command += [f"--nnodes={rendezvous.nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={rendezvous.endpoint}",
                     f"--rdzv_id={rendezvous.run_id}"]
-    if max_restarts:
-        command.append(f"--max_restarts={max_restarts}")
     command += ["-m", "pretrain.train"]
     if config_path is not None:
         command += ["--config", config_path]

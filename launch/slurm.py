@@ -23,10 +23,16 @@ from pretrain.config import Config
 
 def _sbatch_line(option: str, value: object | None = None) -> str:
     """`#SBATCH --option=value` (or a bare `--option`). sbatch reads these lines, the shell skips them as
-    comments; a newline would end one and start a shell command, so control characters are refused."""
+    comments; a newline would end one and start a shell command, so control characters are refused, and sbatch
+    splits a line at spaces into more options (`--account=a --wrap=...`), so spaces and quotes are too."""
     line = f"#SBATCH --{option}" + ("" if value is None else f"={value}")
     if re.search(r"[\x00-\x1f\x7f]", line):
         raise ConfigError(f"launch.slurm: {line!r} holds a control character (a newline?); remove it")
+    if value is not None and re.search(r"[\s\"'\\]", str(value)):
+        raise ConfigError(
+            f"launch.slurm: {line!r}: sbatch would split the value at its spaces or quotes into more options;"
+            " use a value without them (a path: a directory whose path has none)"
+        )
     return line
 
 

@@ -49,7 +49,6 @@ from launch.spec import SweepConfig, SweepSize
 from pretrain.checkpoint import (
     CheckpointError,
     newest_complete,
-    read_marker,
     starting_checkpoint,
     tag_for_step,
 )
@@ -57,6 +56,7 @@ from pretrain.config import Config, load_config
 from pretrain.data import prepare_and_verify
 from pretrain.faults import PREEMPTION_SIGNALS
 from pretrain.model import GPT
+from pretrain.rundir import finished_with
 
 
 @dataclass(frozen=True)
@@ -140,11 +140,6 @@ def expand(sweep: SweepConfig) -> list[SweepRun]:
     return runs
 
 
-def finished(config: Config) -> bool:
-    checkpoint = newest_complete(config.run_dir)
-    return checkpoint is not None and read_marker(checkpoint)["step"] == config.train.max_steps
-
-
 def can_start(run: SweepRun) -> bool:
     """Whether the run's starting point exists: always, except for a branch whose trunk has not reached it."""
     try:
@@ -165,8 +160,7 @@ def why_blocked(run: SweepRun, unfinished: list[str]) -> str:
 
 def launch_options(args: argparse.Namespace) -> list[str]:
     """The `launch run` options the sweep was given, for each of its runs."""
-    options = ["--backend", args.backend, "--hostfile-launcher", args.hostfile_launcher,
-               "--max-restarts", str(args.max_restarts)]
+    options = ["--backend", args.backend, "--hostfile-launcher", args.hostfile_launcher]
     for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--ranks", args.ranks),
                           ("--hostfile", args.hostfile)):
         if value is not None:
@@ -355,13 +349,20 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
     parallel = args.parallel
     if parallel and parallel > 1 and args.backend == "hostfile":
         raise ConfigError("--parallel: the hostfile backend runs one run at a time across its hosts; leave it out")
-    pending = []
+    pending, stale = [], []
     for index, run in enumerate(runs, start=1):
         label = f"[{index}/{len(runs)}] {run.name}: N={run.parameters:,}, D={run.tokens:,}"
-        if finished(run.config):
-            print(f"{label}: finished, skipped")
-        else:
+        changed = finished_with(run.config)
+        if changed is None:
             pending.append((label, run))
+            continue
+        stale += [run.name] if changed else []
+        print(f"{label}: " + (f"stale: finished with other settings ({'; '.join(changed)}); remove"
+                              f" {run.config.run_dir} to train it with these" if changed else "finished, skipped"))
+    if stale:
+        print(f"sweep {sweep.name}: {len(stale)} finished run(s) do not match the spec; nothing started or fitted",
+              file=sys.stderr)
+        return 1
     sweep_dir = Path(sweep.output_dir) / sweep.name
     if pending and not args.dry_run and (args.backend == "slurm" or (parallel or 1) > 1):
         prepare_data([run for _, run in pending])

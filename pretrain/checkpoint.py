@@ -1,8 +1,9 @@
 """Checkpoints of a run: DeepSpeed's per-rank engine state plus the loop's own state, in
 `<run_dir>/checkpoints/step_<N>/`.
 
-A checkpoint counts only once every rank has finished writing it: rank 0 then writes a `complete` marker,
-and `resume=auto` picks the newest checkpoint that has one. A crash mid-save leaves the previous one in use.
+A checkpoint counts only once every rank has finished writing it and its files are on the disk: rank 0 then
+writes a `complete` marker listing each file's size, and `resume=auto` picks the newest checkpoint whose marker
+and files agree. A crash mid-save, or a file damaged since, leaves the previous one in use.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import ConfigError, UserError
-from data_pipeline.files import publish_directory, write_atomically
+from data_pipeline.files import fsync_tree, publish_directory, write_atomically
 from pretrain.config import Config
 
 COMPLETE_MARKER = "complete"
@@ -43,21 +45,53 @@ def complete_tags(run_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in directory.glob(f"step_*/{COMPLETE_MARKER}"))
 
 
-def newest_complete(run_dir: Path) -> Path | None:
-    """The checkpoint `resume=auto` would pick, if any."""
-    tags = complete_tags(run_dir)
-    return checkpoints_dir(run_dir) / tags[-1] if tags else None
+def newest_complete(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint `resume=auto` picks: the newest complete one that is intact. A damaged one is passed over
+    for the one before it, and `warn` (if given) is told which and why."""
+    for tag in reversed(complete_tags(run_dir)):
+        checkpoint = checkpoints_dir(run_dir) / tag
+        problem = damage(checkpoint)
+        if problem is None:
+            return checkpoint
+        if warn is not None:
+            warn(f"{checkpoint}: {problem}; passed over for the checkpoint before it")
+    return None
 
 
 def read_marker(checkpoint: Path) -> dict[str, Any]:
-    """What rank 0 recorded on completing a checkpoint: step, world_size, and preempted_by if a signal asked."""
+    """What rank 0 recorded on completing a checkpoint: step, world_size, zero_stage, the size of each file, and
+    preempted_by if a signal asked."""
     return json.loads((checkpoint / COMPLETE_MARKER).read_text())
 
 
-def starting_checkpoint(config: Config) -> Path | None:
-    """What a run starts from: its own newest complete checkpoint (resume=auto), else train.branch_from (another
-    run's checkpoint, which must be complete), else nothing."""
-    own = newest_complete(config.run_dir) if config.train.resume == "auto" else None
+def damage(checkpoint: Path) -> str | None:
+    """What is wrong with a checkpoint that has its marker, or None if it is intact: a marker that is not a whole
+    record (cut by a crash or a full disk), or a file it lists that is missing or not of the size it was written
+    with. A marker from before the sizes were recorded is taken as it is."""
+    try:
+        marker = read_marker(checkpoint)
+    except (OSError, ValueError):
+        return f"its {COMPLETE_MARKER!r} marker is empty or cut short"
+    if not isinstance(marker, dict) or not isinstance(marker.get("step"), int):
+        return f"its {COMPLETE_MARKER!r} marker is not a checkpoint record"
+    for name, size in marker.get("files", {}).items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} has {path.stat().st_size:,} bytes, not the {size:,} it was written with"
+    return None
+
+
+def file_sizes(checkpoint: Path) -> dict[str, int]:
+    return {str(path.relative_to(checkpoint)): path.stat().st_size
+            for path in sorted(checkpoint.rglob("*")) if path.is_file()}
+
+
+def starting_checkpoint(config: Config, warn: Callable[[str], None] | None = None) -> Path | None:
+    """What a run starts from: its own newest intact complete checkpoint (resume=auto; `warn` hears of damaged
+    ones passed over), else train.branch_from (another run's checkpoint, which must be complete), else nothing."""
+    own = newest_complete(config.run_dir, warn) if config.train.resume == "auto" else None
     if own is not None or config.train.branch_from is None:
         return own
     branch_point = Path(config.train.branch_from)
@@ -82,18 +116,25 @@ def save(
     engine, run_dir: Path, step: int, loop_state: dict[str, Any], keep: int, preempted_by: str | None = None,
     spare: list[int] = (),
 ) -> Path:
-    """Write a checkpoint on every rank, mark it complete, then (keep > 0) delete all but the newest `keep` and
-    those of the steps in `spare` (where decay branches start)."""
+    """Write a checkpoint on every rank, make it durable, mark it complete (listing each file's size), then
+    (keep > 0) delete all but the newest `keep` and those of the steps in `spare` (where decay branches start)."""
     tag = tag_for_step(step)
-    engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, client_state=loop_state, save_latest=False)
-    dist.barrier()  # every rank has written its shard
     path = checkpoints_dir(run_dir) / tag
+    if dist.get_rank() == 0 and path.exists():
+        # What an interrupted save of this step left (a resume went back past it): stale rank files would be
+        # merged with the new ones.
+        shutil.rmtree(path)
+    dist.barrier()
+    engine.save_checkpoint(str(checkpoints_dir(run_dir)), tag=tag, client_state=loop_state, save_latest=False)
+    fsync_tree(path)  # each rank, for the files it wrote: on the disk before the marker says they are
+    dist.barrier()
     if dist.get_rank() == 0:
-        marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage()}
+        marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
+                  "files": file_sizes(path)}
         if preempted_by:
             marker["preempted_by"] = preempted_by
         write_atomically(path / COMPLETE_MARKER, json.dumps(marker) + "\n")
-        prune(run_dir, keep, spare)
+        prune(run_dir, keep, spare)  # only now that the new checkpoint is durable
     dist.barrier()
     return path
 

@@ -61,7 +61,9 @@ class TrainConfig(Section):
     )
     decay_fraction: float = Field(0.2, gt=0.0, le=1.0, description="wsd: the share of max_steps spent decaying")
     weight_decay: float = Field(0.1, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.95), description="Adam's decay rates of its moment estimates, each in [0, 1)"
+    )
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
@@ -157,12 +159,32 @@ class SlurmConfig(Section):
     )
 
 
+# A variable one of whose underscore-separated parts is one of these holds a secret (WANDB_API_KEY, HF_TOKEN), and
+# a config is written to the run directory, the launch records, the sbatch script and W&B.
+SECRET_NAME_PARTS = {"KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS"}
+
+
+def looks_secret(name: str) -> bool:
+    return not SECRET_NAME_PARTS.isdisjoint(name.upper().split("_"))
+
+
 class LaunchConfig(Section):
     environment: dict[Annotated[str, Field(pattern=ENVIRONMENT_NAME)], str] = Field(
-        {}, description="environment variables for every rank (NCCL settings and the like)"
+        {}, description="environment variables for every rank (NCCL settings and the like; never secrets)"
     )
     rendezvous_port: int = Field(29500, ge=1024, le=65535, description="multi-node: the c10d rendezvous port")
     slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @model_validator(mode="after")
+    def no_secrets(self) -> LaunchConfig:
+        secrets = sorted(name for name in self.environment if looks_secret(name))
+        if secrets:
+            raise ValueError(
+                f"{', '.join(secrets)} looks like a secret, and the config is written to the run directory, the"
+                " launch records and W&B; export it in the environment you launch or submit from instead (torchrun"
+                " and SLURM pass it on to every rank)"
+            )
+        return self
 
 
 class Config(Section):

@@ -103,9 +103,11 @@ class RunLogger:
         # The highest step an earlier attempt sent to W&B (each step reaches the file first). Steps up to it
         # that a resumed run repeats are not sent again, so W&B's history has no step twice or out of order.
         self.sent_through = max((record["step"] for record in earlier), default=-1)
-        if resumed_from_step is not None:
-            # Steps after the checkpoint were thrown away with the crash; the resumed run logs them anew.
-            kept = [record for record in earlier if record["step"] <= resumed_from_step]
+        if resumed_from_step is not None or path.exists():
+            # Steps after the checkpoint were thrown away with the crash (all of them, without one); the run logs
+            # them anew. Rewritten whole, which also drops a last line the crash cut short.
+            through = -1 if resumed_from_step is None else resumed_from_step
+            kept = [record for record in earlier if record["step"] <= through]
             write_atomically(path, "".join(json.dumps(record) + "\n" for record in kept))
         self.file = path.open("a")
         self.last: dict[str, Any] = {}

@@ -8,6 +8,7 @@ files and the model's own counts, `scaling_point` gives a finished run's point f
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,19 +36,26 @@ def metrics_path(run_dir: Path) -> Path:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's metrics records in the order they were written ([] before its first step). A line that is not
-    a record with a whole-number step is a RunDirectoryError naming the file and line."""
+    """The run's metrics records in the order they were written ([] before its first step). A last line cut short
+    as it was written (no newline: the process or machine died mid-write) is dropped with a warning; any other
+    line that is not a record with a whole-number step is a RunDirectoryError naming the file and line."""
     path = metrics_path(run_dir)
     if not path.exists():
         return []
+    text = path.read_text()
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             step = record["step"]
         except (json.JSONDecodeError, KeyError, TypeError) as error:
+            if number == len(lines) and not text.endswith("\n"):
+                print(f"warning: {path}:{number}: the last line was cut short as it was written; dropped",
+                      file=sys.stderr)
+                break
             raise RunDirectoryError(f"{path}:{number}: not a metrics record ({error}); was the file edited?") from None
         if not isinstance(step, int):
             raise RunDirectoryError(f"{path}:{number}: step {step!r} is not a whole number; was the file edited?")
@@ -61,6 +69,36 @@ def run_config(run_dir: Path) -> Config:
     if not path.is_file():
         raise RunDirectoryError(f"{run_dir}: is not a run directory (it has no {CONFIG_FILE})")
     return load_config(path)
+
+
+# What a finished run may differ in from a config that asks for it again and still be the same run: how it is
+# watched, evaluated, checkpointed and launched.
+FREE_SETTINGS = ("logging", "launch", "eval", "train.checkpoint_every", "train.checkpoint_steps",
+                 "train.keep_checkpoints", "train.resume")
+
+
+def dotted_settings(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dump as {"train.lr": 0.003, ...}."""
+    flat = {}
+    for key, value in section.items():
+        if isinstance(value, dict) and value:
+            flat.update(dotted_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def finished_with(config: Config) -> list[str] | None:
+    """None if the run has no complete checkpoint at `config.train.max_steps`; else, as `setting: saved -> now`,
+    each setting in which `config` differs from the config the run saved, less FREE_SETTINGS ([]: the same run)."""
+    newest = checkpoint.newest_complete(config.run_dir)
+    if newest is None or checkpoint.read_marker(newest)["step"] != config.train.max_steps:
+        return None
+    saved = dotted_settings(run_config(config.run_dir).model_dump(mode="json"))
+    now = dotted_settings(config.model_dump(mode="json"))
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(saved.keys() | now.keys())
+            if saved.get(key) != now.get(key) and not key.startswith(tuple(f"{free}." for free in FREE_SETTINGS))
+            and key not in FREE_SETTINGS]
 
 
 def run_tokenizer(config: Config) -> Tokenizer:

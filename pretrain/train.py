@@ -165,7 +165,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     least; then the components of the loop."""
     say = context.print
     run_dir = config.run_dir
-    resume_from = checkpoint.starting_checkpoint(config)
+    resume_from = checkpoint.starting_checkpoint(config, lambda problem: say(f"warning: {problem}"))
     prepare_run_dir(config, context)
 
     # Data: rank 0 prepares (once) and verifies the shards, the other ranks then open what it checked.
@@ -175,7 +175,9 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
             f"{data.tokenizer_path}: has {data.tokenizer_vocab_size} tokens, more than model.vocab_size="
             f"{config.model.vocab_size}; raise model.vocab_size"
         )
-    windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url) for split in ("train", "val")}
+    check_on_read = config.data.verify == "on_read"
+    windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url, check_on_read)
+               for split in ("train", "val")}
     train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed)
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None

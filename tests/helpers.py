@@ -166,6 +166,8 @@ def tiny_model(vocab_size: int, seq_len: int = 64) -> GPT:
 
 
 WATCHED_STEPS = 100
+# Exported for the watched run as a user exports a token: no file of the run may hold it.
+SECRET_VARIABLE, PLANTED_SECRET = "HF_TOKEN", "hf_planted_secret_4711"
 
 
 def of_type(records: list[dict], kind: str) -> list[dict]:

@@ -144,6 +144,22 @@ def test_a_shard_whose_sha256_differs_is_named_before_training(damaged):
         verify_shards(damaged, None)
 
 
+def test_a_flipped_byte_is_refused_when_read_with_verification_on_read_whether_local_or_remote(damaged, tmp_path):
+    remote = tmp_path / "remote"
+    shutil.copytree(damaged.dir, remote)
+    for directory in (damaged.dir, remote):
+        shard = directory / damaged.splits["train"][0].name
+        data = bytearray(shard.read_bytes())
+        data[600] ^= 1  # inside the first sample's tar header: the tokens still read, wrongly trusted without a hash
+        shard.write_bytes(bytes(data))
+    local = Windows(damaged, "train", SEQ_LEN, check_local=True)
+    with pytest.raises(DataError, match=re.escape(f"{damaged.dir / damaged.splits['train'][0].name}: sha256")):
+        local.read(np.arange(4))
+    piped = Windows(damaged, "train", SEQ_LEN, shard_url=f"pipe:cat {remote}/{{shard}}", check_local=True)
+    with pytest.raises(DataError, match=re.escape(f"pipe:cat {remote / damaged.splits['train'][0].name}: sha256")):
+        piped.read(np.arange(4))
+
+
 def test_a_truncated_shard_is_named_at_start_and_when_read_without_verification(damaged):
     shard = damaged.dir / damaged.splits["train"][0].name
     shard.write_bytes(shard.read_bytes()[:1000])

@@ -1,13 +1,14 @@
 import hashlib
 import json
 import re
+import shutil
 
 import pytest
 from tokenizers import Tokenizer, models
 
 from data_pipeline.embedded import episode_inventories
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import Manifest, prepare
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
 from tests.helpers import episodes_config, split_stream
 
@@ -103,3 +104,13 @@ def test_a_given_tokenizer_that_is_not_json_is_refused_by_name(tmp_path):
     path.write_text("not a tokenizer")
     with pytest.raises(DataError, match=re.escape(f"{path}: not a valid tokenizer.json")):
         load_tokenizer(path, max_vocab_size=512)
+
+
+def test_a_manifest_naming_a_shard_that_prepare_does_not_write_is_refused(tmp_path, prepared):
+    data = tmp_path / "data"
+    shutil.copytree(prepared.dir, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"][0]["name"] = "x.tar; touch pwned"  # would reach a `pipe:` command
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="x.tar; touch pwned"):
+        Manifest.load(data)

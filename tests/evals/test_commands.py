@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from data_pipeline.tokenizer import END_OF_DOCUMENT
+from evals.__main__ import main as evals_main
 from evals.fewshot import evaluate
 from evals.tasks import load_task
 from pretrain.model import GPT
@@ -64,6 +65,22 @@ def test_a_bad_task_file_is_named_and_earlier_results_are_kept(trained, tmp_path
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {broken}:2: 'choices' must be a list of at least two strings"
     assert (out / "fewshot.json").read_text() == before
+
+
+def test_an_export_replaces_an_earlier_export_and_nothing_else(trained, tmp_path, in_process):
+    root, run_dir = trained
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("a week of notes")
+    refused = in_process(evals_main, "export-hf", "--checkpoint", str(run_dir), "--out", str(precious))
+    assert refused.returncode == 1 and str(precious) in refused.stderr
+    assert [path.name for path in precious.iterdir()] == ["notes.txt"]
+
+    out = tmp_path / "hf"
+    assert in_process(evals_main, "export-hf", "--checkpoint", str(run_dir), "--out", str(out)).returncode == 0
+    (out / "left-over.txt").write_text("from the earlier export")
+    assert in_process(evals_main, "export-hf", "--checkpoint", str(run_dir), "--out", str(out)).returncode == 0
+    assert (out / "config.json").is_file() and not (out / "left-over.txt").exists()
 
 
 def test_the_exported_transformers_model_gives_the_projects_logits(trained):
@@ -129,3 +146,11 @@ def test_a_finished_run_gives_its_scaling_point_and_one_run_is_too_few_to_fit(tr
     result = run_module("evals", "scaling", "--runs", str(run_dir.parent), "--out", str(root / "fit"), cwd=root)
     assert result.returncode == 1
     assert result.stderr.strip() == "error: 1 runs: a law of 5 constants needs at least 5 runs, and many more to trust"
+
+
+def test_zero_items_is_refused_before_anything_is_written(tmp_path, in_process):
+    out = tmp_path / "tasks"
+    result = in_process(evals_main, "lm-eval-tasks", "--tasks", "word_labels", "--shots", "0", "--items", "0",
+                        "--out", str(out))
+    assert result.returncode == 2 and "--items" in result.stderr
+    assert not out.exists()

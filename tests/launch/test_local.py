@@ -42,7 +42,8 @@ def test_a_precision_setup_deepspeed_cannot_run_is_refused_before_anything_start
 def test_a_single_rank_run_trains_and_records_its_world_size(shared_runs):
     run_dir = shared_runs.run_dir(stage=2, ranks=1)
     marker = run_dir / "checkpoints" / f"step_{shared_runs.steps:08d}" / "complete"
-    assert json.loads(marker.read_text()) == {"step": shared_runs.steps, "world_size": 1, "zero_stage": 2}
+    written = json.loads(marker.read_text())
+    assert written == {"step": shared_runs.steps, "world_size": 1, "zero_stage": 2, "files": written["files"]}
 
 
 @pytest.mark.gpu
@@ -102,3 +103,39 @@ def test_dry_runs_print_what_would_run_and_start_nothing(in_process, tiny_config
     assert any(line.startswith("srun ") and " -m launch node --nodes \"$SLURM_NNODES\" --ranks-per-node 2 " in line
                for line in lines)
     assert nothing_written(tmp_path)
+
+
+def test_a_secret_in_the_config_is_refused_and_one_exported_is_never_written(in_process, tiny_config, tmp_path,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config()
+    refused = in_process(launch_main, "run", "--config", str(config), "launch.environment.HF_TOKEN=planted-secret")
+    assert refused.returncode == 2 and "HF_TOKEN" in refused.stderr and "planted-secret" not in refused.stderr
+    assert not (tmp_path / "runs").exists()
+    # Exported where the job is submitted from, as the refusal says: SLURM passes it on; no file holds it.
+    monkeypatch.setenv("HF_TOKEN", "planted-secret")
+    submitted = in_process(launch_main, "run", "--backend", "slurm", "--dry-run", "--config", str(config),
+                           "launch.environment.TOKENIZERS_PARALLELISM='false'")
+    assert submitted.returncode == 0, submitted.stderr
+    assert "TOKENIZERS_PARALLELISM" in submitted.stdout and "planted-secret" not in submitted.stdout
+    written = [path for path in tmp_path.rglob("*") if path.is_file() and b"planted-secret" in path.read_bytes()]
+    assert written == []
+
+
+@pytest.mark.parametrize("override", ["launch.slurm.account=research --wrap=rm", 'launch.slurm.job_name="two words"'])
+def test_an_sbatch_value_that_would_split_into_more_options_is_refused(in_process, tiny_config, tmp_path,
+                                                                       monkeypatch, override):
+    monkeypatch.chdir(tmp_path)
+    result = in_process(launch_main, "run", "--backend", "slurm", "--dry-run", "--config", str(tiny_config()),
+                        override)
+    assert result.returncode == 2 and "#SBATCH" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_there_is_no_restart_in_place_to_rely_on(in_process, tiny_config, tmp_path, monkeypatch):
+    # torchrun's elastic restarts failed on gloo (the restarted ranks could not reconnect); the option is gone,
+    # and a user who asks for it is told so rather than left believing a failed rank comes back.
+    monkeypatch.chdir(tmp_path)
+    result = in_process(launch_main, "run", "--config", str(tiny_config()), "--max-restarts", "2")
+    assert result.returncode == 2 and "--max-restarts" in result.stderr
+    assert not (tmp_path / "runs").exists()

@@ -16,9 +16,9 @@ import yaml
 from data_pipeline.errors import ConfigError
 from launch.__main__ import main as launch_main
 from launch.spec import load_sweep
-from launch.sweep import expand, finished, non_embedding_parameters, side_by_side_environments
-from pretrain.config import load_config
-from pretrain.rundir import read_metrics
+from launch.sweep import expand, non_embedding_parameters, side_by_side_environments
+from pretrain.config import Config, load_config
+from pretrain.rundir import finished_with, read_metrics
 from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for_step
 
 
@@ -182,9 +182,7 @@ def test_a_branch_whose_finished_trunk_lacks_its_branch_point_is_not_started_and
                        tokens_per_parameter=[1.1, 0.5], decay_branches=True)
     trunk, branch = expand(load_sweep(spec))
     # The trunk finished under an earlier spec that had no smaller budget: only its final checkpoint exists.
-    final = trunk.config.run_dir / "checkpoints" / f"step_{trunk.config.train.max_steps:08d}"
-    final.mkdir(parents=True)
-    (final / "complete").write_text(json.dumps({"step": trunk.config.train.max_steps, "world_size": 2}))
+    fake_finished(trunk.config)
     result = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
     assert result.returncode == 1
     assert statuses(result.stdout) == {trunk.name: ["finished, skipped"], branch.name: [
@@ -192,6 +190,30 @@ def test_a_branch_whose_finished_trunk_lacks_its_branch_point_is_not_started_and
         f" ({branch.config.train.branch_from}), as when the spec's budgets changed after the trunk ran; remove"
         f" {trunk.config.run_dir} to train the trunk again"]}
     assert not branch.config.run_dir.exists()
+
+
+def fake_finished(config: Config) -> None:
+    """What a run that reached its last step leaves that the sweep reads: its saved config and final marker."""
+    final = config.run_dir / "checkpoints" / f"step_{config.train.max_steps:08d}"
+    final.mkdir(parents=True)
+    (final / "complete").write_text(json.dumps({"step": config.train.max_steps, "world_size": 2}))
+    (config.run_dir / "config.yaml").write_text(config.to_yaml())
+
+
+def test_a_run_finished_with_other_settings_is_named_stale_and_nothing_starts(tiny_config, tmp_path, in_process,
+                                                                              monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = write_sweep(tmp_path, tiny_config(), tokens_per_parameter=[0.5])
+    same, changed = expand(load_sweep(spec))
+    fake_finished(same.config)
+    fake_finished(changed.config.model_copy(update={"train": changed.config.train.model_copy(update={"lr": 0.5})}))
+    result = in_process(launch_main, "sweep", "--spec", str(spec))
+    assert result.returncode == 1
+    said = statuses(result.stdout)
+    assert said[same.name] == ["finished, skipped"]
+    assert said[changed.name][0].startswith("stale: finished with other settings (train.lr: 0.5 -> 0.001)")
+    assert finished_with(changed.config) == ["train.lr: 0.5 -> 0.001"]
+    assert not (changed.config.run_dir / "metrics.jsonl").exists()
 
 
 def test_a_sweep_on_slurm_is_one_job_array_and_running_it_again_skips_what_finished(cluster, tiny_config, tmp_path):
@@ -244,4 +266,4 @@ def test_decay_branches_on_slurm_wait_for_their_trunks_task_and_a_rerun_meanwhil
         log = (run.config.run_dir / "slurm" / f"{job}_0.out").read_text()
         assert state == "COMPLETED", log
     assert f"branched from {branch.config.train.branch_from}" in log
-    assert finished(branch.config) and finished(trunk.config)
+    assert finished_with(branch.config) == [] and finished_with(trunk.config) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -14,6 +15,8 @@ import yaml
 
 from pretrain.rundir import METRICS_FILE, read_metrics
 from tests.helpers import (
+    PLANTED_SECRET,
+    SECRET_VARIABLE,
     TINY_CONFIG,
     WATCHED_STEPS,
     deep_merge,
@@ -62,6 +65,8 @@ def watched_run(tmp_path_factory) -> WatchedRun:
     config_path.write_text(yaml.safe_dump(config))
     run_dir = root / "runs" / "watched"
 
+    # A secret exported where the run is launched from, as the README says to give one: no file may hold it.
+    os.environ[SECRET_VARIABLE] = PLANTED_SECRET
     job = start_launch(config_path)
     wait_for(run_dir / "checkpoints" / "step_00000010" / "complete", job)
     (attempt,) = (run_dir / "wandb").glob("offline-run-*")
@@ -76,6 +81,9 @@ def watched_run(tmp_path_factory) -> WatchedRun:
     job.wait()
     killed_after = max(record["step"] for record in read_metrics(run_dir))
     assert killed_after < WATCHED_STEPS, "the run finished before the kill"
-    resumed = launch(config_path)
+    try:
+        resumed = launch(config_path)
+    finally:
+        del os.environ[SECRET_VARIABLE]
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))
     return WatchedRun(run_dir, killed_after, resumed, attempts, [wandb_records(path) for path in attempts])

@@ -49,6 +49,28 @@ def test_pruning_with_keep_zero_or_few_checkpoints_deletes_nothing(tmp_path):
     assert kept(tmp_path) == [1, 2, 4]
 
 
+def test_a_damaged_checkpoint_is_passed_over_for_the_intact_one_before_it(tmp_path):
+    weights = b"weights" * 100
+    for step in (4, 8, 12, 16):
+        directory = tmp_path / "checkpoints" / f"step_{step:08d}"
+        directory.mkdir(parents=True)
+        (directory / "mp_rank_00_model_states.pt").write_bytes(weights)
+        marker = {"step": step, "world_size": 2, "zero_stage": 2, "files": {"mp_rank_00_model_states.pt": 700}}
+        (directory / COMPLETE_MARKER).write_text(json.dumps(marker) + "\n")
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_00000016" / COMPLETE_MARKER).write_text("")  # the disk filled as it was written
+    (checkpoints / "step_00000012" / "mp_rank_00_model_states.pt").write_bytes(weights[:300])  # cut short since
+    (checkpoints / "step_00000008" / "mp_rank_00_model_states.pt").unlink()
+
+    warnings = []
+    assert newest_complete(tmp_path, warnings.append) == checkpoints / "step_00000004"
+    # Each damaged one is named, newest first.
+    assert [warning.split(": ")[0] for warning in warnings] == [
+        str(checkpoints / f"step_{step:08d}") for step in (16, 12, 8)]
+    (checkpoints / "step_00000004" / "mp_rank_00_model_states.pt").write_bytes(b"")
+    assert newest_complete(tmp_path) is None
+
+
 def test_an_incomplete_checkpoint_is_never_resumed_from(tmp_path):
     config = Config(name="tiny", output_dir=str(tmp_path))
     # A save that died before every rank finished has no marker; the run goes back to step 4.

@@ -32,6 +32,10 @@ def test_the_quickstart_config_is_valid():
         (["eval.fewshot.tasks=[]"], "eval.fewshot.tasks: List should have at least 1 item"),
         (["logging.wandb_tags=[ok, '']"], "logging.wandb_tags.1: String should have at least 1 character"),
         (["logging.stall_alert_minutes=-5"], "logging.stall_alert_minutes: Input should be greater than or equal to 0"),
+        (["train.lr=.nan"], "train.lr: Input should be a finite number"),
+        (["data.val_fraction=.inf"], "data.val_fraction: Input should be a finite number"),
+        (["train.betas=[0.9, 1.0]"], "train.betas.1: Input should be less than 1"),
+        (["train.betas=[-0.1, 0.95]"], "train.betas.0: Input should be greater than or equal to 0"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, message_start):

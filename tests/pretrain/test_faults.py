@@ -169,10 +169,21 @@ def test_a_job_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_con
     job.wait(timeout=60)
     assert not (saving / "complete").exists(), "the save finished before the kill; the test did not kill mid-save"
 
+    # A rank file of another world size, as a save of this step by more ranks could have left: it must not be
+    # merged into the step's next save.
+    stale = saving / "zero_pp_rank_7_mp_rank_00_optim_states.pt"
+    stale.write_bytes(b"stale")
     before = read_metrics(run_dir)
     launch(config)
     assert_resumed_from(run_dir, 4, before, last_step=12)
-    assert marker(run_dir, 8)["step"] == 8 and marker(run_dir, 12)["step"] == 12
+    assert not stale.exists()
+    for step in (8, 12):
+        checkpoint = run_dir / "checkpoints" / f"step_{step:08d}"
+        written = marker(run_dir, step)
+        assert written["step"] == step
+        # The marker lists every file the save wrote, with its size.
+        assert written["files"] == {path.name: path.stat().st_size for path in checkpoint.iterdir()
+                                    if path.name != "complete"}
 
 
 # The resume after a preemption is the same whichever way the signal came; it is checked once.
@@ -192,8 +203,9 @@ def test_a_preemption_signal_saves_a_checkpoint_at_that_step_and_asks_for_a_requ
 
     last_step = max(losses_by_step(run_dir))
     assert 4 < last_step < 1000
-    assert marker(run_dir, last_step) == {
-        "step": last_step, "world_size": 2, "zero_stage": 2, "preempted_by": stop_signal.name}
+    written = marker(run_dir, last_step)
+    assert written == {"step": last_step, "world_size": 2, "zero_stage": 2, "preempted_by": stop_signal.name,
+                       "files": written["files"]}
     if resume:
         before = read_metrics(run_dir)
         launch(config, "train.max_steps=" + str(last_step + 2))

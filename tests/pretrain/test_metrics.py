@@ -14,7 +14,7 @@ from pretrain.config import load_config
 from pretrain.metrics import NAMESPACES, RunLogger
 from pretrain.rundir import read_metrics
 from pretrain.wandb_runs import WANDB_ID_FILE
-from tests.helpers import TINY_CONFIG, WATCHED_STEPS, of_type, run_module, wandb_records
+from tests.helpers import PLANTED_SECRET, TINY_CONFIG, WATCHED_STEPS, of_type, run_module, wandb_records
 
 
 def test_a_killed_and_resumed_run_is_one_wandb_run_with_strictly_increasing_steps(watched_run):
@@ -108,3 +108,9 @@ def test_sync_uploads_each_offline_run_once_with_its_attempts_in_order(watched_r
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: no such directory; pass the directory that"
                                      " holds the runs")
+
+
+def test_a_secret_exported_for_the_run_is_in_none_of_its_files(watched_run):
+    holding = [path for path in watched_run.run_dir.rglob("*")
+               if path.is_file() and PLANTED_SECRET.encode() in path.read_bytes()]
+    assert holding == []

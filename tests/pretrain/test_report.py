@@ -75,12 +75,18 @@ def test_a_damaged_metrics_file_is_named_with_its_line_and_the_earlier_report_is
     shutil.copytree(watched_run.run_dir, run_dir, ignore=shutil.ignore_patterns("checkpoints", "wandb"))
     (run_dir / "report.html").write_text("the earlier report")
     with (run_dir / "metrics.jsonl").open("a") as metrics:
-        metrics.write('{"step": 101, "train/loss": 2.\n')  # a line cut off mid-write
-    lines = len((run_dir / "metrics.jsonl").read_text().splitlines())
+        metrics.write('{"step": 101, "train/loss": 2.\n{"step": 102}\n')  # a line damaged, and one after it
+    lines = len((run_dir / "metrics.jsonl").read_text().splitlines()) - 1
     result = run_module("pretrain.report", str(run_dir), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {run_dir / 'metrics.jsonl'}:{lines}: not a metrics record")
     assert (run_dir / "report.html").read_text() == "the earlier report"
+
+
+def test_a_last_line_cut_short_as_it_was_written_is_dropped_and_the_records_before_it_read(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "train/loss": 3.0}]
+    assert f"{tmp_path / 'metrics.jsonl'}:2" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("bad_line", "problem"), [
