@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from data_pipeline.cli import run_command
-from tests.helpers import TINY_CONFIG, deep_merge, launch, losses_by_step
+from tests.helpers import TINY_CONFIG, deep_merge, launch, losses_by_step, run_module
 
 # Steps of every shared run: enough for the loss to fall, few enough that a launch costs little more than its start.
 SHARED_RUN_STEPS = 6
@@ -34,25 +36,31 @@ def tiny_config(tmp_path: Path):
 
 class SharedRuns:
     """Tiny runs, each launched once per session on first use and then only read, by ZeRO stage, number of ranks
-    and DeepSpeed option. They share one prepared dataset."""
+    and DeepSpeed option. They share one prepared dataset. Under pytest-xdist the workers share them too: a lock
+    per run, so that the first worker to need a run trains it and any other waits for it."""
 
     steps = SHARED_RUN_STEPS
 
     def __init__(self, root: Path):
         self.root = root
         self.data_dir = root / "data"
-        self.finished: dict[str, Path] = {}
+        root.mkdir(parents=True, exist_ok=True)
 
     def run_dir(self, stage: int, ranks: int, activation_checkpointing: bool = False, compile: bool = False) -> Path:
         name = f"zero{stage}-ranks{ranks}" + ("-checkpointed" if activation_checkpointing else "") + (
             "-compiled" if compile else "")
-        if name not in self.finished:
-            config = self.config(name, self.root / "runs", stage, activation_checkpointing, compile)
-            path = self.root / f"{name}.yaml"
-            path.write_text(yaml.safe_dump(config))
-            launch(path, ranks=ranks)
-            self.finished[name] = self.root / "runs" / name
-        return self.finished[name]
+        run_dir = self.root / "runs" / name
+        with FileLock(self.root / f"{name}.lock"):
+            if not (run_dir / "checkpoints" / f"step_{self.steps:08d}" / "complete").exists():
+                config = self.config(name, self.root / "runs", stage, activation_checkpointing, compile)
+                path = self.root / f"{name}.yaml"
+                path.write_text(yaml.safe_dump(config))
+                with FileLock(self.root / "data.lock"):  # one preparation of the shared data, not one per worker
+                    if not (self.data_dir / "manifest.json").exists():
+                        prepared = run_module("launch", "prepare", "--config", str(path), cwd=self.root)
+                        assert prepared.returncode == 0, prepared.stderr
+                launch(path, ranks=ranks)
+        return run_dir
 
     def config(self, name: str, output_dir: Path, stage: int, activation_checkpointing: bool = False,
                compile: bool = False) -> dict:
@@ -79,7 +87,9 @@ class SharedRuns:
 
 @pytest.fixture(scope="session")
 def shared_runs(tmp_path_factory) -> SharedRuns:
-    return SharedRuns(tmp_path_factory.mktemp("shared-runs"))
+    # Each xdist worker has a temporary root of its own (popen-gw0, ...); the shared runs live beside them.
+    root = tmp_path_factory.getbasetemp()
+    return SharedRuns((root.parent if "PYTEST_XDIST_WORKER" in os.environ else root) / "shared-runs")
 
 
 @pytest.fixture
@@ -96,11 +106,18 @@ def in_process(capsys) -> Callable[..., subprocess.CompletedProcess]:
     return run
 
 
+# Built once for every worker, under a lock: a test using them can run on any worker.
+SHARED_ACROSS_WORKERS = {"shared_runs"}
+
+
 def shared_fixtures(item: pytest.Item) -> list[str]:
-    """The project's session- and module-scoped fixtures a test uses: things built once and then only read."""
+    """The project's session- and module-scoped fixtures a test uses that each worker would build anew: things
+    built once and then only read."""
     keys = []
     for definitions in item._fixtureinfo.name2fixturedefs.values():
         for definition in definitions:
+            if definition.argname in SHARED_ACROSS_WORKERS:
+                continue
             if definition.scope in ("session", "module") and definition.func.__module__.startswith("tests"):
                 where = "" if definition.scope == "session" else f"{item.module.__name__}::"
                 keys.append(where + definition.argname)

@@ -6,7 +6,7 @@ Every stage runs on two ranks, where its partitioning is real; one rank under Ze
 import pytest
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def reference(shared_runs):
     return shared_runs.losses(stage=0, ranks=1)
 
