@@ -6,12 +6,13 @@ Bad input raises `ConfigError`, whose message is one line naming the field.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.errors import ConfigError
 
@@ -113,6 +114,18 @@ class DataConfig(Section):
         False, description="tokens attend only within their own document, not across packed neighbours"
     )
 
+    @field_validator("shard_url")
+    @classmethod
+    def no_credentials(cls, shard_url: str | None) -> str | None:
+        # The config is written to the run directory, the launch records and W&B, and the URL into messages.
+        if shard_url is not None and re.search(r"://[^/@\s]+@", shard_url):
+            raise ValueError(
+                "holds credentials (user:password@host), and the config is written to the run directory and W&B;"
+                " give them to the fetch command instead, from the environment or a netrc file (e.g."
+                " pipe:curl -sf --netrc https://host/{shard})"
+            )
+        return shard_url
+
 
 @dataclass(frozen=True)
 class BatchLayout:
@@ -161,8 +174,8 @@ def describe_validation_error(error: ValidationError) -> str:
     detail = first["msg"]
     if first["type"] == "extra_forbidden":
         detail = "unknown key (check its spelling and section)"
-    elif "input" in first and not isinstance(first["input"], (dict, list)):
-        detail += f" (got {first['input']!r})"
+    elif "input" in first and not isinstance(first["input"], (dict, list)) and "credentials" not in detail:
+        detail += f" (got {first['input']!r})"  # never a value refused for holding credentials
     more = len(error.errors()) - 1
     suffix = f" [and {more} more problem{'s' if more > 1 else ''}]" if more else ""
     return f"{location or 'config'}: {detail}{suffix}"

@@ -24,12 +24,14 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from data_pipeline.config import DataConfig
@@ -268,18 +270,40 @@ def prepare(data: DataConfig, vocab_size: int, log=print) -> Manifest:
     recipe = recipe_fingerprint(data, vocab_size)
     if directory.exists():
         return _open_existing(directory, recipe)
-
-    log(f"preparing data in {directory} (runs once; later runs reuse it)")
-    staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        _prepare_into(staging, data, vocab_size, recipe, log)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish_directory(staging, directory)  # durable before anyone reads it, whole or not at all
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    # One preparation of a directory at a time (two launches, two nodes of a job): the others wait, then reuse it.
+    with exclusive(directory.with_name(f".{directory.name}.lock"),
+                   lambda: log(f"waiting for another preparation of {directory} to finish")):
+        if directory.exists():
+            return _open_existing(directory, recipe)
+        # Under the lock, a staging folder is what a killed preparation left: cleared, never reused.
+        for orphan in directory.parent.glob(f".{directory.name}.tmp-*"):
+            shutil.rmtree(orphan, ignore_errors=True)
+        log(f"preparing data in {directory} (runs once; later runs reuse it)")
+        staging = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+        staging.mkdir()
+        try:
+            _prepare_into(staging, data, vocab_size, recipe, log)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        publish_directory(staging, directory)  # durable before anyone reads it, whole or not at all
     return Manifest.load(directory)
+
+
+@contextmanager
+def exclusive(lock_path: Path, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold the file lock at `lock_path`, calling `on_wait` first if another process holds it."""
+    lock = FileLock(lock_path)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        on_wait()
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _prepare_into(staging: Path, data: DataConfig, vocab_size: int, recipe: str, log) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
 
-from evals.tasks import MULTIPLE_CHOICE, Item, Task
+from evals.tasks import MULTIPLE_CHOICE, Item, Task, TaskError
 
 PROMPT, PADDING = 0, -1  # segment ids of a packed row; choice i is segment i + 1
 
@@ -267,7 +267,9 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 16,
 ) -> list[Score]:
-    """Score every task at every k; every rank returns the same list."""
+    """Score every task at every k; every rank returns the same list. A choice that cannot fit in the context
+    is a TaskError on every rank alike, before any scoring."""
+    refuse_choices_longer_than(tasks, tokenizer, context_length)
     rank, world = _world()
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -298,6 +300,20 @@ def evaluate(
         if was_training:
             model.train()
     return scores
+
+
+def refuse_choices_longer_than(tasks: list[Task], tokenizer: Tokenizer, context_length: int) -> None:
+    """Every item is checked on every rank (not only a rank's share), so that all raise together rather than
+    one rank failing while the others wait for it in a collective."""
+    for task in tasks:
+        for number, item in enumerate(task.items, start=1):
+            for choice in item.choices:
+                tokens = len(tokenizer.encode(task.target_delimiter + choice).ids)
+                if tokens >= context_length:  # at least one context token must come before it
+                    raise TaskError(
+                        f"{task.name}: item {number} has a choice of {tokens} tokens, which leaves no room for its"
+                        f" context in the model's {context_length}; shorten the choice or drop the item"
+                    )
 
 
 def _score(task: str, k: int, results: list[ItemResult]) -> Score:

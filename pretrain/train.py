@@ -27,6 +27,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.files import write_atomically
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
 from data_pipeline.tokenizer import load_tokenizer
+from evals.fewshot import refuse_choices_longer_than
 from evals.tasks import load_tasks
 from pretrain import checkpoint
 from pretrain.checkpointer import Checkpointer
@@ -188,6 +189,8 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
         target_delimiter=fewshot.target_delimiter,
     ) if fewshot.interval else []
     tokenizer = load_tokenizer(data.tokenizer_path, config.model.vocab_size) if fewshot_tasks else None
+    if fewshot_tasks:
+        refuse_choices_longer_than(fewshot_tasks, tokenizer, config.model.seq_len)
 
     # A checkpoint from another number of ranks resumes through DeepSpeed's universal form, converted once.
     universal = resume_from is not None and checkpoint.resume_plan(

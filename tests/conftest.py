@@ -13,7 +13,7 @@ import yaml
 from filelock import FileLock
 
 from data_pipeline.cli import run_command
-from tests.helpers import TINY_CONFIG, deep_merge, launch, losses_by_step, run_module
+from tests.helpers import TINY_CONFIG, deep_merge, launch, losses_by_step
 
 # Steps of every shared run: enough for the loss to fall, few enough that a launch costs little more than its start.
 SHARED_RUN_STEPS = 6
@@ -36,8 +36,9 @@ def tiny_config(tmp_path: Path):
 
 class SharedRuns:
     """Tiny runs, each launched once per session on first use and then only read, by ZeRO stage, number of ranks
-    and DeepSpeed option. They share one prepared dataset. Under pytest-xdist the workers share them too: a lock
-    per run, so that the first worker to need a run trains it and any other waits for it."""
+    and DeepSpeed option. They share one prepared dataset (which `prepare` locks while it writes it). Under
+    pytest-xdist the workers share them too: a lock per run, so that the first worker to need a run trains it and
+    any other waits for it."""
 
     steps = SHARED_RUN_STEPS
 
@@ -55,10 +56,6 @@ class SharedRuns:
                 config = self.config(name, self.root / "runs", stage, activation_checkpointing, compile)
                 path = self.root / f"{name}.yaml"
                 path.write_text(yaml.safe_dump(config))
-                with FileLock(self.root / "data.lock"):  # one preparation of the shared data, not one per worker
-                    if not (self.data_dir / "manifest.json").exists():
-                        prepared = run_module("launch", "prepare", "--config", str(path), cwd=self.root)
-                        assert prepared.returncode == 0, prepared.stderr
                 launch(path, ranks=ranks)
         return run_dir
 

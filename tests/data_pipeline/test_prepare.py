@@ -1,5 +1,6 @@
 import hashlib
 import json
+import multiprocessing
 import re
 import shutil
 
@@ -114,3 +115,19 @@ def test_a_manifest_naming_a_shard_that_prepare_does_not_write_is_refused(tmp_pa
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="x.tar; touch pwned"):
         Manifest.load(data)
+
+
+def test_two_preparations_of_one_directory_prepare_it_once_and_a_killed_ones_leftovers_are_cleared(tmp_path):
+    config = episodes_config(tmp_path / "data", workers=1)
+    leftover = tmp_path / ".data.tmp-4242"  # what a preparation killed mid-way leaves
+    leftover.mkdir()
+    (leftover / "train-000000.tar").write_bytes(b"half a shard")
+    context = multiprocessing.get_context("spawn")
+    preparations = [context.Process(target=prepare, args=(config, 512, str)) for _ in range(2)]
+    for preparation in preparations:
+        preparation.start()
+    for preparation in preparations:
+        preparation.join(timeout=300)
+    assert [preparation.exitcode for preparation in preparations] == [0, 0]
+    assert Manifest.load(tmp_path / "data").splits["train"]
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".data.tmp")] == []

@@ -12,7 +12,7 @@ import torch
 
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.fewshot import encode_prompt, evaluate
-from evals.tasks import Item, Task, load_task
+from evals.tasks import Item, Task, TaskError, load_task
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
 
@@ -75,6 +75,17 @@ def test_prompts_that_do_not_fit_lose_their_oldest_examples_and_say_how_many():
     assert prompt.dropped_examples > 0 and not prompt.truncated
     assert prompt.context == tokenizer.encode(task.prompt(task.items[0], kept)).ids
     assert len(prompt.context) + max(map(len, prompt.continuations)) - 1 <= 40
+
+
+def test_a_choice_longer_than_the_context_is_refused_naming_its_item_before_any_scoring():
+    tokenizer = tiny_tokenizer()
+    task = colour_task(items=3)
+    long_choice = " ".join(WORDS * 4)
+    items = (task.items[0], Item(task.items[1].context, ("red", long_choice), 0), task.items[2])
+    task = Task(task.name, task.kind, items, None, task.example_delimiter, task.target_delimiter)
+    with pytest.raises(TaskError, match="colours: item 2 has a choice of"):
+        evaluate(tiny_model(tokenizer.get_vocab_size(), seq_len=32), tokenizer, [task], [0], context_length=32,
+                 end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT))
 
 
 RANK_SCRIPT = """

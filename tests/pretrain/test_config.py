@@ -36,12 +36,14 @@ def test_the_quickstart_config_is_valid():
         (["data.val_fraction=.inf"], "data.val_fraction: Input should be a finite number"),
         (["train.betas=[0.9, 1.0]"], "train.betas.1: Input should be less than 1"),
         (["train.betas=[-0.1, 0.95]"], "train.betas.0: Input should be greater than or equal to 0"),
+        (["data.shard_url=https://me:s3cret@store.example/{shard}"], "data.shard_url: Value error, holds credentials"),
     ],
 )
 def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, message_start):
     with pytest.raises(ConfigError) as caught:
         load_config(tiny_config(), overrides)
     assert str(caught.value).startswith(message_start)
+    assert "s3cret" not in str(caught.value)  # a refused credential is not repeated where it could be logged
 
 
 def test_global_batch_must_divide_into_ranks_and_micro_batches(tiny_config):

@@ -1,5 +1,6 @@
 """An exported checkpoint is the trained model: whole fp32 weights, whatever ZeRO stage and ranks wrote it."""
 
+import json
 import shutil
 
 import pytest
@@ -49,7 +50,7 @@ def test_exporting_a_step_without_a_checkpoint_names_the_steps_there_are(tmp_pat
     for step in (4, 8):  # what every rank finishing a save leaves: the complete marker
         tag = checkpoint_dir(run_dir) / tag_for_step(step)
         tag.mkdir(parents=True)
-        (tag / COMPLETE_MARKER).write_text("{}\n")
+        (tag / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 2, "zero_stage": 2}) + "\n")
     result = in_process(export_main, str(run_dir), "--step", "5")
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {run_dir}: has no complete checkpoint at step 5; it has: 4, 8"

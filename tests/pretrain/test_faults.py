@@ -61,7 +61,7 @@ def test_the_stop_names_the_newest_complete_checkpoint_to_resume_from(tmp_path):
         directory = tmp_path / "checkpoints" / f"step_{step:08d}"
         directory.mkdir(parents=True)
         if complete:
-            (directory / COMPLETE_MARKER).write_text("{}\n")
+            (directory / COMPLETE_MARKER).write_text(json.dumps({"step": step, "world_size": 2}) + "\n")
     with pytest.raises(TooManyNonFiniteSteps) as after_one:
         guard.stop_if_too_many(5)
     assert "checkpoints" not in str(before_any_checkpoint.value)
