@@ -70,12 +70,13 @@ def test_prepared_data_is_reused_and_a_different_recipe_is_refused_not_overwritt
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
 
 
-def test_a_failed_preparation_leaves_nothing_behind(tmp_path):
+def test_a_failed_preparation_leaves_no_data_behind(tmp_path):
     config = episodes_config(tmp_path / "d")
     config.sources[0].vocabulary_words = 5000  # more made-up words than exist: fails while reading
     with pytest.raises(DataError, match="lower vocabulary_words"):
         prepare(config, vocab_size=512)
-    assert list(tmp_path.iterdir()) == []
+    # Only the empty lock file that preparations of `d` take turns on (removing it would let two hold it).
+    assert [(path.name, path.stat().st_size) for path in tmp_path.iterdir()] == [(".d.lock", 0)]
 
 
 def test_a_directory_that_is_not_prepared_data_is_refused(tmp_path):
