@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import signal
 import tarfile
 from collections import OrderedDict
@@ -30,6 +31,7 @@ import torch
 
 from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
+from data_pipeline.files import write_atomically
 from data_pipeline.prepare import Manifest, Shard
 from data_pipeline.tokenizer import file_sha256
 
@@ -48,13 +50,22 @@ def is_local(location: str) -> bool:
     return "://" not in location and not location.startswith("pipe:")
 
 
+# Beside the manifest: each local shard that passed the check, with the size and modification time it had then.
+VERIFIED_RECORD = "verified.json"
+
+
 def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
-    """Check that every local shard exists with the sha256 the manifest records (remote ones: on read)."""
+    """Check that every local shard exists with the sha256 the manifest records (remote ones: on read). A shard
+    checked before and unchanged since (same size and modification time, same manifest) is not hashed again: a
+    requeued job or a resumed run starts without reading the corpus."""
     if file_sha256(manifest.tokenizer_path) != manifest.tokenizer_sha256:
         raise DataError(
             f"{manifest.dir / 'manifest.json'}: was written for another tokenizer than"
             f" {manifest.tokenizer_path}; prepare the data again"
         )
+    record_path = manifest.dir / VERIFIED_RECORD
+    checked_before = read_verified(record_path, manifest.fingerprint)
+    checked = {}
     for split in manifest.splits.values():
         for shard in split:
             location = shard_location(manifest, shard, shard_url)
@@ -62,12 +73,29 @@ def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
                 continue
             if not Path(location).exists():
                 raise DataError(f"{location}: shard missing; restore it or prepare the data again")
-            actual = file_sha256(location)  # streamed: shards can be larger than memory allows twice over
-            if actual != shard.sha256:
-                raise DataError(
-                    f"{location}: sha256 {actual[:16]}... differs from the manifest's {shard.sha256[:16]}...;"
-                    " the shard is damaged or from another preparation: prepare the data again"
-                )
+            status = Path(location).stat()
+            stamp = [status.st_size, status.st_mtime_ns]
+            if checked_before.get(location) != stamp:
+                actual = file_sha256(location)  # streamed: shards can be larger than memory allows twice over
+                if actual != shard.sha256:
+                    raise DataError(
+                        f"{location}: sha256 {actual[:16]}... differs from the manifest's {shard.sha256[:16]}...;"
+                        " the shard is damaged or from another preparation: prepare the data again"
+                    )
+            checked[location] = stamp
+    try:
+        write_atomically(record_path, json.dumps({"fingerprint": manifest.fingerprint, "shards": checked}) + "\n")
+    except OSError:  # a corpus on a read-only mount: checked again at the next start
+        pass
+
+
+def read_verified(record_path: Path, fingerprint: str) -> dict[str, list[int]]:
+    """The shards a verification record lists, if it was written for this manifest; {} otherwise."""
+    try:
+        record = json.loads(record_path.read_text())
+        return record["shards"] if record["fingerprint"] == fingerprint else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 class ShardReader:

@@ -2,12 +2,14 @@ import random
 import re
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer
 
+from data_pipeline import loader
 from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.loader import (
@@ -158,6 +160,25 @@ def test_a_flipped_byte_is_refused_when_read_with_verification_on_read_whether_l
     piped = Windows(damaged, "train", SEQ_LEN, shard_url=f"pipe:cat {remote}/{{shard}}", check_local=True)
     with pytest.raises(DataError, match=re.escape(f"pipe:cat {remote / damaged.splits['train'][0].name}: sha256")):
         piped.read(np.arange(4))
+
+
+def test_shards_checked_once_are_not_hashed_again_until_they_change(damaged, monkeypatch):
+    hashed = []
+    real_sha256 = loader.file_sha256
+    monkeypatch.setattr(loader, "file_sha256", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+    shards = {shard.name for split in damaged.splits.values() for shard in split}
+    verify_shards(damaged, None)
+    assert shards <= set(hashed)
+    hashed.clear()
+    verify_shards(damaged, None)  # as a requeued job or a second launch does
+    assert shards.isdisjoint(hashed)
+    shard = damaged.dir / damaged.splits["train"][1].name
+    data = bytearray(shard.read_bytes())
+    data[600] ^= 1  # the write changes its modification time
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f"{shard}: sha256")):
+        verify_shards(damaged, None)
+    assert hashed.count(shard.name) == 1
 
 
 def test_a_truncated_shard_is_named_at_start_and_when_read_without_verification(damaged):
