@@ -76,17 +76,21 @@ def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
             status = Path(location).stat()
             stamp = [status.st_size, status.st_mtime_ns]
             if checked_before.get(location) != stamp:
-                actual = file_sha256(location)  # streamed: shards can be larger than memory allows twice over
-                if actual != shard.sha256:
-                    raise DataError(
-                        f"{location}: sha256 {actual[:16]}... differs from the manifest's {shard.sha256[:16]}...;"
-                        " the shard is damaged or from another preparation: prepare the data again"
-                    )
+                # Streamed: shards can be larger than memory allows twice over.
+                refuse_if_damaged(location, shard, file_sha256(location))
             checked[location] = stamp
     try:
         write_atomically(record_path, json.dumps({"fingerprint": manifest.fingerprint, "shards": checked}) + "\n")
     except OSError:  # a corpus on a read-only mount: checked again at the next start
         pass
+
+
+def refuse_if_damaged(location: str, shard: Shard, actual_sha256: str) -> None:
+    if actual_sha256 != shard.sha256:
+        raise DataError(
+            f"{location}: sha256 differs from the manifest's ({actual_sha256[:16]}..., not {shard.sha256[:16]}...);"
+            " the shard is damaged or from another preparation: prepare the data again"
+        )
 
 
 def read_verified(record_path: Path, fingerprint: str) -> dict[str, list[int]]:
@@ -123,9 +127,7 @@ class ShardReader:
         try:
             if is_local(location):
                 if self.check_local and index not in self._checked:
-                    if file_sha256(location) != shard.sha256:
-                        raise DataError(f"{location}: sha256 differs from the manifest's; the shard is damaged or"
-                                        " from another preparation: prepare the data again")
+                    refuse_if_damaged(location, shard, file_sha256(location))
                     self._checked.add(index)
                 source = open(location, "rb")
             else:
@@ -133,8 +135,7 @@ class ShardReader:
 
                 with webdataset.gopen(location, "rb") as stream:
                     data = stream.read()
-                if hashlib.sha256(data).hexdigest() != shard.sha256:
-                    raise DataError(f"{location}: sha256 differs from the manifest's; the shard is damaged")
+                refuse_if_damaged(location, shard, hashlib.sha256(data).hexdigest())
                 source = io.BytesIO(data)
             with tarfile.open(fileobj=source, mode="r:") as tar:
                 members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".tokens")]

@@ -78,8 +78,8 @@ def damage(checkpoint: Path) -> str | None:
         path = checkpoint / name
         if not path.is_file():
             return f"{name} is missing"
-        if path.stat().st_size != size:
-            return f"{name} has {path.stat().st_size:,} bytes, not the {size:,} it was written with"
+        if (actual := path.stat().st_size) != size:
+            return f"{name} has {actual:,} bytes, not the {size:,} it was written with"
     return None
 
 

@@ -96,9 +96,9 @@ def finished_with(config: Config) -> list[str] | None:
         return None
     saved = dotted_settings(run_config(config.run_dir).model_dump(mode="json"))
     now = dotted_settings(config.model_dump(mode="json"))
-    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in sorted(saved.keys() | now.keys())
-            if saved.get(key) != now.get(key) and not key.startswith(tuple(f"{free}." for free in FREE_SETTINGS))
-            and key not in FREE_SETTINGS]
+    changed = [key for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    return [f"{key}: {saved.get(key)!r} -> {now.get(key)!r}" for key in changed
+            if not any(key == free or key.startswith(f"{free}.") for free in FREE_SETTINGS)]
 
 
 def run_tokenizer(config: Config) -> Tokenizer:
