@@ -11,8 +11,9 @@ One global order per epoch, a function of (seed, epoch, manifest fingerprint) on
 Optimizer step s takes positions [s*S, (s+1)*S) of that order (S sequences per step); rank r takes the r-th
 equal slice. So every rank does the same number of steps by construction, no window is repeated or skipped
 within an epoch, and the step number alone is the loader's state: a run resumed at any world size with the
-same global batch continues exactly. DataLoader workers each take whole steps (worker k of n takes every
-n-th), so adding workers changes nothing but speed.
+same global batch continues exactly. (A run that continues after changing S goes on from the sequence its
+checkpoint reached.) DataLoader workers each take whole steps (worker k of n takes every n-th), so adding
+workers changes nothing but speed.
 """
 
 from __future__ import annotations
@@ -161,10 +162,18 @@ class ShardReader:
         offset, size = members[block_index - int(self.first_block[index])]
         source.seek(offset)
         data = source.read(size)
+        location = shard_location(self.manifest, self.shards[index], self.shard_url)
         if len(data) != size:
-            location = shard_location(self.manifest, self.shards[index], self.shard_url)
             raise DataError(f"{location}: ends inside a sample; the shard is truncated: prepare the data again")
-        return np.frombuffer(data, dtype=self.dtype)
+        tokens = np.frombuffer(data, dtype=self.dtype)
+        # An id past the tokenizer's would index past the embedding (on a GPU, a device-side assert far from here).
+        if len(tokens) and (highest := int(tokens.max())) >= self.manifest.tokenizer_vocab_size:
+            raise DataError(
+                f"{location}: holds token id {highest}, beyond the {self.manifest.tokenizer_vocab_size} ids of the"
+                " tokenizer it was prepared with; the shard is damaged or from another preparation: prepare the data"
+                " again"
+            )
+        return tokens
 
 
 class Windows:
@@ -249,12 +258,18 @@ class GlobalOrder:
 
 
 class TrainBatches:
-    """One rank's training micro-batches, addressed by global step."""
+    """One rank's training micro-batches, addressed by global step.
 
-    def __init__(self, windows: Windows, layout: BatchLayout, rank: int, shuffle_blocks: int, seed: int):
+    Step s starts at sequence `first_sequence(s)` of the order: s*S from the start, or counted on from where a
+    resumed run's checkpoint left off (`resumed_at`: its step and sequence), which may be mid-way through a step
+    of another S if the run continues after a change of the global batch."""
+
+    def __init__(self, windows: Windows, layout: BatchLayout, rank: int, shuffle_blocks: int, seed: int,
+                 resumed_at: tuple[int, int] = (0, 0)):
         self.windows = windows
         self.layout = layout
         self.rank = rank
+        self.resumed_at = resumed_at
         self.order = GlobalOrder(windows, shuffle_blocks, seed)
         self.steps_per_epoch = windows.count // layout.sequences_per_step
         if self.steps_per_epoch == 0:
@@ -263,13 +278,25 @@ class TrainBatches:
                 f" tokens, fewer than one global batch of {layout.sequences_per_step}; lower"
                 " train.global_batch_tokens or add data"
             )
+        self.epoch_sequences = self.steps_per_epoch * layout.sequences_per_step
+
+    def first_sequence(self, step: int) -> int:
+        resumed_step, resumed_sequence = self.resumed_at
+        return resumed_sequence + (step - resumed_step) * self.layout.sequences_per_step
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained on before optimizer step `step` (0-based), by the steps of this run and those before."""
+        return self.first_sequence(step) * self.layout.seq_len
 
     def window_ids(self, step: int) -> np.ndarray:
         """Natural-order ids of this rank's windows at optimizer step `step` (0-based)."""
-        epoch, step_in_epoch = divmod(step, self.steps_per_epoch)
-        per_rank = self.layout.sequences_per_rank
-        first = step_in_epoch * self.layout.sequences_per_step + self.rank * per_rank
-        return self.order.at(epoch, np.arange(first, first + per_rank))
+        first = self.first_sequence(step) + self.rank * self.layout.sequences_per_rank
+        epochs, positions = np.divmod(np.arange(first, first + self.layout.sequences_per_rank), self.epoch_sequences)
+        ids = np.empty(len(positions), dtype=np.int64)
+        for epoch in np.unique(epochs):  # one, but for a step that straddles the end of an epoch
+            in_epoch = epochs == epoch
+            ids[in_epoch] = self.order.at(int(epoch), positions[in_epoch])
+        return ids
 
     def step_windows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's windows at `step`: tokens (sequences_per_rank, seq_len + 1) and their window ids.

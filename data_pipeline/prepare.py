@@ -41,6 +41,7 @@ from data_pipeline.sources import describe, text_hash, weighted_documents
 from data_pipeline.tokenizer import (
     END_OF_DOCUMENT,
     file_sha256,
+    id_bound,
     load_tokenizer,
     train_bpe,
 )
@@ -314,7 +315,7 @@ def _prepare_into(staging: Path, data: DataConfig, vocab_size: int, recipe: str,
     else:
         tokenizer = train_bpe(tokenizer_sample(data), vocab_size)
         tokenizer.save(str(tokenizer_path))
-    dtype = "uint16" if tokenizer.get_vocab_size() <= 2**16 else "uint32"
+    dtype = "uint16" if id_bound(tokenizer) <= 2**16 else "uint32"
 
     workers = data.workers or os.cpu_count() or 1
     splits = {split: ShardedSplit(staging, split, dtype, data.block_tokens, data.shard_bytes) for split in SPLITS}
@@ -336,7 +337,7 @@ def _prepare_into(staging: Path, data: DataConfig, vocab_size: int, recipe: str,
         "block_tokens": data.block_tokens,
         "end_of_document_id": tokenizer.token_to_id(END_OF_DOCUMENT),
         "tokenizer_sha256": tokenizer_sha256,
-        "tokenizer_vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_vocab_size": id_bound(tokenizer),  # every stored id is below it
         "sources": [{**source.model_dump(mode="json"), "description": describe(source)} for source in data.sources],
         "splits": {split: [shard.__dict__ for shard in split_shards] for split, split_shards in shards.items()},
     }
@@ -346,5 +347,5 @@ def _prepare_into(staging: Path, data: DataConfig, vocab_size: int, recipe: str,
     counts = {split: sum(s.tokens for s in split_shards) for split, split_shards in shards.items()}
     log(
         f"prepared {counts['train']:,} training and {counts['val']:,} validation tokens (stored) in"
-        f" {sum(map(len, shards.values()))} shards ({tokenizer.get_vocab_size()} token vocabulary)"
+        f" {sum(map(len, shards.values()))} shards ({id_bound(tokenizer)} token vocabulary)"
     )

@@ -38,12 +38,17 @@ def load_tokenizer(path: str | Path, max_vocab_size: int) -> Tokenizer:
         raise DataError(f"{path}: not a valid tokenizer.json ({error})") from None
     if tokenizer.token_to_id(END_OF_DOCUMENT) is None:
         raise DataError(f"{path}: has no {END_OF_DOCUMENT} token to separate documents; add it as a special token")
-    if tokenizer.get_vocab_size() > max_vocab_size:
+    if (bound := id_bound(tokenizer)) > max_vocab_size:
         raise DataError(
-            f"{path}: vocabulary of {tokenizer.get_vocab_size()} tokens exceeds model.vocab_size={max_vocab_size};"
-            " raise model.vocab_size"
+            f"{path}: has token ids up to {bound - 1}, at or above model.vocab_size={max_vocab_size}; raise"
+            f" model.vocab_size to at least {bound}"
         )
     return tokenizer
+
+
+def id_bound(tokenizer: Tokenizer) -> int:
+    """One more than the highest id the tokenizer can emit: its vocabulary size, unless its ids leave gaps."""
+    return max(tokenizer.get_vocab(with_added_tokens=True).values()) + 1
 
 
 def file_sha256(path: str | Path) -> str:

@@ -132,7 +132,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     trained = load_checkpoint(args.checkpoint, args.step)
     model, step = trained.model, trained.step
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    context = init_distributed(config.deepspeed.timeout_minutes) if distributed else None
+    context = init_distributed(config.deepspeed) if distributed else None
     try:
         if context is not None:
             model.to(context.device)

@@ -39,6 +39,7 @@ from launch.sweep import run_sweep
 from pretrain.checkpoint import (
     refuse_to_train_over_checkpoints,
     resume_plan,
+    resume_position,
     starting_checkpoint,
 )
 from pretrain.config import Config, deepspeed_config, load_config
@@ -125,6 +126,7 @@ def check_checkpoint(config: Config, world_size: int) -> None:
     resume_from = starting_checkpoint(config)
     if resume_from is not None:
         resume_plan(resume_from, world_size, config.deepspeed.zero_stage)
+        resume_position(resume_from, config)
 
 
 def show(commands: list[list[str]]) -> str:

@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ConfigError("WORLD_SIZE: the benchmark is one process; start it with python -m, not a launcher")
     # As in training: ZeRO-3 calls collectives this torch deprecates, at every step.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
-    context = init_distributed(configs[args.shapes[0]].deepspeed.timeout_minutes)
+    context = init_distributed(configs[args.shapes[0]].deepspeed)
     try:
         records = []
         for name in args.shapes:

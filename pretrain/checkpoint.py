@@ -21,6 +21,7 @@ import torch.distributed as dist
 from data_pipeline.errors import ConfigError, UserError
 from data_pipeline.files import fsync_tree, publish_directory, write_atomically
 from pretrain.config import Config
+from pretrain.data import DataOrder
 
 COMPLETE_MARKER = "complete"
 
@@ -130,7 +131,9 @@ def save(
     dist.barrier()
     if dist.get_rank() == 0:
         marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
-                  "files": file_sizes(path)}
+                  "files": file_sizes(path),
+                  # What the data position means, readable before any rank starts (see resume_position).
+                  **{key: loop_state[key] for key in ("data_order", "tokens_seen") if key in loop_state}}
         if preempted_by:
             marker["preempted_by"] = preempted_by
         write_atomically(path / COMPLETE_MARKER, json.dumps(marker) + "\n")
@@ -170,6 +173,24 @@ def resume_plan(checkpoint: Path, world_size: int, zero_stage: int) -> bool:
             f" with deepspeed.zero_stage={written_stage}, or start a new run (a new name)"
         )
     return marker["world_size"] != world_size and has_partitioned_optimizer(checkpoint)
+
+
+def resume_position(checkpoint: Path, config: Config) -> tuple[int, int]:
+    """(step, sequence): the step a run resumes at and the position in the data order its next step starts from.
+    Raises CheckpointError if the data order changed since the checkpoint, unless train.data_order_change says to
+    continue after the same number of tokens seen."""
+    marker = read_marker(checkpoint)
+    step, saved_order = marker["step"], marker.get("data_order")
+    if saved_order is None:  # written before checkpoints recorded it: taken as unchanged
+        return step, step * (config.train.global_batch_tokens // config.model.seq_len)
+    changes = DataOrder.of(config).changes_since(saved_order)
+    if changes and config.train.data_order_change == "refuse":
+        raise CheckpointError(
+            f"{checkpoint}: its data position means another order of the data ({'; '.join(changes)}), so resuming"
+            " would skip or repeat data; restore the setting, or set train.data_order_change=continue_by_tokens to"
+            f" go on after the {marker['tokens_seen']:,} tokens it has seen, in the new order"
+        )
+    return step, marker["tokens_seen"] // config.model.seq_len
 
 
 UNIVERSAL = "universal"

@@ -74,6 +74,11 @@ class TrainConfig(Section):
         0, ge=0, description="complete checkpoints kept, newest first, besides those of checkpoint_steps; 0 keeps all"
     )
     resume: Literal["auto", "never"] = "auto"
+    data_order_change: Literal["refuse", "continue_by_tokens"] = Field(
+        "refuse", description="a resume with another global_batch_tokens, model.seq_len, seed or data.shuffle_blocks"
+        " than the checkpoint's would skip or repeat data: refuse it, or continue after the same number of tokens"
+        " seen, in the order the new settings give",
+    )
     branch_from: str | None = Field(
         None, description="a complete checkpoint of another run to start from (weights, optimizer, data position,"
         " step), when this run has none of its own: with schedule wsd, a decay branch of that run's stable phase"
@@ -85,7 +90,11 @@ class DeepSpeedConfig(Section):
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto", description="auto: bf16 where the device supports it, fp32 otherwise; fp16 uses dynamic loss scaling"
     )
-    timeout_minutes: int = Field(10, ge=1, description="how long a collective waits for a missing rank")
+    timeout_minutes: float = Field(10, gt=0, description="how long a collective waits for a missing rank")
+    startup_timeout_minutes: float = Field(
+        24 * 60, gt=0, description="how long the other ranks wait for rank 0's start-up work (preparing and"
+        " verifying the data, converting a checkpoint), which can take hours on a large corpus",
+    )
     activation_checkpointing: bool = Field(
         False, description="recompute each block's activations in backward: less memory for ~1/3 more compute"
     )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 from data_pipeline.loader import verify_shards
 from data_pipeline.prepare import Manifest, prepare
@@ -20,3 +22,30 @@ def prepare_and_verify(config: Config, is_main: bool, log) -> Manifest:
     if is_main and config.data.verify == "start" and not already_verified:
         verify_shards(manifest, config.data.shard_url)
     return manifest
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """The settings that decide which windows make up each step: a position in the data means nothing without
+    them. Checkpoints record it, and a resume compares."""
+
+    global_batch_tokens: int
+    seq_len: int
+    seed: int
+    shuffle_blocks: int
+
+    SETTINGS: ClassVar[dict[str, str]] = {"global_batch_tokens": "train.global_batch_tokens",
+                                          "seq_len": "model.seq_len", "seed": "seed",
+                                          "shuffle_blocks": "data.shuffle_blocks"}
+
+    @classmethod
+    def of(cls, config: Config) -> DataOrder:
+        return cls(config.train.global_batch_tokens, config.model.seq_len, config.seed, config.data.shuffle_blocks)
+
+    def record(self) -> dict[str, int]:
+        return asdict(self)
+
+    def changes_since(self, saved: dict[str, Any]) -> list[str]:
+        """'setting: saved -> now' for each setting that differs from a recorded order."""
+        return [f"{setting}: {saved.get(field)} -> {getattr(self, field)}"
+                for field, setting in self.SETTINGS.items() if saved.get(field) != getattr(self, field)]

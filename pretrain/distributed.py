@@ -12,12 +12,13 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import UserError
+from pretrain.config import DeepSpeedConfig
 from pretrain.device import pick_device
 
 T = TypeVar("T")
@@ -29,6 +30,9 @@ class DistributedContext:
     local_rank: int
     world_size: int
     device: torch.device
+    # Where the other ranks wait for rank 0's start-up work: a group of its own with a long timeout, so that
+    # hours of verifying a corpus do not run into the timeout meant for a rank that died mid-step.
+    startup_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -46,7 +50,7 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: int) -> DistributedContext:
+def init_distributed(settings: DeepSpeedConfig) -> DistributedContext:
     import deepspeed  # deferred: importing it is slow, and the config can be checked without it
 
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
@@ -60,8 +64,9 @@ def init_distributed(timeout_minutes: int) -> DistributedContext:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(local_rank)
     # A rank that dies must not leave the others waiting forever in a collective.
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes), auto_mpi_discovery=False)
-    return DistributedContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
+    deepspeed.init_distributed(timeout=timedelta(minutes=settings.timeout_minutes), auto_mpi_discovery=False)
+    startup_group = dist.new_group(backend="gloo", timeout=timedelta(minutes=settings.startup_timeout_minutes))
+    return DistributedContext(dist.get_rank(), local_rank, dist.get_world_size(), device, startup_group)
 
 
 def shutdown() -> None:
@@ -92,7 +97,7 @@ def on_main_first(context: DistributedContext, work: Callable[[], T]) -> T:
     """Run `work` on rank 0, then on the others (which then find its side effects, such as prepared data).
 
     A failure on rank 0 is raised there and reaches the others as RankZeroFailed, so no rank waits at a
-    barrier for a rank that already failed.
+    barrier for a rank that already failed. The others wait up to deepspeed.startup_timeout_minutes.
     """
     result, failure = None, None
     if context.is_main:
@@ -101,7 +106,7 @@ def on_main_first(context: DistributedContext, work: Callable[[], T]) -> T:
         except Exception as error:  # re-raised below, after the other ranks have heard of it
             failure = error
     message = [f"{type(failure).__name__}: {failure}" if failure else None]
-    dist.broadcast_object_list(message, src=0)
+    dist.broadcast_object_list(message, src=0, group=context.startup_group)
     if failure is not None:
         raise failure
     if message[0] is not None:

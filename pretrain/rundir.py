@@ -74,7 +74,7 @@ def run_config(run_dir: Path) -> Config:
 # What a finished run may differ in from a config that asks for it again and still be the same run: how it is
 # watched, evaluated, checkpointed and launched.
 FREE_SETTINGS = ("logging", "launch", "eval", "train.checkpoint_every", "train.checkpoint_steps",
-                 "train.keep_checkpoints", "train.resume")
+                 "train.keep_checkpoints", "train.resume", "train.data_order_change")
 
 
 def dotted_settings(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:

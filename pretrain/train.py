@@ -32,7 +32,7 @@ from evals.tasks import load_tasks
 from pretrain import checkpoint
 from pretrain.checkpointer import Checkpointer
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
-from pretrain.data import prepare_and_verify
+from pretrain.data import DataOrder, prepare_and_verify
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
@@ -147,6 +147,7 @@ class Run:
     train_batches: TrainBatches
     masking: int | None  # the end-of-document id with data.document_masking, else None
     data_fingerprint: str
+    data_order: DataOrder
     start_step: int
     resumed: bool  # started from a checkpoint, its own or another run's
     launch: dict | None  # how the run was started, for W&B (rank 0)
@@ -158,7 +159,8 @@ class Run:
 
     def loop_state(self, step: int) -> dict:
         """What a checkpoint records besides DeepSpeed's own state, to resume from it."""
-        return {"step": step, "data_fingerprint": self.data_fingerprint, **self.guard.loop_state()}
+        return {"step": step, "data_fingerprint": self.data_fingerprint, "data_order": self.data_order.record(),
+                "tokens_seen": self.train_batches.tokens_before(step), **self.guard.loop_state()}
 
 
 def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> Run:
@@ -167,6 +169,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     say = context.print
     run_dir = config.run_dir
     resume_from = checkpoint.starting_checkpoint(config, lambda problem: say(f"warning: {problem}"))
+    resumed_at = checkpoint.resume_position(resume_from, config) if resume_from is not None else (0, 0)
     prepare_run_dir(config, context)
 
     # Data: rank 0 prepares (once) and verifies the shards, the other ranks then open what it checked.
@@ -179,7 +182,8 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     check_on_read = config.data.verify == "on_read"
     windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url, check_on_read)
                for split in ("train", "val")}
-    train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed)
+    train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed,
+                                 resumed_at)
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None
     fewshot = config.eval.fewshot
@@ -219,7 +223,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
             f", written by {written_by} ranks, through its universal form" if universal else ""))
     max_steps = config.train.max_steps
     return Run(
-        setup, train_batches, masking, data.fingerprint, start_step, resume_from is not None,
+        setup, train_batches, masking, data.fingerprint, DataOrder.of(config), start_step, resume_from is not None,
         launch_details(run_dir, context.world_size, context.device) if context.is_main else None,
         Validator(val_batches, context.device, masking, config.eval.interval, max_steps,
                   functools.partial(mean_across_ranks, device=context.device)),
@@ -280,7 +284,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
             if alert is not None:
                 logger.alert("non-finite loss", alert)
             metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": global_grad_norm(engine),
-                       "train/tokens": done * layout.tokens_per_step, **run.guard.metrics(),
+                       "train/tokens": run.train_batches.tokens_before(done), **run.guard.metrics(),
                        **run.progress.step_metrics(step_seconds, data_wait)}
             if run.validator.due(done):
                 metrics.update(run.validator.validate(engine))
@@ -313,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     # developers, not for someone watching a run.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     config = load_config(args.config, args.overrides)
-    context = init_distributed(config.deepspeed.timeout_minutes)
+    context = init_distributed(config.deepspeed)
     try:
         train(config, config.batch_layout(context.world_size), context)
     finally:

@@ -58,6 +58,10 @@ def read_csv(path: Path) -> list[RunPoint]:
             rows = list(csv.DictReader(file))
     except OSError as error:
         raise ScalingError(f"{path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ScalingError(f"{path}: is not UTF-8 text; save the CSV as UTF-8") from None
+    except csv.Error as error:
+        raise ScalingError(f"{path}: is not a readable CSV ({error}); fix the file") from None
     missing = [column for column in CSV_COLUMNS if not rows or column not in rows[0]]
     if missing:
         raise ScalingError(f"{path}: needs a header with the columns {', '.join(CSV_COLUMNS)} (missing: "

@@ -1,6 +1,7 @@
 import random
 import re
 import shutil
+import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -77,6 +78,26 @@ def test_a_run_stopped_at_a_random_step_and_resumed_at_another_world_size_covers
         counts = Counter(i for ids in first + rest for i in ids)
         assert set(counts.values()) == {1}
         assert set(counts) | epoch_remainder(before) == set(range(before[0].windows.count))
+
+
+def test_a_run_that_continues_with_another_global_batch_takes_the_next_windows_of_the_order(prepared):
+    windows = Windows(prepared, "train", SEQ_LEN)
+    before = [TrainBatches(windows, layout(2), rank, 4, 0) for rank in range(2)]
+    stop = 4  # 48 sequences: not a whole number of the bigger steps, so one of them straddles the epoch's end
+    sequences_seen = before[0].tokens_before(stop) // SEQ_LEN
+    # Half again as many sequences a step after the resume (on 3 ranks): steps of 18 from sequence 48 on.
+    bigger = BatchLayout(world_size=3, seq_len=SEQ_LEN, micro_batch_size=2, accumulation_steps=3)
+    after = [TrainBatches(windows, bigger, rank, 4, 0, resumed_at=(stop, sequences_seen)) for rank in range(3)]
+    end = after[0].steps_per_epoch + 2  # on into the second epoch
+    assert after[0].tokens_before(stop + 2) == (sequences_seen + 2 * bigger.sequences_per_step) * SEQ_LEN
+    handed_out = [i for step in range(stop) for batches in before for i in batches.window_ids(step).tolist()]
+    handed_out += [i for step in range(stop, end) for batches in after for i in batches.window_ids(step).tolist()]
+    epoch = after[0].epoch_sequences
+    positions = np.arange(len(handed_out))
+    expected = [int(before[0].order.at(int(position // epoch), np.array([position % epoch]))[0])
+                for position in positions]
+    assert handed_out == expected
+    assert epoch % bigger.sequences_per_step == 0 and len(handed_out) > epoch
 
 
 def test_the_order_is_reproducible_independent_of_workers_and_world_size_and_reshuffled_each_epoch(prepared):
@@ -179,6 +200,17 @@ def test_shards_checked_once_are_not_hashed_again_until_they_change(damaged, mon
     with pytest.raises(DataError, match=re.escape(f"{shard}: sha256")):
         verify_shards(damaged, None)
     assert hashed.count(shard.name) == 1
+
+
+def test_a_token_id_beyond_the_tokenizer_is_refused_when_read_naming_the_shard(damaged):
+    shard = damaged.dir / damaged.splits["train"][0].name
+    with tarfile.open(shard) as tar:
+        first_tokens = next(member for member in tar.getmembers() if member.name.endswith(".tokens")).offset_data
+    data = bytearray(shard.read_bytes())
+    data[first_tokens + 2 : first_tokens + 4] = (0xFFFF).to_bytes(2, "little")  # the second token, as uint16
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=re.escape(f"{shard}: holds token id 65535, beyond the")):
+        Windows(damaged, "train", SEQ_LEN).read(np.arange(4))
 
 
 def test_a_truncated_shard_is_named_at_start_and_when_read_without_verification(damaged):

@@ -5,8 +5,9 @@ import re
 import shutil
 
 import pytest
-from tokenizers import Tokenizer, models
+from tokenizers import Tokenizer, models, pre_tokenizers
 
+from data_pipeline.config import DataConfig
 from data_pipeline.embedded import episode_inventories
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import Manifest, prepare
@@ -99,6 +100,35 @@ def test_a_given_tokenizer_without_an_end_of_document_token_is_refused_by_name(t
     Tokenizer(models.BPE()).save(str(path))
     with pytest.raises(DataError, match=re.escape(f"{path}: has no {END_OF_DOCUMENT} token")):
         load_tokenizer(path, max_vocab_size=512)
+
+
+def gapped_tokenizer(path, highest_id: int):
+    """A word-level tokenizer whose ids leave a gap: four words, the last with id `highest_id`."""
+    tokenizer = Tokenizer(models.WordLevel({END_OF_DOCUMENT: 0, "[UNK]": 1, "red": 2, "blue": highest_id},
+                                           unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(path))
+    return path
+
+
+def test_a_tokenizer_with_ids_at_or_above_the_model_vocabulary_is_refused_before_preparing(tmp_path):
+    config = episodes_config(tmp_path / "d")
+    config.tokenizer = str(gapped_tokenizer(tmp_path / "gapped.json", highest_id=600))
+    with pytest.raises(DataError, match=re.escape(f"{config.tokenizer}: has token ids up to 600, at or above"
+                                                  " model.vocab_size=512; raise model.vocab_size to at least 601")):
+        prepare(config, vocab_size=512, log=quiet)
+    assert not (tmp_path / "d").exists()
+
+
+def test_token_ids_beyond_16_bits_are_stored_whole(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"red blue {i} blue"}) + "\n" for i in range(200)))
+    config = DataConfig(dir=str(tmp_path / "d"), sources=[{"kind": "jsonl", "paths": [str(corpus)]}],
+                        val_fraction=0.1, block_tokens=64, workers=1,
+                        tokenizer=str(gapped_tokenizer(tmp_path / "gapped.json", highest_id=70_000)))
+    manifest = prepare(config, vocab_size=2**17, log=quiet)
+    assert manifest.dtype == "uint32"
+    assert split_stream(manifest, "train")[:5].tolist() == [2, 70_000, 1, 70_000, 0]
 
 
 def test_a_given_tokenizer_that_is_not_json_is_refused_by_name(tmp_path):

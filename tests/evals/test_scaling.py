@@ -4,6 +4,7 @@ parametric fit and by isoFLOP profiles; the plots and the W&B summary run are wh
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from evals.scaling.isoflop import compute_budgets, isoflop_profiles
 from evals.scaling.law import Law, bootstrap, constant_intervals, fit_law
 from evals.scaling.plots import plot
-from evals.scaling.points import RunPoint, ScalingError
+from evals.scaling.points import RunPoint, ScalingError, read_csv
 from evals.scaling.report import analyse
 from tests.helpers import run_module, wandb_records
 
@@ -96,6 +97,17 @@ def test_a_csv_without_the_needed_columns_or_numbers_is_named_with_its_line(tmp_
     result = run_module("evals", "scaling", "--csv", str(bad), "--out", str(tmp_path / "fit"), cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.startswith(f"error: {bad}:3: parameters, tokens and loss must")
     assert not (tmp_path / "fit").exists()
+
+
+def test_a_csv_that_is_not_utf8_or_not_csv_is_named(tmp_path):
+    latin1 = tmp_path / "latin1.csv"
+    latin1.write_bytes("name,parameters,tokens,loss\nGr\u00f6\u00dfe,1e6,1e9,2.5\n".encode("latin-1"))
+    with pytest.raises(ScalingError, match=re.escape(f"{latin1}: is not UTF-8 text")):
+        read_csv(latin1)
+    unclosed = tmp_path / "unclosed.csv"  # an unclosed quote swallows the rest of the file into one field
+    unclosed.write_text('parameters,tokens,loss\n"1e6,1e9,2.5\n' + "1e6,1e9,2.5\n" * 20_000)
+    with pytest.raises(ScalingError, match=re.escape(f"{unclosed}: is not a readable CSV")):
+        read_csv(unclosed)
 
 
 AROUND_THE_OPTIMUM = np.geomspace(1 / 8, 8, 7)

@@ -6,6 +6,7 @@ import shutil
 import pytest
 import yaml
 
+from launch.__main__ import main as launch_main
 from pretrain.checkpoint import (
     COMPLETE_MARKER,
     complete_tags,
@@ -102,6 +103,39 @@ def test_a_two_rank_checkpoint_resumes_at_another_world_size_with_the_uninterrup
     resumed = losses_by_step(run_dir)
     assert [resumed[s] for s in range(halfway + 1, last + 1)] == pytest.approx(
         shared_runs.losses(stage, ranks=2)[halfway:], rel=1e-4)
+
+
+def resumable_copy(shared_runs, tmp_path) -> tuple:
+    """A copy of the 2-rank ZeRO-2 shared run, stopped at its halfway checkpoint; and its config's path."""
+    uninterrupted = shared_runs.run_dir(2, ranks=2)
+    run_dir = tmp_path / uninterrupted.name
+    shutil.copytree(uninterrupted, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / f"step_{shared_runs.steps:08d}")
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(shared_runs.config(uninterrupted.name, tmp_path, 2)))
+    return run_dir, config
+
+
+def test_a_resume_that_would_change_the_data_order_is_refused_naming_the_setting(shared_runs, tmp_path, in_process):
+    run_dir, config = resumable_copy(shared_runs, tmp_path)
+    before = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
+    for change, named in (("train.global_batch_tokens=3072", "train.global_batch_tokens: 1536 -> 3072"),
+                          ("model.seq_len=32", "model.seq_len: 64 -> 32"), ("seed=1", "seed: 0 -> 1"),
+                          ("data.shuffle_blocks=8", "data.shuffle_blocks: 64 -> 8")):
+        refused = in_process(launch_main, "run", "--config", str(config), change)
+        assert refused.returncode == 1 and named in refused.stderr, refused.stderr
+    assert sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*")) == before
+
+
+def test_a_resume_told_to_continue_by_tokens_after_a_change_of_batch_goes_on_from_the_tokens_seen(shared_runs,
+                                                                                                   tmp_path):
+    run_dir, config = resumable_copy(shared_runs, tmp_path)
+    halfway, last = shared_runs.steps // 2, shared_runs.steps
+    launch(config, "train.global_batch_tokens=3072", "train.data_order_change=continue_by_tokens")
+    tokens = {record["step"]: record["train/tokens"] for record in read_metrics(run_dir) if "train/loss" in record}
+    assert tokens == {step: 1536 * min(step, halfway) + 3072 * max(0, step - halfway) for step in range(1, last + 1)}
+    marker = read_marker(run_dir / "checkpoints" / f"step_{last:08d}")
+    assert marker["tokens_seen"] == tokens[last] and marker["data_order"]["global_batch_tokens"] == 3072
 
 
 def test_a_checkpoint_of_another_zero_stage_is_refused_before_any_rank_starts(tiny_config, tmp_path):
