@@ -42,6 +42,11 @@ TINY_CONFIG = {
 }
 
 
+def tiny_data_order(global_batch_tokens: int = TINY_CONFIG["train"]["global_batch_tokens"]) -> dict:
+    """The data order a checkpoint of the tiny config records."""
+    return {"global_batch_tokens": global_batch_tokens, "seq_len": 64, "seed": 0, "shuffle_blocks": 64}
+
+
 def deep_merge(base: dict, changes: dict) -> dict:
     """A new dict: `base` with `changes` merged in, section by section; neither input is modified."""
     merged = copy.deepcopy(base)

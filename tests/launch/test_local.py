@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launch.__main__ import main as launch_main
-from tests.helpers import run_module
+from tests.helpers import run_module, tiny_data_order
 
 
 def nothing_written(directory: Path) -> bool:
@@ -43,7 +43,8 @@ def test_a_single_rank_run_trains_and_records_its_world_size(shared_runs):
     run_dir = shared_runs.run_dir(stage=2, ranks=1)
     marker = run_dir / "checkpoints" / f"step_{shared_runs.steps:08d}" / "complete"
     written = json.loads(marker.read_text())
-    assert written == {"step": shared_runs.steps, "world_size": 1, "zero_stage": 2, "files": written["files"]}
+    assert written == {"step": shared_runs.steps, "world_size": 1, "zero_stage": 2, "files": written["files"],
+                       "data_order": tiny_data_order(24 * 64), "tokens_seen": shared_runs.steps * 24 * 64}
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ from tests.helpers import (
     run_module,
     signal_job,
     start_launch,
+    tiny_data_order,
     wait_for,
     wait_for_step,
 )
@@ -205,7 +206,7 @@ def test_a_preemption_signal_saves_a_checkpoint_at_that_step_and_asks_for_a_requ
     assert 4 < last_step < 1000
     written = marker(run_dir, last_step)
     assert written == {"step": last_step, "world_size": 2, "zero_stage": 2, "preempted_by": stop_signal.name,
-                       "files": written["files"]}
+                       "files": written["files"], "data_order": tiny_data_order(), "tokens_seen": last_step * 2048}
     if resume:
         before = read_metrics(run_dir)
         launch(config, "train.max_steps=" + str(last_step + 2))

@@ -16,7 +16,7 @@ from pretrain.loss import next_token_loss
 from pretrain.model import GPT
 from pretrain.rundir import read_metrics
 from pretrain.train import train_step
-from tests.helpers import launch, losses_by_step, run_module, tiny_model, wandb_records
+from tests.helpers import launch, losses_by_step, run_module, tiny_data_order, tiny_model, wandb_records
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
@@ -55,7 +55,8 @@ def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wan
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000012", "step_00000016"]
     for step in (12, 16):
         marker = json.loads((checkpoints / f"step_{step:08d}" / "complete").read_text())
-        assert marker == {"step": step, "world_size": 2, "zero_stage": 2, "files": marker["files"]}
+        assert marker == {"step": step, "world_size": 2, "zero_stage": 2, "files": marker["files"],
+                          "data_order": tiny_data_order(), "tokens_seen": step * 2048}
 
     logged = {h["step"]["num"]: h["item"] for h in wandb_history(run_dir)}
     assert {step: logged[step]["train/loss"] for step in losses} == losses
