@@ -26,7 +26,8 @@ from pathlib import Path
 
 from data_pipeline.config import BatchLayout, DataConfig
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps
-from data_pipeline.prepare import all_documents, prepare
+from data_pipeline.prepare import prepare
+from data_pipeline.sources import all_documents
 from data_pipeline.tokenizer import load_tokenizer
 
 EPOCHS = 4  # loader passes over the prepared text, so worker start-up is a small part of the time
@@ -34,7 +35,7 @@ EPOCHS = 4  # loader passes over the prepared text, so worker start-up is a smal
 
 def corpus(megabytes: float) -> list[str]:
     """The embedded corpus's documents, repeated until `megabytes` of text."""
-    documents = list(all_documents(DataConfig()))
+    documents = list(all_documents(DataConfig().sources))
     size = sum(len(d.encode()) for d in documents)
     return documents * max(1, round(megabytes * 1e6 / size))
 

@@ -101,7 +101,11 @@ class DataConfig(Section):
     val_fraction: float = Field(0.05, gt=0.0, lt=0.5)
     block_tokens: int = Field(8192, ge=1, description="tokens per stored sample; windows are cut from blocks")
     shard_bytes: int = Field(256 * 2**20, ge=1, description="target size of one shard")
-    workers: int = Field(0, ge=0, description="tokenizer processes for prepare; 0: one per core")
+    partitions: int = Field(
+        16, ge=1, description="pieces the corpus is prepared in, each by one worker: at least the number of workers"
+        " (processes, SLURM tasks) to use; the shards depend on it, not on the number of workers",
+    )
+    workers: int = Field(0, ge=0, description="processes for prepare, each taking whole partitions; 0: one per core")
     shard_url: str | None = Field(
         None, description="read shards from here instead of data.dir: a prefix or a template with {shard}"
     )

@@ -33,7 +33,7 @@ import torch
 from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.files import write_atomically
-from data_pipeline.prepare import Manifest, Shard
+from data_pipeline.manifest import Manifest, Shard
 from data_pipeline.tokenizer import file_sha256
 
 OPEN_SHARDS = 8  # shard indexes (and remote shards' bytes) kept per reader

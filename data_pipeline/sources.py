@@ -1,7 +1,8 @@
 """Documents from the configured sources, in a fixed order, each source weighted.
 
-Every reader streams: parquet one row group at a time, jsonl one line at a time, so a source can be far
-larger than memory. Problems are reported as DataError naming the file (and line) and what to do.
+A source is read in units, each read whole by one worker: a file, a parquet row group, or a generated source.
+Every reader streams: parquet one batch at a time, jsonl one line at a time, so a unit can be far larger than
+memory. Problems are reported as DataError naming the file (and line) and what to do.
 """
 
 from __future__ import annotations
@@ -10,7 +11,8 @@ import glob
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.config import (
@@ -19,7 +21,6 @@ from data_pipeline.config import (
     ParquetSource,
     Source,
     StdlibDocstringsSource,
-    TextSource,
 )
 from data_pipeline.embedded import icl_episodes, stdlib_docstrings
 from data_pipeline.errors import DataError
@@ -36,22 +37,26 @@ def expand_paths(patterns: list[str]) -> list[Path]:
     return files
 
 
-def _parquet_documents(source: ParquetSource) -> Iterator[str]:
+def _parquet_file(path: Path, source: ParquetSource):
     import pyarrow.parquet as pq  # deferred: only parquet sources need it
 
-    for path in expand_paths(source.paths):
-        try:
-            parquet = pq.ParquetFile(path)
-        except Exception as error:  # pyarrow raises several types for unreadable files
-            raise DataError(f"{path}: not a readable parquet file ({error})") from None
-        columns = parquet.schema_arrow.names
-        if source.text_column not in columns:
-            raise DataError(
-                f"{path}: has no column {source.text_column!r} (it has: {', '.join(columns)}); set text_column"
-                " in data.sources"
-            )
-        for batch in parquet.iter_batches(columns=[source.text_column], batch_size=4096):
-            yield from (text for text in batch.column(0).to_pylist() if text)
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as error:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: not a readable parquet file ({error})") from None
+    columns = parquet.schema_arrow.names
+    if source.text_column not in columns:
+        raise DataError(
+            f"{path}: has no column {source.text_column!r} (it has: {', '.join(columns)}); set text_column"
+            " in data.sources"
+        )
+    return parquet
+
+
+def _row_group_documents(source: ParquetSource, path: Path, row_group: int) -> Iterator[str]:
+    parquet = _parquet_file(path, source)
+    for batch in parquet.iter_batches(batch_size=4096, row_groups=[row_group], columns=[source.text_column]):
+        yield from (text for text in batch.column(0).to_pylist() if text)
 
 
 def _open_text(path: Path):
@@ -77,23 +82,42 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
                 raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
 
 
-def _jsonl_documents(source: JsonlSource) -> Iterator[str]:
-    for path in expand_paths(source.paths):
-        for number, record in jsonl_records(path):
-            if not isinstance(record, dict) or source.text_field not in record:
-                raise DataError(f"{path}:{number}: has no field {source.text_field!r}; set text_field in data.sources")
-            if text := record[source.text_field]:
-                yield str(text)
+def _jsonl_documents(source: JsonlSource, path: Path) -> Iterator[str]:
+    for number, record in jsonl_records(path):
+        if not isinstance(record, dict) or source.text_field not in record:
+            raise DataError(f"{path}:{number}: has no field {source.text_field!r}; set text_field in data.sources")
+        if text := record[source.text_field]:
+            yield str(text)
 
 
-def _text_documents(source: TextSource) -> Iterator[str]:
-    for path in expand_paths(source.paths):
-        with _open_text(path) as file:
-            if text := file.read():
-                yield text
+def _text_document(path: Path) -> Iterator[str]:
+    with _open_text(path) as file:
+        if text := file.read():
+            yield text
 
 
-def raw_documents(source: Source) -> Iterator[str]:
+@dataclass(frozen=True)
+class Unit:
+    """A piece of one source that one worker reads whole: a generated source, a file, or a parquet row group."""
+
+    source: int  # its index in data.sources
+    path: str | None = None
+    row_group: int | None = None
+
+
+def source_units(index: int, source: Source) -> list[Unit]:
+    """The units of data.sources[index], in a fixed order."""
+    if isinstance(source, (StdlibDocstringsSource, InContextEpisodesSource)):
+        return [Unit(index)]
+    paths = expand_paths(source.paths)
+    if isinstance(source, ParquetSource):
+        return [Unit(index, str(path), group)
+                for path in paths for group in range(_parquet_file(path, source).num_row_groups)]
+    return [Unit(index, str(path)) for path in paths]
+
+
+def unit_documents(source: Source, unit: Unit) -> Iterator[str]:
+    """The documents of one unit of `source`, unweighted."""
     if isinstance(source, StdlibDocstringsSource):
         return stdlib_docstrings(source.min_chars)
     if isinstance(source, InContextEpisodesSource):
@@ -106,10 +130,10 @@ def raw_documents(source: Source) -> Iterator[str]:
             source.pairs_per_episode,
         )
     if isinstance(source, ParquetSource):
-        return _parquet_documents(source)
+        return _row_group_documents(source, Path(unit.path), unit.row_group)
     if isinstance(source, JsonlSource):
-        return _jsonl_documents(source)
-    return _text_documents(source)
+        return _jsonl_documents(source, Path(unit.path))
+    return _text_document(Path(unit.path))
 
 
 def describe(source: Source) -> str:
@@ -121,15 +145,51 @@ def text_hash(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def weighted_documents(source: Source) -> Iterator[str]:
-    """The source's documents, each repeated `weight` times; the fraction keeps a hash-chosen share."""
+def is_validation(text: str, val_fraction: float) -> bool:
+    # By a hash of the text, not its position: adding a source never moves another's documents between splits.
+    return text_hash(text) < val_fraction * 2**32
+
+
+def weighted(source: Source, documents: Iterable[str]) -> Iterator[str]:
+    """Each document repeated `source.weight` times; the fraction keeps a hash-chosen share."""
     whole, fraction = divmod(source.weight, 1.0)
-    count = 0
-    for text in raw_documents(source):
-        count += 1
+    for text in documents:
         # A different hash than the split's, so the kept share is not biased towards one split.
         repeats = int(whole) + (zlib.crc32(text.encode(), 0x5EED) < fraction * 2**32)
         for _ in range(repeats):
             yield text
-    if count == 0:
-        raise DataError(f"{describe(source)}: the {source.kind} source gave no documents; remove it or fix its files")
+
+
+def interleave(streams: list[Iterator[tuple[int, str]]]) -> Iterator[tuple[int, str]]:
+    """One document from each stream in turn, so that any stretch of the token stream (and so any shuffle window
+    of the loader) mixes the sources rather than holding one of them."""
+    streams = list(streams)
+    while streams:
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+            else:
+                yield item
+
+
+def unit_group_documents(sources: list[Source], units: list[Unit]) -> Iterator[tuple[int, str]]:
+    """(source index, document) for the weighted documents of some units (a partition's), the sources
+    interleaved."""
+    by_source: dict[int, list[Unit]] = {}
+    for unit in units:
+        by_source.setdefault(unit.source, []).append(unit)
+    return interleave([_source_stream(index, sources[index], its_units)
+                       for index, its_units in sorted(by_source.items())])
+
+
+def _source_stream(index: int, source: Source, units: list[Unit]) -> Iterator[tuple[int, str]]:
+    for unit in units:
+        for text in weighted(source, unit_documents(source, unit)):
+            yield index, text
+
+
+def all_documents(sources: list[Source]) -> Iterator[str]:
+    """The weighted documents of every unit of every source, the sources interleaved."""
+    units = [unit for index, source in enumerate(sources) for unit in source_units(index, source)]
+    return (text for _, text in unit_group_documents(sources, units))

@@ -24,7 +24,8 @@ from pathlib import Path
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.files import write_atomically
-from data_pipeline.prepare import MANIFEST, prepare
+from data_pipeline.manifest import MANIFEST
+from data_pipeline.prepare import prepare
 from launch import hostfile, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,

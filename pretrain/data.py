@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
 from data_pipeline.loader import verify_shards
-from data_pipeline.prepare import Manifest, prepare
+from data_pipeline.manifest import Manifest
+from data_pipeline.prepare import prepare
 from pretrain.config import Config
 
 # Set by `python -m launch` for the ranks it starts: the fingerprint of the manifest it already verified.

@@ -22,7 +22,7 @@ from data_pipeline.loader import (
     validation_batches,
     verify_shards,
 )
-from data_pipeline.prepare import Manifest
+from data_pipeline.manifest import Manifest
 from tests.helpers import split_stream
 
 SEQ_LEN = 32

@@ -1,31 +1,70 @@
 import hashlib
 import json
 import multiprocessing
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import yaml
+import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipeline.config import DataConfig
 from data_pipeline.embedded import episode_inventories
 from data_pipeline.errors import DataError
-from data_pipeline.prepare import Manifest, prepare
+from data_pipeline.manifest import Manifest
+from data_pipeline.prepare import prepare
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
-from tests.helpers import episodes_config, split_stream
+from tests.helpers import WORDS, episodes_config, split_stream
 
 
 def quiet(*_):
     pass
 
 
-def test_preparing_again_gives_byte_identical_shards_whatever_the_number_of_processes(tmp_path, prepared):
-    again = prepare(episodes_config(tmp_path / "b", workers=1), vocab_size=512, log=quiet)
-    names = sorted(p.name for p in prepared.dir.iterdir())
-    assert names == sorted(p.name for p in again.dir.iterdir())
-    assert sum(name.endswith(".tar") for name in names) > 4
-    for name in names:
-        assert (prepared.dir / name).read_bytes() == (again.dir / name).read_bytes(), name
+def mixed_sources(directory: Path) -> list[dict]:
+    """Parquet files of several row groups, jsonl.zst and txt files, weighted: about 40 units in all."""
+    directory.mkdir()
+    words = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + i % 9)) for i in range(3000)]
+    for file in range(3):
+        table = pa.table({"text": [f"{text} parquet {file}" for text in words[file * 600:(file + 1) * 600]]})
+        pq.write_table(table, directory / f"part-{file}.parquet", row_group_size=64)
+    for file in range(4):
+        lines = "".join(json.dumps({"text": f"{text} jsonl {file}"}) + "\n" for text in words[file * 300:][:300])
+        (directory / f"lines-{file}.jsonl.zst").write_bytes(zstandard.compress(lines.encode()))
+    for file in range(6):
+        (directory / f"page-{file}.txt").write_text("\n".join(words[file * 40:(file + 1) * 40]))
+    return [{"kind": "parquet", "paths": [str(directory / "*.parquet")]},
+            {"kind": "jsonl", "paths": [str(directory / "*.jsonl.zst")], "weight": 1.5},
+            {"kind": "txt", "paths": [str(directory / "*.txt")], "weight": 3}]
+
+
+def mixed_config(directory: Path, sources: list[dict], workers: int) -> DataConfig:
+    return DataConfig(dir=str(directory), sources=sources, val_fraction=0.1, block_tokens=256, shard_bytes=16384,
+                      partitions=8, workers=workers)
+
+
+def same_files(first: Path, second: Path) -> bool:
+    names = sorted(path.name for path in first.iterdir())
+    return names == sorted(path.name for path in second.iterdir()) and all(
+        (first / name).read_bytes() == (second / name).read_bytes() for name in names)
+
+
+def test_preparing_again_gives_byte_identical_shards_whatever_the_number_of_processes(tmp_path):
+    sources = mixed_sources(tmp_path / "corpus")
+    one = prepare(mixed_config(tmp_path / "one", sources, workers=1), vocab_size=512, log=quiet)
+    two = prepare(mixed_config(tmp_path / "two", sources, workers=2), vocab_size=512, log=quiet)
+    assert same_files(one.dir, two.dir)
+    assert len({shard.name.split("-")[1] for shard in one.splits["train"]}) == 9  # 8 partitions and the tails
+    assert sum(shard.samples for shard in one.splits["train"]) > 20
 
 
 def test_manifest_lists_every_shard_with_its_counts_and_sha256(prepared):
@@ -36,7 +75,7 @@ def test_manifest_lists_every_shard_with_its_counts_and_sha256(prepared):
         for shard in manifest["splits"][split]:
             path = prepared.dir / shard["name"]
             assert hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]
-            assert re.fullmatch(rf"{split}-\d{{6}}\.tar", shard["name"])
+            assert re.fullmatch(rf"{split}-\d{{5}}-\d{{6}}\.tar", shard["name"])
             assert shard["samples"] >= 1 and shard["tokens"] <= shard["samples"] * 257
 
 
@@ -71,13 +110,35 @@ def test_prepared_data_is_reused_and_a_different_recipe_is_refused_not_overwritt
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
 
 
-def test_a_failed_preparation_leaves_no_data_behind(tmp_path):
+def test_a_failed_preparation_leaves_no_data_where_runs_look_for_it(tmp_path):
     config = episodes_config(tmp_path / "d")
     config.sources[0].vocabulary_words = 5000  # more made-up words than exist: fails while reading
     with pytest.raises(DataError, match="lower vocabulary_words"):
         prepare(config, vocab_size=512)
-    # Only the empty lock file that preparations of `d` take turns on (removing it would let two hold it).
-    assert [(path.name, path.stat().st_size) for path in tmp_path.iterdir()] == [(".d.lock", 0)]
+    assert not (tmp_path / "d").exists()
+
+
+def test_a_preparation_killed_mid_way_resumes_keeping_the_partitions_it_finished(tmp_path):
+    sources = mixed_sources(tmp_path / "corpus")
+    config = tmp_path / "prepare.yaml"
+    config.write_text(yaml.safe_dump({"model": {"vocab_size": 512},
+                                      "data": mixed_config(tmp_path / "data", sources, 1).model_dump(mode="json")}))
+    job = subprocess.Popen([sys.executable, "-m", "launch", "prepare", "--config", str(config)], cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    finished = tmp_path / ".data.partial" / "partitions" / "00001"
+    deadline = time.monotonic() + 120
+    while not finished.exists():
+        assert job.poll() is None and time.monotonic() < deadline, "the preparation ended before it could be killed"
+        time.sleep(0.01)
+    os.killpg(job.pid, signal.SIGKILL)  # the command and its worker processes, as when a node is lost
+    job.wait()
+    written = {path.name: path.stat().st_mtime_ns for path in finished.glob("*.tar")}
+    assert written and not (tmp_path / "data").exists()
+
+    manifest = prepare(mixed_config(tmp_path / "data", sources, 2), vocab_size=512, log=quiet)
+    assert {name: (manifest.dir / name).stat().st_mtime_ns for name in written} == written  # kept, not redone
+    uninterrupted = prepare(mixed_config(tmp_path / "uninterrupted", sources, 2), vocab_size=512, log=quiet)
+    assert same_files(manifest.dir, uninterrupted.dir)
 
 
 def test_a_directory_that_is_not_prepared_data_is_refused(tmp_path):
@@ -150,9 +211,15 @@ def test_a_manifest_naming_a_shard_that_prepare_does_not_write_is_refused(tmp_pa
 
 def test_two_preparations_of_one_directory_prepare_it_once_and_a_killed_ones_leftovers_are_cleared(tmp_path):
     config = episodes_config(tmp_path / "data", workers=1)
-    leftover = tmp_path / ".data.tmp-4242"  # what a preparation killed mid-way leaves
-    leftover.mkdir()
-    (leftover / "train-000000.tar").write_bytes(b"half a shard")
+    prepare(config, vocab_size=512, log=quiet)  # to learn what a whole preparation leaves
+    reference = tmp_path / "reference"
+    (tmp_path / "data").rename(reference)
+    # What a preparation killed while writing partition 0 leaves: its recipe, tokenizer and half a partition.
+    partial = tmp_path / ".data.partial"
+    (partial / "partitions" / ".00000.tmp-elsewhere-4242").mkdir(parents=True)
+    (partial / "partitions" / ".00000.tmp-elsewhere-4242" / "train-00000-000000.tar").write_bytes(b"half a shard")
+    shutil.copy(reference / "tokenizer.json", partial / "tokenizer.json")
+    (partial / "recipe.json").write_text(json.dumps({"recipe": Manifest.load(reference).recipe}))
     context = multiprocessing.get_context("spawn")
     preparations = [context.Process(target=prepare, args=(config, 512, str)) for _ in range(2)]
     for preparation in preparations:
@@ -160,5 +227,5 @@ def test_two_preparations_of_one_directory_prepare_it_once_and_a_killed_ones_lef
     for preparation in preparations:
         preparation.join(timeout=300)
     assert [preparation.exitcode for preparation in preparations] == [0, 0]
-    assert Manifest.load(tmp_path / "data").splits["train"]
-    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".data.tmp")] == []
+    assert same_files(tmp_path / "data", reference)
+    assert not partial.exists()

@@ -9,11 +9,16 @@ import zstandard
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.sources import weighted_documents
+from data_pipeline.prepare import prepare
+from data_pipeline.sources import all_documents
 
 
 def source(**fields):
     return DataConfig(sources=[fields]).sources[0]
+
+
+def weighted_documents(one_source) -> list[str]:
+    return list(all_documents([one_source]))
 
 
 def test_parquet_is_read_by_row_group_from_the_configured_column(tmp_path):
@@ -60,8 +65,12 @@ def test_a_pattern_that_matches_nothing_and_an_empty_source_are_named(tmp_path):
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'nothing*.txt'}: matches no files")):
         list(weighted_documents(source(kind="txt", paths=[str(tmp_path / "nothing*.txt")])))
     (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "some.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(50)))
+    data = DataConfig(dir=str(tmp_path / "d"), workers=1, sources=[
+        {"kind": "jsonl", "paths": [str(tmp_path / "some.jsonl")]},
+        {"kind": "jsonl", "paths": [str(tmp_path / "empty.jsonl")]}])
     with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'empty.jsonl'}: the jsonl source gave no documents")):
-        list(weighted_documents(source(kind="jsonl", paths=[str(tmp_path / "empty.jsonl")])))
+        prepare(data, vocab_size=300, log=lambda *_: None)
 
 
 def test_weights_repeat_documents_or_keep_a_fixed_share_of_them(tmp_path):

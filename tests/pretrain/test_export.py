@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data_pipeline.loader import Windows, validation_batches
-from data_pipeline.prepare import Manifest
+from data_pipeline.manifest import Manifest
 from pretrain.checkpoint import COMPLETE_MARKER, tag_for_step
 from pretrain.checkpoint import checkpoints_dir as checkpoint_dir
 from pretrain.config import load_config

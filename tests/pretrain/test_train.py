@@ -68,7 +68,7 @@ def test_a_damaged_shard_stops_the_launch_before_any_rank_starts(tiny_config, tm
     config = tiny_config()
     prepared = run_module("launch", "prepare", "--config", str(config), cwd=tmp_path)
     assert prepared.returncode == 0, prepared.stderr
-    shard = tmp_path / "data" / "train-000000.tar"
+    shard = tmp_path / "data" / "train-00000-000000.tar"
     shard.write_bytes(shard.read_bytes()[:-1024])
 
     result = run_module("launch", "run", "--config", str(config), cwd=tmp_path, timeout=120)

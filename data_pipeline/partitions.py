@@ -1,0 +1,235 @@
+"""Preparing a corpus in partitions, so that any number of workers (processes, SLURM tasks, nodes) can share the
+work and the result does not depend on how many did.
+
+The units of the sources (files, parquet row groups, generated sources) are dealt to `data.partitions`
+partitions in turn. A worker takes a whole partition: it tokenizes the partition's documents, packs each
+split's token stream into blocks and writes the full blocks as the partition's own shards; what is left over
+(less than a block) is kept as the partition's tail. A partition is written under a temporary name and renamed
+into `partitions/PPPPP/` with its record, so one that is there is whole: a rerun skips it. The last step
+(`merge`) packs the tails, in partition order, into the closing shards of each split and gathers every
+partition's shards into one list, so that every block but the split's very last is full, as the loader expects.
+
+Block i of one partition's split holds tokens [i*B, i*B + B] of that partition's token stream (B =
+data.block_tokens): one token of overlap, so windows of seq_len + 1 tokens tile the stream exactly when
+seq_len divides B.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.config import DataConfig
+from data_pipeline.errors import DataError
+from data_pipeline.files import publish_directory
+from data_pipeline.manifest import SPLITS, Shard, shard_pattern
+from data_pipeline.sources import Unit, describe, is_validation, source_units, unit_group_documents
+from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, load_tokenizer
+
+PARTITIONS = "partitions"
+RECORD = "partition.json"
+CHUNK_CHARS = 1 << 20  # text tokenized at a time
+
+
+def plan(data: DataConfig) -> list[list[Unit]]:
+    """The units of each partition: every source's units in order, dealt to the partitions in turn."""
+    units = [unit for index, source in enumerate(data.sources) for unit in source_units(index, source)]
+    return [units[partition :: data.partitions] for partition in range(data.partitions)]
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """What a finished partition wrote: each split's shards, the length of its tail, and whether the tail begins
+    with the last token of the partition's last block (the overlap a block carries); and the documents it read
+    from each source."""
+
+    shards: dict[str, list[Shard]]
+    tail_tokens: dict[str, int]
+    tail_overlaps: dict[str, bool]
+    documents: dict[int, int]
+
+    @classmethod
+    def load(cls, path: Path) -> PartitionRecord:
+        record = json.loads(path.read_text())
+        return cls({split: [Shard(**shard) for shard in shards] for split, shards in record["shards"].items()},
+                   record["tail_tokens"], record["tail_overlaps"],
+                   {int(source): count for source, count in record["documents"].items()})
+
+
+def partition_dir(staging: Path, partition: int) -> Path:
+    return staging / PARTITIONS / f"{partition:05d}"
+
+
+def is_done(staging: Path, partition: int) -> bool:
+    """Whether a partition is whole: its record is there and each shard it lists has the size it was written
+    with (a partition is renamed into place whole, so this guards against what happened to it since)."""
+    directory = partition_dir(staging, partition)
+    try:
+        record = json.loads((directory / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return all((directory / name).is_file() and (directory / name).stat().st_size == size
+               for name, size in record["sizes"].items())
+
+
+class ShardedSplit:
+    """Packs one split's token stream into blocks and writes the full ones as webdataset shards."""
+
+    def __init__(self, directory: Path, pattern: str, dtype: str, block_tokens: int, shard_bytes: int):
+        self.directory = directory
+        self.pattern = pattern
+        self.stored_dtype = np.dtype(dtype).newbyteorder("<")
+        self.block_tokens = block_tokens
+        self.shard_bytes = shard_bytes
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.samples = 0
+        self.shards: list[Shard] = []
+        self._shard_start = (0, 0)  # (samples, tokens) written before the current shard
+        self.tokens_written = 0
+        self.writer = None  # opened at the first block: a partition may hold none of a split
+
+    def _shard_done(self, path: str) -> None:
+        samples, tokens = self._shard_start
+        self.shards.append(
+            Shard(Path(path).name, self.samples - samples, self.tokens_written - tokens, file_sha256(path))
+        )
+        self._shard_start = (self.samples, self.tokens_written)
+
+    def _write(self, block: np.ndarray) -> None:
+        if self.writer is None:
+            import webdataset  # deferred: only preparing and reading shards need it
+
+            # mtime=0 and a fixed owner make the tar bytes depend on the tokens alone.
+            self.writer = webdataset.ShardWriter(
+                str(self.directory / self.pattern), maxsize=self.shard_bytes, maxcount=2**31, verbose=0,
+                post=self._shard_done, mtime=0,
+            )
+        self.writer.write({"__key__": f"{self.samples:010d}", "tokens": block.astype(self.stored_dtype).tobytes()})
+        self.samples += 1
+        self.tokens_written += len(block)
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        if self.pending_tokens <= self.block_tokens:
+            return
+        stream = np.concatenate(self.pending)
+        full_blocks = (len(stream) - 1) // self.block_tokens
+        for block in range(full_blocks):
+            start = block * self.block_tokens
+            self._write(stream[start : start + self.block_tokens + 1])
+        rest = stream[full_blocks * self.block_tokens :]  # starts with the last block's final token
+        self.pending, self.pending_tokens = [rest], len(rest)
+
+    def close(self, write_rest: bool) -> np.ndarray:
+        """Finish the shards; the tokens after the last full block are written as a last, short block
+        (`write_rest`) or returned."""
+        rest = np.concatenate(self.pending) if self.pending else np.empty(0, self.stored_dtype)
+        if write_rest and len(rest) > 1:
+            self._write(rest)
+            rest = rest[:0]
+        if self.writer is not None:
+            self.writer.close()
+        return rest.astype(self.stored_dtype)
+
+
+# The tokenizer of a worker process, loaded once by start_worker.
+_tokenizer = None
+
+
+def start_worker(tokenizer_path: str) -> None:
+    global _tokenizer
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process; the processes are the parallelism
+    _tokenizer = load_tokenizer(tokenizer_path, max_vocab_size=2**32)
+
+
+def text_chunks(documents: Iterable[str]) -> Iterator[list[str]]:
+    chunk, size = [], 0
+    for text in documents:
+        chunk.append(text)
+        size += len(text)
+        if size >= CHUNK_CHARS:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+def counted(units: list[Unit], documents: dict[int, int], data: DataConfig) -> Iterator[str]:
+    """The partition's weighted documents, counting each source's as they pass."""
+    for source, text in unit_group_documents(data.sources, units):
+        documents[source] = documents.get(source, 0) + 1
+        yield text
+
+
+def write_partition(staging: Path, data: DataConfig, dtype: str, partition: int, units: list[Unit]) -> int:
+    """Tokenize and shard one partition (in a process started by start_worker); returns the bytes of text read."""
+    end_of_document = _tokenizer.token_to_id(END_OF_DOCUMENT)
+    final = partition_dir(staging, partition)
+    work = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    splits = {split: ShardedSplit(work, shard_pattern(split, partition), dtype, data.block_tokens, data.shard_bytes)
+              for split in SPLITS}
+    documents: dict[int, int] = {}
+    text_bytes = 0
+    for chunk in text_chunks(counted(units, documents, data)):
+        text_bytes += sum(len(text.encode()) for text in chunk)
+        ids = {split: [] for split in SPLITS}
+        for text, encoding in zip(chunk, _tokenizer.encode_batch_fast(chunk, add_special_tokens=False)):
+            ids["val" if is_validation(text, data.val_fraction) else "train"].append((*encoding.ids, end_of_document))
+        for split, parts in ids.items():
+            if parts:
+                splits[split].add(np.fromiter(chain.from_iterable(parts), dtype=dtype))
+    tails = {split: writer.close(write_rest=False) for split, writer in splits.items()}
+    for split, tail in tails.items():
+        (work / f"{split}.tail").write_bytes(tail.tobytes())
+    record = {
+        "shards": {split: [asdict(shard) for shard in writer.shards] for split, writer in splits.items()},
+        "tail_tokens": {split: len(tail) for split, tail in tails.items()},
+        "tail_overlaps": {split: writer.samples > 0 for split, writer in splits.items()},
+        "documents": documents,
+        "sizes": {path.name: path.stat().st_size for path in work.iterdir()},
+    }
+    (work / RECORD).write_text(json.dumps(record) + "\n")
+    try:
+        publish_directory(work, final)
+    except OSError:  # another worker finished the same partition first: the same bytes
+        shutil.rmtree(work, ignore_errors=True)
+    return text_bytes
+
+
+def merge(staging: Path, data: DataConfig, dtype: str) -> dict[str, list[Shard]]:
+    """Gather every partition's shards into `staging` and write the tails as each split's closing shards; returns
+    each split's shards in order. Every partition must be done."""
+    records = [PartitionRecord.load(partition_dir(staging, p) / RECORD) for p in range(data.partitions)]
+    for index, source in enumerate(data.sources):
+        if not any(record.documents.get(index) for record in records):
+            raise DataError(f"{describe(source)}: the {source.kind} source gave no documents; remove it or fix its"
+                            " files")
+    shards = {}
+    for split in SPLITS:
+        closing = ShardedSplit(staging, shard_pattern(split, data.partitions), dtype, data.block_tokens,
+                               data.shard_bytes)
+        for partition, record in enumerate(records):
+            tail = np.fromfile(partition_dir(staging, partition) / f"{split}.tail", dtype=closing.stored_dtype)
+            # A tail that repeats its partition's last block's final token drops it: that token is stored already.
+            closing.add(tail[1:] if record.tail_overlaps[split] else tail)
+            for shard in record.shards[split]:
+                os.replace(partition_dir(staging, partition) / shard.name, staging / shard.name)
+        closing.close(write_rest=True)
+        shards[split] = [shard for record in records for shard in record.shards[split]] + closing.shards
+        if not shards[split]:
+            raise DataError(f"the {split} split is empty; add sources or adjust data.val_fraction")
+    shutil.rmtree(staging / PARTITIONS)
+    return shards
+
