@@ -88,8 +88,8 @@ def staging_dir(directory: Path) -> Path:
 
 
 def prepare(data: DataConfig, vocab_size: int, log=print) -> Manifest:
-    """Prepare `data.dir` if needed and return its manifest. Reuses a directory prepared from the same recipe,
-    and what an interrupted preparation of it finished."""
+    """Prepare `data.dir` if needed, here with data.workers processes, and return its manifest. Reuses a directory
+    prepared from the same recipe, and what an interrupted preparation of it finished."""
     directory = Path(data.dir)
     recipe = recipe_fingerprint(data, vocab_size)
     if directory.exists():
@@ -100,25 +100,60 @@ def prepare(data: DataConfig, vocab_size: int, log=print) -> Manifest:
                    lambda: log(f"waiting for another preparation of {directory} to finish")):
         if directory.exists():
             return _open_existing(directory, recipe)
-        staging = open_staging(directory, recipe, log)
-        tokenizer = tokenizer_step(staging, data, vocab_size)
-        dtype = storage_dtype(tokenizer)
-        units = plan(data)
-        missing = [partition for partition in range(data.partitions) if not is_done(staging, partition)]
-        workers = min(data.workers or os.cpu_count() or 1, max(1, len(missing)))
-        context = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads
-        with context.Pool(workers, start_worker, (str(staging / "tokenizer.json"),)) as pool, \
-                tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None) as progress:
-            jobs = [(staging, data, dtype, partition, units[partition]) for partition in missing]
-            for text_bytes in pool.imap_unordered(_write_partition, jobs):
-                progress.update(text_bytes)
-        write_manifest(staging, data, recipe, tokenizer, dtype, log)
-        publish_directory(staging, directory)  # durable before anyone reads it, whole or not at all
-    return Manifest.load(directory)
+        begin_preparation(data, vocab_size, log)
+        prepare_partitions(data, vocab_size)
+        return finish_preparation(data, vocab_size, log)
+
+
+def begin_preparation(data: DataConfig, vocab_size: int, log=print) -> None:
+    """The first step, on one machine: the staging folder (or the interrupted one resumed) and the tokenizer."""
+    staging = open_staging(Path(data.dir), recipe_fingerprint(data, vocab_size), log)
+    tokenizer_step(staging, data, vocab_size)
+
+
+def prepare_partitions(data: DataConfig, vocab_size: int, task: int = 0, tasks: int = 1) -> None:
+    """Write the partitions that are task `task`'s share of `tasks` (partition p is task p % tasks's) and not
+    done yet, with data.workers processes: the work of one process, or of one task of a SLURM job array."""
+    staging = resumable_staging(data, vocab_size)
+    dtype = storage_dtype(load_tokenizer(staging / "tokenizer.json", vocab_size))
+    units = plan(data)
+    missing = [p for p in range(task, data.partitions, tasks) if not is_done(staging, p)]
+    workers = min(data.workers or os.cpu_count() or 1, max(1, len(missing)))
+    context = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads
+    with context.Pool(workers, start_worker, (str(staging / "tokenizer.json"),)) as pool, \
+            tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None) as progress:
+        jobs = [(staging, data, dtype, partition, units[partition]) for partition in missing]
+        for text_bytes in pool.imap_unordered(_write_partition, jobs):
+            progress.update(text_bytes)
+
+
+def finish_preparation(data: DataConfig, vocab_size: int, log=print) -> Manifest:
+    """The last step, once every partition is done: the closing shards and the manifest, then `data.dir`."""
+    staging = resumable_staging(data, vocab_size)
+    missing = [p for p in range(data.partitions) if not is_done(staging, p)]
+    if missing:
+        raise DataError(f"{staging}: partitions {missing[:5]}{'...' if len(missing) > 5 else ''} of"
+                        f" {data.partitions} are not written yet; run the preparation again to write them")
+    tokenizer = load_tokenizer(staging / "tokenizer.json", vocab_size)
+    write_manifest(staging, data, recipe_fingerprint(data, vocab_size), tokenizer, storage_dtype(tokenizer), log)
+    return Manifest.load(publish_directory(staging, Path(data.dir)))  # durable before anyone reads it, whole
 
 
 def _write_partition(job: tuple) -> int:
     return write_partition(*job)
+
+
+def resumable_staging(data: DataConfig, vocab_size: int) -> Path:
+    """The staging folder begin_preparation made for this recipe."""
+    staging = staging_dir(Path(data.dir))
+    try:
+        recorded = json.loads((staging / RECIPE).read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    if recorded != recipe_fingerprint(data, vocab_size) or not (staging / "tokenizer.json").exists():
+        raise DataError(f"{staging}: no preparation of this data config was begun there; run `python -m launch"
+                        " prepare --config CONFIG` to begin one")
+    return staging
 
 
 def open_staging(directory: Path, recipe: str, log) -> Path:

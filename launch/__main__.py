@@ -24,8 +24,6 @@ from pathlib import Path
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.files import write_atomically
-from data_pipeline.manifest import MANIFEST
-from data_pipeline.prepare import prepare
 from launch import hostfile, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,
@@ -34,6 +32,7 @@ from launch.local import (
     run_node,
     torchrun_command,
 )
+from launch.preparation import prepare_command
 from launch.record import record_launch
 from launch.spec import load_sweep
 from launch.sweep import run_sweep
@@ -85,6 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prepare = commands.add_parser("prepare", help="tokenize and shard a config's data now (training does it on"
                                   " first use otherwise)")
     prepare.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
+    prepare.add_argument("--backend", choices=("local", "slurm"), default="local")
+    prepare.add_argument("--tasks", type=int, help="local: processes (default data.workers); slurm: array tasks,"
+                         " each taking whole partitions (default one per partition)")
+    prepare.add_argument("--dry-run", action="store_true", help="print what would run (slurm: the sbatch scripts)")
+    prepare.add_argument("--step", choices=("partitions", "manifest"),
+                         help="one step of a SLURM preparation (what its jobs run)")
+    prepare.add_argument("--task", type=int, help="with --step partitions: this task's number (default"
+                         " $SLURM_ARRAY_TASK_ID)")
     prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     return parser.parse_args(argv)
 
@@ -243,10 +250,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def prepare_data(args: argparse.Namespace, _argv: list[str]) -> int:
-    config = load_config(args.config, args.overrides)
-    manifest = prepare(config.data, config.model.vocab_size)
-    print(f"{manifest.dir / MANIFEST}: ready")
-    return 0
+    return prepare_command(args, load_config(args.config, args.overrides))
 
 
 COMMANDS = {"run": run, "sweep": sweep, "node": node, "prepare": prepare_data}

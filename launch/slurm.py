@@ -1,4 +1,4 @@
-"""SLURM: render an sbatch script for a run, and submit it.
+"""SLURM: render an sbatch script for a run (or the steps of a data preparation), and submit it.
 
 The script asks SLURM to send SIGUSR1 to every process of the job `preemption_warning_seconds` before its time
 limit; the ranks checkpoint and exit with REQUEUE_EXIT_CODE, and the script requeues the job, which resumes
@@ -72,13 +72,10 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
             options["kill-on-invalid-dep"] = "yes"  # a failed trunk cancels its branches rather than strand them
     if gpus_per_node:
         options["gpus-per-node"] = gpus_per_node
-    for option, value in (("partition", slurm.partition), ("account", slurm.account),
-                          ("cpus-per-task", slurm.cpus_per_task)):
-        if value is not None:
-            options[option] = value
+    options.update(_placement(config))
     lines = ["#!/bin/bash"] + [_sbatch_line(option, value) for option, value in options.items()]
     lines += ["#SBATCH --requeue", "#SBATCH --open-mode=append"]
-    lines += [_sbatch_line(*extra[2:].split("=", 1)) for extra in slurm.extra_sbatch]
+    lines += _extra_lines(config)
 
     def arguments(run_overrides: list[str]) -> str:
         config_args = ["--config", str(config_path.resolve())] if config_path else []
@@ -123,6 +120,42 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
         "exit $status",
         "",
     ]
+    return "\n".join(lines)
+
+
+def _placement(config: Config) -> dict[str, object]:
+    """Where a job of this config may run: the #SBATCH options the config sets."""
+    slurm = config.launch.slurm
+    options = {"partition": slurm.partition, "account": slurm.account, "cpus-per-task": slurm.cpus_per_task}
+    return {option: value for option, value in options.items() if value is not None}
+
+
+def _extra_lines(config: Config) -> list[str]:
+    return [_sbatch_line(*extra[2:].split("=", 1)) for extra in config.launch.slurm.extra_sbatch]
+
+
+def render_preparation(config: Config, config_path: Path | None, overrides: list[str], workdir: Path,
+                       log_dir: Path, tasks: int | None, after: str | None = None) -> str:
+    """The sbatch script of one step of a data preparation on SLURM: the partitions, as a job array of `tasks`
+    tasks (task i writes partitions i, i + tasks, ...), or (tasks None) the manifest, once the array `after` has
+    succeeded. The tokenizer is made before either is submitted."""
+    options = {"job-name": f"prepare-{config.name}", "nodes": 1, "ntasks": 1, "time": config.launch.slurm.time,
+               "output": (workdir / log_dir / ("%A_%a.out" if tasks else "%j.out")).resolve(),
+               "chdir": workdir.resolve()}
+    if tasks:
+        options["array"] = f"0-{tasks - 1}"
+    if after:
+        options["dependency"] = f"afterok:{after}"
+        options["kill-on-invalid-dep"] = "yes"  # a failed task cancels the manifest step rather than strand it
+    options.update(_placement(config))
+    lines = ["#!/bin/bash"] + [_sbatch_line(option, value) for option, value in options.items()]
+    lines += _extra_lines(config)
+    arguments = (["--config", str(config_path.resolve())] if config_path else []) + list(overrides)
+    step = ["--step", "partitions", "--tasks", str(tasks)] if tasks else ["--step", "manifest"]
+    command = " ".join(shlex.quote(part) for part in [sys.executable, "-m", "launch", "prepare", *arguments, *step])
+    environment = config.launch.environment.items()
+    lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in environment),
+              f"exec {command}" + (' --task "$SLURM_ARRAY_TASK_ID"' if tasks else ""), ""]
     return "\n".join(lines)
 
 

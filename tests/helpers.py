@@ -12,7 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+import zstandard
 
 from data_pipeline.config import DataConfig
 from data_pipeline.loader import ShardReader
@@ -156,6 +159,34 @@ def episodes_config(directory, workers: int = 2, **changes) -> DataConfig:
     source = {"kind": "icl_episodes", "episodes": 600, **changes}
     return DataConfig(dir=str(directory), sources=[source], val_fraction=0.1, block_tokens=256, shard_bytes=8192,
                       workers=workers)
+
+
+def mixed_sources(directory: Path) -> list[dict]:
+    """Parquet files of several row groups, jsonl.zst and txt files, weighted: about 40 units in all."""
+    directory.mkdir()
+    words = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + i % 9)) for i in range(3000)]
+    for file in range(3):
+        table = pa.table({"text": [f"{text} parquet {file}" for text in words[file * 600:(file + 1) * 600]]})
+        pq.write_table(table, directory / f"part-{file}.parquet", row_group_size=64)
+    for file in range(4):
+        lines = "".join(json.dumps({"text": f"{text} jsonl {file}"}) + "\n" for text in words[file * 300:][:300])
+        (directory / f"lines-{file}.jsonl.zst").write_bytes(zstandard.compress(lines.encode()))
+    for file in range(6):
+        (directory / f"page-{file}.txt").write_text("\n".join(words[file * 40:(file + 1) * 40]))
+    return [{"kind": "parquet", "paths": [str(directory / "*.parquet")]},
+            {"kind": "jsonl", "paths": [str(directory / "*.jsonl.zst")], "weight": 1.5},
+            {"kind": "txt", "paths": [str(directory / "*.txt")], "weight": 3}]
+
+
+def mixed_config(directory: Path, sources: list[dict], workers: int) -> DataConfig:
+    return DataConfig(dir=str(directory), sources=sources, val_fraction=0.1, block_tokens=256, shard_bytes=16384,
+                      partitions=8, workers=workers)
+
+
+def same_files(first: Path, second: Path) -> bool:
+    names = sorted(path.name for path in first.iterdir())
+    return names == sorted(path.name for path in second.iterdir()) and all(
+        (first / name).read_bytes() == (second / name).read_bytes() for name in names)
 
 
 def tiny_tokenizer():

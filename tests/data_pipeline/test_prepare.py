@@ -8,13 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import yaml
-import zstandard
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from data_pipeline.config import DataConfig
@@ -23,39 +19,11 @@ from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import prepare
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
-from tests.helpers import WORDS, episodes_config, split_stream
+from tests.helpers import episodes_config, mixed_config, mixed_sources, same_files, split_stream
 
 
 def quiet(*_):
     pass
-
-
-def mixed_sources(directory: Path) -> list[dict]:
-    """Parquet files of several row groups, jsonl.zst and txt files, weighted: about 40 units in all."""
-    directory.mkdir()
-    words = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + i % 9)) for i in range(3000)]
-    for file in range(3):
-        table = pa.table({"text": [f"{text} parquet {file}" for text in words[file * 600:(file + 1) * 600]]})
-        pq.write_table(table, directory / f"part-{file}.parquet", row_group_size=64)
-    for file in range(4):
-        lines = "".join(json.dumps({"text": f"{text} jsonl {file}"}) + "\n" for text in words[file * 300:][:300])
-        (directory / f"lines-{file}.jsonl.zst").write_bytes(zstandard.compress(lines.encode()))
-    for file in range(6):
-        (directory / f"page-{file}.txt").write_text("\n".join(words[file * 40:(file + 1) * 40]))
-    return [{"kind": "parquet", "paths": [str(directory / "*.parquet")]},
-            {"kind": "jsonl", "paths": [str(directory / "*.jsonl.zst")], "weight": 1.5},
-            {"kind": "txt", "paths": [str(directory / "*.txt")], "weight": 3}]
-
-
-def mixed_config(directory: Path, sources: list[dict], workers: int) -> DataConfig:
-    return DataConfig(dir=str(directory), sources=sources, val_fraction=0.1, block_tokens=256, shard_bytes=16384,
-                      partitions=8, workers=workers)
-
-
-def same_files(first: Path, second: Path) -> bool:
-    names = sorted(path.name for path in first.iterdir())
-    return names == sorted(path.name for path in second.iterdir()) and all(
-        (first / name).read_bytes() == (second / name).read_bytes() for name in names)
 
 
 def test_preparing_again_gives_byte_identical_shards_whatever_the_number_of_processes(tmp_path):

@@ -15,8 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_pipeline.prepare import prepare
 from pretrain.checkpoint import read_marker
 from pretrain.rundir import read_metrics
+from tests.helpers import mixed_config, mixed_sources, same_files
 from tests.launch.slurm_cluster import SlurmCluster
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -109,3 +111,23 @@ def test_a_requeued_job_resumes_from_its_checkpoint_without_hashing_the_corpus_a
     # Every step once: a job that started over instead of resuming would have logged the first steps twice.
     assert sorted(r["step"] for r in read_metrics(run_dir) if "train/loss" in r) == list(range(1, STEPS + 1))
     assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "complete").exists()
+
+
+def test_a_preparation_on_slurm_by_a_job_array_gives_the_bytes_of_one_by_a_single_process(cluster, tmp_path):
+    sources = mixed_sources(tmp_path / "corpus")
+    config = tmp_path / "prepare.yaml"
+    config.write_text(yaml.safe_dump({"model": {"vocab_size": 512},
+                                      "data": mixed_config(tmp_path / "data", sources, 1).model_dump(mode="json")}))
+    result = subprocess.run(
+        [sys.executable, "-m", "launch", "prepare", "--config", str(config), "--backend", "slurm", "--tasks", "2"],
+        cwd=tmp_path, env=cluster.environment, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    array_job, manifest_job = sorted(int(path.stem.removeprefix("job-")) for path in
+                                      (tmp_path / ".data.slurm").glob("job-*.sbatch"))
+    state = cluster.wait_for_state(str(manifest_job), ENDED, timeout=300)
+    task_logs = sorted((tmp_path / ".data.slurm").glob(f"{array_job}_*.out"))
+    assert state == "COMPLETED", cluster.logs() + "".join(path.read_text() for path in task_logs)
+    assert [path.name for path in task_logs] == [f"{array_job}_0.out", f"{array_job}_1.out"]
+    single = prepare(mixed_config(tmp_path / "single", sources, workers=1), vocab_size=512, log=lambda *_: None)
+    assert same_files(tmp_path / "data", single.dir)

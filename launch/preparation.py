@@ -1,0 +1,80 @@
+"""`python -m launch prepare`: a config's data prepared here, by processes, or on SLURM, by a job array whose
+tasks take the partitions and then a job that writes the manifest. Both work in the same staging folder and
+give the same bytes (data_pipeline/prepare.py); running the command again finishes what a failure left."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from data_pipeline.cli import at_least_one
+from data_pipeline.errors import ConfigError
+from data_pipeline.manifest import MANIFEST
+from data_pipeline.prepare import (
+    begin_preparation,
+    finish_preparation,
+    prepare,
+    prepare_partitions,
+    staging_dir,
+)
+from launch import slurm
+from pretrain.config import Config
+
+
+def slurm_log_dir(data_dir: Path) -> Path:
+    """Where a SLURM preparation's scripts and logs go: beside the data, not in it."""
+    return data_dir.with_name(f".{data_dir.name}.slurm")
+
+
+def prepare_command(args: argparse.Namespace, config: Config) -> int:
+    data, vocab_size = config.data, config.model.vocab_size
+    if args.tasks is not None:
+        at_least_one("tasks", args.tasks)
+    if args.step == "partitions":  # what each task of the SLURM job array runs
+        task = args.task if args.task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        prepare_partitions(data, vocab_size, task, args.tasks or 1)
+        return 0
+    if args.step == "manifest":  # what the job after the array runs
+        manifest = finish_preparation(data, vocab_size)
+        print(f"{manifest.dir / MANIFEST}: ready")
+        return 0
+    if args.backend == "local":
+        processes = args.tasks or data.workers or os.cpu_count() or 1
+        if args.dry_run:
+            print(f"would prepare {data.dir}: {data.partitions} partitions over {processes} processes, working in"
+                  f" {staging_dir(Path(data.dir))}")
+            return 0
+        manifest = prepare(data.model_copy(update={"workers": processes}), vocab_size)
+        print(f"{manifest.dir / MANIFEST}: ready")
+        return 0
+    return submit_preparation(args, config)
+
+
+def submit_preparation(args: argparse.Namespace, config: Config) -> int:
+    data = config.data
+    tasks = args.tasks or data.partitions
+    if tasks > data.partitions:
+        raise ConfigError(f"--tasks: {tasks} tasks for {data.partitions} partitions would leave tasks idle; raise"
+                          " data.partitions (it changes the shards) or ask for fewer tasks")
+    config_path = Path(args.config) if args.config else None
+    log_dir = slurm_log_dir(Path(data.dir))
+    array_script = slurm.render_preparation(config, config_path, args.overrides, Path.cwd(), log_dir, tasks)
+    if args.dry_run:
+        print(array_script)
+        print(slurm.render_preparation(config, config_path, args.overrides, Path.cwd(), log_dir, None,
+                                       after="ARRAY_JOB_ID"))
+        return 0
+    if Path(data.dir).exists():
+        manifest = prepare(data, config.model.vocab_size)  # checks it is this recipe's
+        print(f"{manifest.dir / MANIFEST}: ready")
+        return 0
+    begin_preparation(data, config.model.vocab_size)  # the tokenizer, here, before any task needs it
+    array_id, _ = slurm.submit(array_script, log_dir)
+    manifest_script = slurm.render_preparation(config, config_path, args.overrides, Path.cwd(), log_dir, None,
+                                               after=array_id)
+    manifest_id, _ = slurm.submit(manifest_script, log_dir)
+    print(f"submitted job array {array_id} ({tasks} tasks for {data.partitions} partitions) and job {manifest_id}"
+          f" (the manifest, once every task succeeded); logs in {log_dir}; {data.dir} appears when it is done. If a"
+          " task fails, run this command again: it submits what is left")
+    return 0
