@@ -48,9 +48,10 @@ test: setup test-tools
 	@# other worker fills it. Tests that share a built-once fixture stay on one worker (tests/conftest.py).
 	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=10
 
-# Tokenize and shard a config's data now (training does it on first use otherwise).
+# Tokenize and shard a config's data now (training does it on first use otherwise): BACKEND=local (processes)
+# or slurm (a job array), e.g. make data BACKEND=slurm ARGS="--tasks 64 --dry-run".
 data: setup
-	$(PY) -m launch prepare --config $(CONFIG) $(ARGS)
+	$(PY) -m launch prepare --backend $(BACKEND) --config $(CONFIG) $(ARGS)
 
 bench-data: setup
 	$(PY) -m data_pipeline.bench $(ARGS)

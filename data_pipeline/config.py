@@ -106,6 +106,8 @@ class DataConfig(Section):
         " (processes, SLURM tasks) to use; the shards depend on it, not on the number of workers",
     )
     workers: int = Field(0, ge=0, description="processes for prepare, each taking whole partitions; 0: one per core")
+    unit_bytes: int = Field(128 * 2**20, ge=1, description="a plain jsonl file larger than this is read in ranges of"
+                            " this many bytes, each dealt to a partition like a file or a parquet row group")
     shard_url: str | None = Field(
         None, description="read shards from here instead of data.dir: a prefix or a template with {shard}"
     )

@@ -41,7 +41,7 @@ CHUNK_CHARS = 1 << 20  # text tokenized at a time
 
 def plan(data: DataConfig) -> list[list[Unit]]:
     """The units of each partition: every source's units in order, dealt to the partitions in turn."""
-    units = [unit for index, source in enumerate(data.sources) for unit in source_units(index, source)]
+    units = [unit for index, source in enumerate(data.sources) for unit in source_units(index, source, data.unit_bytes)]
     return [units[partition :: data.partitions] for partition in range(data.partitions)]
 
 

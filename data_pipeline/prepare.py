@@ -53,6 +53,7 @@ def recipe_fingerprint(data: DataConfig, vocab_size: int) -> str:
         "block_tokens": data.block_tokens,
         "shard_bytes": data.shard_bytes,
         "partitions": data.partitions,
+        "unit_bytes": data.unit_bytes,
         "python": sys.version_info[:2],  # the stdlib docstrings differ between Python versions
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -61,7 +62,7 @@ def recipe_fingerprint(data: DataConfig, vocab_size: int) -> str:
 def tokenizer_sample(data: DataConfig) -> Iterator[str]:
     """Training documents for the BPE, from all sources, up to tokenizer_sample_bytes."""
     budget = data.tokenizer_sample_bytes
-    for text in all_documents(data.sources):
+    for text in all_documents(data.sources, data.unit_bytes):
         if budget <= 0:
             return
         if not is_validation(text, data.val_fraction):

@@ -69,23 +69,43 @@ def _open_text(path: Path):
     return open(path, encoding="utf-8", errors="replace")
 
 
-def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed value) of each non-blank line of a JSON Lines file, plain or compressed; a line
-    that is not JSON is a DataError naming the file and line."""
+def jsonl_records(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, parsed value) of each non-blank line of a JSON Lines file, plain or compressed, `where` being
+    `path:line`; a line that is not JSON is a DataError naming the file and line."""
     with _open_text(path) as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        yield from _parsed(enumerate(lines, start=1), lambda number: f"{path}:{number}")
 
 
-def _jsonl_documents(source: JsonlSource, path: Path) -> Iterator[str]:
-    for number, record in jsonl_records(path):
+def _parsed(lines: Iterable[tuple[int, str]], where) -> Iterator[tuple[str, object]]:
+    for position, line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield where(position), json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where(position)}: not valid JSON ({error.msg})") from None
+
+
+def _lines_in_range(path: Path, start: int, end: int) -> Iterator[tuple[int, str]]:
+    """(byte offset, text) of the lines of a plain file that start in [start, end): ranges that tile a file
+    give each line to exactly one of them."""
+    with open(path, "rb") as file:
+        if start:
+            file.seek(start - 1)
+            file.readline()  # the line holding byte start - 1 belongs to the range before
+        while (offset := file.tell()) < end and (line := file.readline()):
+            yield offset, line.decode("utf-8", errors="replace")
+
+
+def _jsonl_documents(source: JsonlSource, unit: Unit) -> Iterator[str]:
+    path = Path(unit.path)
+    if unit.start is None:
+        records = jsonl_records(path)
+    else:
+        records = _parsed(_lines_in_range(path, unit.start, unit.end), lambda offset: f"{path} (byte {offset})")
+    for where, record in records:
         if not isinstance(record, dict) or source.text_field not in record:
-            raise DataError(f"{path}:{number}: has no field {source.text_field!r}; set text_field in data.sources")
+            raise DataError(f"{where}: has no field {source.text_field!r}; set text_field in data.sources")
         if text := record[source.text_field]:
             yield str(text)
 
@@ -103,17 +123,28 @@ class Unit:
     source: int  # its index in data.sources
     path: str | None = None
     row_group: int | None = None
+    start: int | None = None  # a byte range of a plain jsonl file: the lines that start in it
+    end: int | None = None
 
 
-def source_units(index: int, source: Source) -> list[Unit]:
-    """The units of data.sources[index], in a fixed order."""
+def source_units(index: int, source: Source, unit_bytes: int) -> list[Unit]:
+    """The units of data.sources[index], in a fixed order; a plain jsonl file larger than `unit_bytes` is read
+    in ranges of that many bytes (a compressed one cannot be entered mid-way, and is one unit)."""
     if isinstance(source, (StdlibDocstringsSource, InContextEpisodesSource)):
         return [Unit(index)]
     paths = expand_paths(source.paths)
     if isinstance(source, ParquetSource):
         return [Unit(index, str(path), group)
                 for path in paths for group in range(_parquet_file(path, source).num_row_groups)]
-    return [Unit(index, str(path)) for path in paths]
+    units = []
+    for path in paths:
+        size = path.stat().st_size
+        if isinstance(source, JsonlSource) and path.suffix not in (".gz", ".zst") and size > unit_bytes:
+            units += [Unit(index, str(path), start=start, end=min(start + unit_bytes, size))
+                      for start in range(0, size, unit_bytes)]
+        else:
+            units.append(Unit(index, str(path)))
+    return units
 
 
 def unit_documents(source: Source, unit: Unit) -> Iterator[str]:
@@ -132,7 +163,7 @@ def unit_documents(source: Source, unit: Unit) -> Iterator[str]:
     if isinstance(source, ParquetSource):
         return _row_group_documents(source, Path(unit.path), unit.row_group)
     if isinstance(source, JsonlSource):
-        return _jsonl_documents(source, Path(unit.path))
+        return _jsonl_documents(source, unit)
     return _text_document(Path(unit.path))
 
 
@@ -189,7 +220,7 @@ def _source_stream(index: int, source: Source, units: list[Unit]) -> Iterator[tu
             yield index, text
 
 
-def all_documents(sources: list[Source]) -> Iterator[str]:
+def all_documents(sources: list[Source], unit_bytes: int = 1 << 62) -> Iterator[str]:
     """The weighted documents of every unit of every source, the sources interleaved."""
-    units = [unit for index, source in enumerate(sources) for unit in source_units(index, source)]
+    units = [unit for index, source in enumerate(sources) for unit in source_units(index, source, unit_bytes)]
     return (text for _, text in unit_group_documents(sources, units))

@@ -138,10 +138,10 @@ def read_items(path: Path) -> tuple[Item, ...]:
     if not path.is_file():
         raise TaskError(f"{path}: task file not found; give a built-in task ({', '.join(BUILTIN_TASKS)}) or a .jsonl")
     items = []
-    for number, record in jsonl_records(path):
-        items.append(_item(record, f"{path}:{number}"))
+    for where, record in jsonl_records(path):
+        items.append(_item(record, where))
         if items[-1].kind != items[0].kind:
-            raise TaskError(f"{path}:{number}: is {items[-1].kind} but the file's first item is {items[0].kind}")
+            raise TaskError(f"{where}: is {items[-1].kind} but the file's first item is {items[0].kind}")
     if not items:
         raise TaskError(f"{path}: holds no items")
     return tuple(items)

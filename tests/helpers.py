@@ -162,7 +162,8 @@ def episodes_config(directory, workers: int = 2, **changes) -> DataConfig:
 
 
 def mixed_sources(directory: Path) -> list[dict]:
-    """Parquet files of several row groups, jsonl.zst and txt files, weighted: about 40 units in all."""
+    """Parquet files of several row groups, jsonl.zst files, a plain jsonl file read in byte ranges, and txt
+    files, weighted: about 45 units in all."""
     directory.mkdir()
     words = [" ".join(WORDS[(i * 7 + j) % len(WORDS)] for j in range(12 + i % 9)) for i in range(3000)]
     for file in range(3):
@@ -171,16 +172,18 @@ def mixed_sources(directory: Path) -> list[dict]:
     for file in range(4):
         lines = "".join(json.dumps({"text": f"{text} jsonl {file}"}) + "\n" for text in words[file * 300:][:300])
         (directory / f"lines-{file}.jsonl.zst").write_bytes(zstandard.compress(lines.encode()))
+    (directory / "plain.jsonl").write_text("".join(json.dumps({"text": f"{text} plain"}) + "\n" for text in words))
     for file in range(6):
         (directory / f"page-{file}.txt").write_text("\n".join(words[file * 40:(file + 1) * 40]))
     return [{"kind": "parquet", "paths": [str(directory / "*.parquet")]},
-            {"kind": "jsonl", "paths": [str(directory / "*.jsonl.zst")], "weight": 1.5},
+            {"kind": "jsonl", "paths": [str(directory / "*.jsonl.zst"), str(directory / "plain.jsonl")],
+             "weight": 1.5},
             {"kind": "txt", "paths": [str(directory / "*.txt")], "weight": 3}]
 
 
 def mixed_config(directory: Path, sources: list[dict], workers: int) -> DataConfig:
     return DataConfig(dir=str(directory), sources=sources, val_fraction=0.1, block_tokens=256, shard_bytes=16384,
-                      partitions=8, workers=workers)
+                      partitions=8, workers=workers, unit_bytes=40_000)
 
 
 def same_files(first: Path, second: Path) -> bool:

@@ -10,7 +10,7 @@ import zstandard
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare
-from data_pipeline.sources import all_documents
+from data_pipeline.sources import all_documents, source_units, unit_documents
 
 
 def source(**fields):
@@ -81,3 +81,17 @@ def test_weights_repeat_documents_or_keep_a_fixed_share_of_them(tmp_path):
     half = list(weighted_documents(source(kind="jsonl", paths=[str(path)], weight=0.5)))
     assert 900 < len(half) < 1100
     assert half == list(weighted_documents(source(kind="jsonl", paths=[str(path)], weight=0.5)))
+
+
+def test_a_large_plain_jsonl_file_is_read_in_byte_ranges_that_give_each_line_once(tmp_path):
+    path = tmp_path / "big.jsonl"
+    lines = [json.dumps({"text": f"document {i} " + "word " * (i % 17)}) + "\n" for i in range(500)]
+    path.write_text("".join(lines))
+    jsonl = source(kind="jsonl", paths=[str(path)])
+    units = source_units(0, jsonl, unit_bytes=1000)
+    assert len(units) == -(-path.stat().st_size // 1000) and units[0].start == 0
+    assert [text for unit in units for text in unit_documents(jsonl, unit)] == [
+        json.loads(line)["text"] for line in lines]
+    path.write_text("".join(lines[:300]) + "{broken\n" + "".join(lines[300:]))
+    with pytest.raises(DataError, match=re.escape(f"{path} (byte {sum(map(len, lines[:300]))}): not valid JSON")):
+        [text for unit in source_units(0, jsonl, unit_bytes=1000) for text in unit_documents(jsonl, unit)]
