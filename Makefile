@@ -32,7 +32,7 @@ train: setup
 # The real components the tests drive (a SLURM cluster, network namespaces, a headless browser) come from the
 # distribution's packages, installed here once where a tool is missing; the tests then only use them.
 TEST_TOOLS := sbatch:slurm-wlm slurmctld:slurm-wlm slurmd:slurm-wlm munged:munge ip:iproute2 unshare:util-linux \
-	chromium:chromium
+	chromium:chromium nginx:nginx-light
 test-tools:
 	@missing=$$(for pair in $(TEST_TOOLS); do command -v $${pair%%:*} >/dev/null || echo $${pair##*:}; done | sort -u); \
 	if [ -n "$$missing" ]; then \

@@ -111,6 +111,12 @@ class DataConfig(Section):
     shard_url: str | None = Field(
         None, description="read shards from here instead of data.dir: a prefix or a template with {shard}"
     )
+    fetch_timeout_seconds: float = Field(60, gt=0, description="a remote shard's connect and read timeout")
+    fetch_retries: int = Field(5, ge=0, description="further tries of a remote shard's transfer, with growing pauses")
+    shard_cache: str | None = Field(
+        None, description="a directory to keep fetched remote shards in (none: temporary files, gone once read)"
+    )
+    shard_cache_bytes: int = Field(100 * 2**30, ge=0, description="the most shard_cache holds; oldest out first")
     verify: Literal["start", "on_read"] = Field(
         "start", description="start: check every shard's sha256 before training; on_read: as each shard is read"
     )

@@ -18,8 +18,6 @@ workers changes nothing but speed.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import signal
 import tarfile
@@ -34,6 +32,7 @@ from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.files import write_atomically
 from data_pipeline.manifest import Manifest, Shard
+from data_pipeline.remote import Fetcher, redacted
 from data_pipeline.tokenizer import file_sha256
 
 OPEN_SHARDS = 8  # shard indexes (and remote shards' bytes) kept per reader
@@ -105,10 +104,13 @@ def read_verified(record_path: Path, fingerprint: str) -> dict[str, list[int]]:
 
 class ShardReader:
     """Random access to the blocks of one split. Local shards are indexed once and read by seeking; shards
-    behind a URL (http(s), pipe:, ...) are fetched whole through webdataset's gopen and checked on read."""
+    behind a URL (http(s), pipe:, ...) are fetched into local files by `fetcher` (remote.py), checked as they
+    arrive."""
 
-    def __init__(self, manifest: Manifest, split: str, shard_url: str | None, check_local: bool = False):
+    def __init__(self, manifest: Manifest, split: str, shard_url: str | None, check_local: bool = False,
+                 fetcher: Fetcher | None = None):
         self.manifest = manifest
+        self.fetcher = fetcher or Fetcher()
         self.shards = manifest.splits[split]
         self.shard_url = shard_url
         # data.verify=on_read: a local shard's sha256 is checked too, the first time this reader opens it.
@@ -125,6 +127,7 @@ class ShardReader:
     def _load(self, index: int) -> tuple[object, list[tuple[int, int]]]:
         shard = self.shards[index]
         location = shard_location(self.manifest, shard, self.shard_url)
+        shown = redacted(location)
         try:
             if is_local(location):
                 if self.check_local and index not in self._checked:
@@ -132,21 +135,16 @@ class ShardReader:
                     self._checked.add(index)
                 source = open(location, "rb")
             else:
-                import webdataset  # deferred: only remote shards need it
-
-                with webdataset.gopen(location, "rb") as stream:
-                    data = stream.read()
-                refuse_if_damaged(location, shard, hashlib.sha256(data).hexdigest())
-                source = io.BytesIO(data)
+                source = self.fetcher.open(location, shard)
             with tarfile.open(fileobj=source, mode="r:") as tar:
                 members = [(m.offset_data, m.size) for m in tar.getmembers() if m.name.endswith(".tokens")]
         except FileNotFoundError:
-            raise DataError(f"{location}: shard missing; restore it or prepare the data again") from None
+            raise DataError(f"{shown}: shard missing; restore it or prepare the data again") from None
         except (tarfile.TarError, OSError) as error:
-            raise DataError(f"{location}: cannot read the shard ({error}); prepare the data again") from None
+            raise DataError(f"{shown}: cannot read the shard ({error}); prepare the data again") from None
         if len(members) != shard.samples:
             raise DataError(
-                f"{location}: holds {len(members)} of the {shard.samples} samples the manifest lists; the shard is"
+                f"{shown}: holds {len(members)} of the {shard.samples} samples the manifest lists; the shard is"
                 " truncated or damaged: prepare the data again"
             )
         return source, members
@@ -162,14 +160,14 @@ class ShardReader:
         offset, size = members[block_index - int(self.first_block[index])]
         source.seek(offset)
         data = source.read(size)
-        location = shard_location(self.manifest, self.shards[index], self.shard_url)
+        shown = redacted(shard_location(self.manifest, self.shards[index], self.shard_url))
         if len(data) != size:
-            raise DataError(f"{location}: ends inside a sample; the shard is truncated: prepare the data again")
+            raise DataError(f"{shown}: ends inside a sample; the shard is truncated: prepare the data again")
         tokens = np.frombuffer(data, dtype=self.dtype)
         # An id past the tokenizer's would index past the embedding (on a GPU, a device-side assert far from here).
         if len(tokens) and (highest := int(tokens.max())) >= self.manifest.tokenizer_vocab_size:
             raise DataError(
-                f"{location}: holds token id {highest}, beyond the {self.manifest.tokenizer_vocab_size} ids of the"
+                f"{shown}: holds token id {highest}, beyond the {self.manifest.tokenizer_vocab_size} ids of the"
                 " tokenizer it was prepared with; the shard is damaged or from another preparation: prepare the data"
                 " again"
             )
@@ -180,7 +178,7 @@ class Windows:
     """The windows of one split: how many there are, the global order, and reading them."""
 
     def __init__(self, manifest: Manifest, split: str, seq_len: int, shard_url: str | None = None,
-                 check_local: bool = False):
+                 check_local: bool = False, fetcher: Fetcher | None = None):
         if seq_len > manifest.block_tokens:
             raise DataError(
                 f"{manifest.dir}: blocks of {manifest.block_tokens} tokens are shorter than model.seq_len={seq_len};"
@@ -188,7 +186,7 @@ class Windows:
             )
         self.manifest = manifest
         self.seq_len = seq_len
-        self.reader = ShardReader(manifest, split, shard_url, check_local)
+        self.reader = ShardReader(manifest, split, shard_url, check_local, fetcher)
         self.per_block = manifest.block_tokens // seq_len
         shards = manifest.splits[split]
         last_block_tokens = shards[-1].tokens - (shards[-1].samples - 1) * (manifest.block_tokens + 1)
@@ -312,11 +310,16 @@ class _StepStream(torch.utils.data.IterableDataset):
     def __init__(self, batches: TrainBatches, start_step: int, end_step: int):
         self.batches, self.start_step, self.end_step = batches, start_step, end_step
 
-    def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    def __iter__(self) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor] | DataError]]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         for step in range(self.start_step + worker, self.end_step, workers):
-            yield step, self.batches.step_windows(step)
+            try:
+                yield step, self.batches.step_windows(step)
+            except DataError as error:
+                # Handed over as data: raised in a worker, DataLoader would wrap it in the worker's traceback.
+                yield step, error
+                return
 
 
 def iterate_steps(
@@ -327,10 +330,18 @@ def iterate_steps(
     DataLoader hands out the workers' items round-robin, and worker k yields every workers-th step, so the
     stream is in step order whatever the number of workers.
     """
-    return iter(torch.utils.data.DataLoader(
+    started = iter(torch.utils.data.DataLoader(  # the workers start reading ahead now
         _StepStream(batches, start_step, end_step), batch_size=None, num_workers=workers,
         persistent_workers=False, prefetch_factor=4 if workers else None, worker_init_fn=_ignore_stop_signals,
     ))
+    return _raising(started)
+
+
+def _raising(items: Iterator[tuple[int, object]]) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
+    for step, item in items:
+        if isinstance(item, DataError):
+            raise item
+        yield step, item
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

@@ -26,6 +26,7 @@ class Shard:
     samples: int
     tokens: int
     sha256: str
+    bytes: int
 
 
 @dataclass(frozen=True)

@@ -99,9 +99,8 @@ class ShardedSplit:
 
     def _shard_done(self, path: str) -> None:
         samples, tokens = self._shard_start
-        self.shards.append(
-            Shard(Path(path).name, self.samples - samples, self.tokens_written - tokens, file_sha256(path))
-        )
+        self.shards.append(Shard(Path(path).name, self.samples - samples, self.tokens_written - tokens,
+                                 file_sha256(path), os.path.getsize(path)))
         self._shard_start = (self.samples, self.tokens_written)
 
     def _write(self, block: np.ndarray) -> None:

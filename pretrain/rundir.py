@@ -72,9 +72,11 @@ def run_config(run_dir: Path) -> Config:
 
 
 # What a finished run may differ in from a config that asks for it again and still be the same run: how it is
-# watched, evaluated, checkpointed and launched.
+# watched, evaluated, checkpointed and launched, and where and how its data is read.
 FREE_SETTINGS = ("logging", "launch", "eval", "train.checkpoint_every", "train.checkpoint_steps",
-                 "train.keep_checkpoints", "train.resume", "train.data_order_change")
+                 "train.keep_checkpoints", "train.resume", "train.data_order_change", "data.shard_url",
+                 "data.fetch_timeout_seconds", "data.fetch_retries", "data.shard_cache", "data.shard_cache_bytes",
+                 "data.loader_workers", "data.verify")
 
 
 def dotted_settings(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:

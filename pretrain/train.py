@@ -26,6 +26,7 @@ from data_pipeline.cli import run_command
 from data_pipeline.errors import DataError
 from data_pipeline.files import write_atomically
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
+from data_pipeline.remote import Fetcher
 from data_pipeline.tokenizer import load_tokenizer
 from evals.fewshot import refuse_choices_longer_than
 from evals.tasks import load_tasks
@@ -180,7 +181,8 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
             f"{config.model.vocab_size}; raise model.vocab_size"
         )
     check_on_read = config.data.verify == "on_read"
-    windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url, check_on_read)
+    fetcher = Fetcher.from_config(config.data)
+    windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url, check_on_read, fetcher)
                for split in ("train", "val")}
     train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed,
                                  resumed_at)

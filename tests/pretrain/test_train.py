@@ -17,6 +17,7 @@ from pretrain.model import GPT
 from pretrain.rundir import read_metrics
 from pretrain.train import train_step
 from tests.helpers import launch, losses_by_step, run_module, tiny_data_order, tiny_model, wandb_records
+from tests.servers import FaultyProxy, Nginx
 
 
 def wandb_history(run_dir: Path) -> list[dict]:
@@ -77,6 +78,19 @@ def test_a_damaged_shard_stops_the_launch_before_any_rank_starts(tiny_config, tm
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: {shard}: sha256 ") and lines[0].endswith("prepare the data again")
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_reading_its_shards_over_http_through_faults_has_the_losses_of_one_reading_local_files(shared_runs,
+                                                                                                       tmp_path):
+    reference = shared_runs.run_dir(2, ranks=2)  # the same run, on local shards
+    with Nginx(shared_runs.data_dir, tmp_path / "nginx") as nginx, FaultyProxy(nginx.port) as proxy:
+        config = shared_runs.config(reference.name, tmp_path / "runs", 2)
+        config["data"].update(shard_url=proxy.url, fetch_timeout_seconds=5, fetch_retries=8)
+        path = tmp_path / "remote.yaml"
+        path.write_text(yaml.safe_dump(config))
+        launch(path)
+    assert all(count >= 1 for count in proxy.counts.values()), proxy.counts
+    assert losses_by_step(tmp_path / "runs" / reference.name) == losses_by_step(reference)
 
 
 def test_resume_never_refuses_to_train_over_existing_checkpoints(tiny_config, tmp_path):
