@@ -10,7 +10,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test test-tools data bench-data bench eval report sync sweep
+.PHONY: setup train test test-tools data bench-data bench-launch bench eval report sync sweep
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,11 @@ data: setup
 
 bench-data: setup
 	$(PY) -m data_pipeline.bench $(ARGS)
+
+# Preparation by 1 and 2 workers (ARGS="prepare [--backend slurm]"), and time to the first step by shard count
+# (ARGS="startup").
+bench-launch: setup
+	$(PY) -m launch.bench $(ARGS)
 
 # Training step: the DeepSpeed path against a plain PyTorch loop (GPT-2 124M and 350M on CUDA, a tiny shape
 # elsewhere), e.g. ARGS="--shapes gpt2-124m --json bench.json".

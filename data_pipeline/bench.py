@@ -7,6 +7,9 @@
 2. Loader throughput: tokens per second from local shards through the training loader, in the main process
    and with one DataLoader worker (global order, shuffle, window cutting, batching and, for the worker,
    handing batches to the training process included), over several epochs.
+3. Streamed reading: the same through one worker from 1 MiB shards, read from local files and from an HTTP
+   server on this machine (Python's http.server), each shard fetched into a temporary file and checked as it
+   arrives (remote.py); the reader keeps 8 shards open, so most are fetched again each epoch.
 
 Each figure is the median of --repeats runs.
 """
@@ -15,13 +18,17 @@ from __future__ import annotations
 
 import argparse
 import functools
+import http.server
 import json
 import os
 import platform
 import shutil
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from data_pipeline.config import BatchLayout, DataConfig
@@ -44,6 +51,31 @@ def timed(work) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
+
+
+def loader_rate(manifest, seq_len: int, layout: BatchLayout, shard_url: str | None, workers: int = 1) -> float:
+    """Tokens per second through the training loader over EPOCHS epochs."""
+    start = time.perf_counter()
+    batches = TrainBatches(Windows(manifest, "train", seq_len, shard_url), layout, 0, 64, seed=0)
+    steps = iterate_steps(batches, 0, EPOCHS * batches.steps_per_epoch, workers)
+    tokens = sum(tokens.numel() for _, (tokens, _window_ids) in steps)
+    return tokens / (time.perf_counter() - start)
+
+
+@contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """An HTTP server for `directory` on a free local port, in a thread; yields its URL."""
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(directory)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,19 +111,16 @@ def main(argv: list[str] | None = None) -> None:
                                       shard_bytes=64 * 2**20), vocab_size=2048, log=lambda *_: None)
         # 64 windows per step: one rank's share of a 0.5M-token global batch on 8 GPUs at seq_len 1024.
         layout = BatchLayout(world_size=1, seq_len=args.seq_len, micro_batch_size=8, accumulation_steps=8)
-        loader_rates = {}
-        for workers in (0, 1):
-            def read_epoch(workers: int = workers) -> int:
-                batches = TrainBatches(Windows(manifest, "train", args.seq_len), layout, 0, 64, seed=0)
-                steps = iterate_steps(batches, 0, EPOCHS * batches.steps_per_epoch, workers)
-                return sum(tokens.numel() for _, (tokens, _window_ids) in steps)
+        loader_rates = {workers: statistics.median(loader_rate(manifest, args.seq_len, layout, None, workers)
+                                                   for _ in range(args.repeats)) for workers in (0, 1)}
 
-            rates = []
-            for _ in range(args.repeats):
-                start = time.perf_counter()
-                tokens = read_epoch()
-                rates.append(tokens / (time.perf_counter() - start))
-            loader_rates[workers] = statistics.median(rates)
+        small = prepare(DataConfig(dir=str(work / "small-shards"), sources=[{"kind": "jsonl", "paths": [str(source)]}],
+                                   tokenizer=str(reference.tokenizer_path), workers=1, shard_bytes=2**20),
+                        vocab_size=2048, log=lambda *_: None)
+        with serving(small.dir) as url:
+            streamed = {where: statistics.median(loader_rate(small, args.seq_len, layout, shard_url)
+                                                 for _ in range(args.repeats))
+                        for where, shard_url in (("local files", None), ("HTTP", url))}
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -101,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     for workers, rate in loader_rates.items():
         where = "main process" if workers == 0 else f"{workers} worker"
         print(f"loader, seq_len {args.seq_len}, {where}: {rate / 1e6:6.1f} M tokens/s")
+    local = streamed["local files"]
+    for where, rate in streamed.items():
+        print(f"loader, 1 MiB shards, 1 worker, {where}: {rate / 1e6:6.1f} M tokens/s = {rate / local:.2f}x local")
 
 
 if __name__ == "__main__":
