@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -12,15 +11,10 @@ import yaml
 
 from pretrain.rundir import read_metrics
 from tests.helpers import TINY_CONFIG, WORDS, deep_merge, tiny_tokenizer
+from tests.servers import free_port
 
 COLLECTIVE_TIMEOUT_SECONDS = 6
 HELD_SECONDS = 15  # how long rank 0's start-up work is kept waiting: well past the collective timeout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_start_up_work_longer_than_the_collective_timeout_kills_no_rank(tmp_path):
