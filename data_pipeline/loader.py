@@ -340,7 +340,13 @@ def iterate_steps(
 def _raising(items: Iterator[tuple[int, object]]) -> Iterator[tuple[int, tuple[torch.Tensor, torch.Tensor]]]:
     for step, item in items:
         if isinstance(item, DataError):
-            raise item
+            try:
+                raise item
+            finally:
+                # No reference cycle (error -> traceback -> this frame -> error) may keep the DataLoader alive:
+                # its workers ignore SIGTERM (see below), and a rank exiting with them still running would wait
+                # for them forever. Freed by reference counting, it shuts them down as the error is handled.
+                del item, items
         yield step, item
 
 

@@ -2,6 +2,8 @@
 step function with a stand-in engine, in-process."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,25 @@ def test_a_run_reading_its_shards_over_http_through_faults_has_the_losses_of_one
         launch(path)
     assert all(count >= 1 for count in proxy.counts.values()), proxy.counts
     assert losses_by_step(tmp_path / "runs" / reference.name) == losses_by_step(reference)
+
+
+def test_a_run_whose_server_no_longer_has_its_shards_stops_naming_the_shard(shared_runs, tmp_path):
+    shared_runs.run_dir(2, ranks=2)  # which prepares the shared data
+    served = tmp_path / "served"
+    shutil.copytree(shared_runs.data_dir, served, ignore=shutil.ignore_patterns("train-*.tar"))
+    config = shared_runs.config("gone", tmp_path / "runs", 2)
+    with Nginx(served, tmp_path / "nginx") as nginx:
+        config["data"].update(shard_url=nginx.url, fetch_retries=1)
+        path = tmp_path / "gone.yaml"
+        path.write_text(yaml.safe_dump(config))
+        result = run_module("launch", "run", "--config", str(path), "--ranks", "2", cwd=tmp_path, timeout=300)
+    assert result.returncode != 0
+    refusals = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert refusals, result.stderr
+    for line in refusals:  # each rank's, and the run's "failed" alert
+        assert re.search(rf"{re.escape(nginx.url)}/train-\d{{5}}-\d{{6}}\.tar: the server does not have this shard"
+                         r" \(HTTP 404\)", line), line
+    assert not any(record.get("step", 0) > 0 for record in read_metrics(tmp_path / "runs" / "gone"))
 
 
 def test_resume_never_refuses_to_train_over_existing_checkpoints(tiny_config, tmp_path):
