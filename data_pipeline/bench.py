@@ -42,7 +42,7 @@ EPOCHS = 4  # loader passes over the prepared text, so worker start-up is a smal
 
 def corpus(megabytes: float) -> list[str]:
     """The embedded corpus's documents, repeated until `megabytes` of text."""
-    documents = list(all_documents(DataConfig().sources))
+    documents = list(all_documents(DataConfig()))
     size = sum(len(d.encode()) for d in documents)
     return documents * max(1, round(megabytes * 1e6 / size))
 

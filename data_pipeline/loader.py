@@ -127,7 +127,7 @@ class ShardReader:
     def _load(self, index: int) -> tuple[object, list[tuple[int, int]]]:
         shard = self.shards[index]
         location = shard_location(self.manifest, shard, self.shard_url)
-        shown = redacted(location)
+        shown = self._shown(index)
         try:
             if is_local(location):
                 if self.check_local and index not in self._checked:
@@ -149,6 +149,10 @@ class ShardReader:
             )
         return source, members
 
+    def _shown(self, index: int) -> str:
+        """Shard `index`'s location as messages name it."""
+        return redacted(shard_location(self.manifest, self.shards[index], self.shard_url))
+
     def block(self, block_index: int) -> np.ndarray:
         index = int(np.searchsorted(self.first_block, block_index, side="right")) - 1
         if index not in self._open:
@@ -160,16 +164,16 @@ class ShardReader:
         offset, size = members[block_index - int(self.first_block[index])]
         source.seek(offset)
         data = source.read(size)
-        shown = redacted(shard_location(self.manifest, self.shards[index], self.shard_url))
         if len(data) != size:
-            raise DataError(f"{shown}: ends inside a sample; the shard is truncated: prepare the data again")
+            raise DataError(f"{self._shown(index)}: ends inside a sample; the shard is truncated: prepare the data"
+                            " again")
         tokens = np.frombuffer(data, dtype=self.dtype)
         # An id past the tokenizer's would index past the embedding (on a GPU, a device-side assert far from here).
         if len(tokens) and (highest := int(tokens.max())) >= self.manifest.tokenizer_vocab_size:
             raise DataError(
-                f"{shown}: holds token id {highest}, beyond the {self.manifest.tokenizer_vocab_size} ids of the"
-                " tokenizer it was prepared with; the shard is damaged or from another preparation: prepare the data"
-                " again"
+                f"{self._shown(index)}: holds token id {highest}, beyond the {self.manifest.tokenizer_vocab_size} ids"
+                " of the tokenizer it was prepared with; the shard is damaged or from another preparation: prepare"
+                " the data again"
             )
         return tokens
 

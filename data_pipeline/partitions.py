@@ -31,7 +31,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import publish_directory
 from data_pipeline.manifest import SPLITS, Shard, shard_pattern
-from data_pipeline.sources import Unit, describe, is_validation, source_units, unit_group_documents
+from data_pipeline.sources import Unit, all_units, describe, is_validation, unit_group_documents
 from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, load_tokenizer
 
 PARTITIONS = "partitions"
@@ -41,27 +41,27 @@ CHUNK_CHARS = 1 << 20  # text tokenized at a time
 
 def plan(data: DataConfig) -> list[list[Unit]]:
     """The units of each partition: every source's units in order, dealt to the partitions in turn."""
-    units = [unit for index, source in enumerate(data.sources) for unit in source_units(index, source, data.unit_bytes)]
+    units = all_units(data)
     return [units[partition :: data.partitions] for partition in range(data.partitions)]
 
 
 @dataclass(frozen=True)
 class PartitionRecord:
-    """What a finished partition wrote: each split's shards, the length of its tail, and whether the tail begins
-    with the last token of the partition's last block (the overlap a block carries); and the documents it read
-    from each source."""
+    """What a finished partition wrote: each split's shards, and whether its tail begins with the last token of
+    the partition's last block (the overlap a block carries); the documents it read from each source; and the
+    size of each file in its folder."""
 
     shards: dict[str, list[Shard]]
-    tail_tokens: dict[str, int]
     tail_overlaps: dict[str, bool]
     documents: dict[int, int]
+    sizes: dict[str, int]
 
     @classmethod
     def load(cls, path: Path) -> PartitionRecord:
         record = json.loads(path.read_text())
         return cls({split: [Shard(**shard) for shard in shards] for split, shards in record["shards"].items()},
-                   record["tail_tokens"], record["tail_overlaps"],
-                   {int(source): count for source, count in record["documents"].items()})
+                   record["tail_overlaps"], {int(source): count for source, count in record["documents"].items()},
+                   record["sizes"])
 
 
 def partition_dir(staging: Path, partition: int) -> Path:
@@ -69,15 +69,15 @@ def partition_dir(staging: Path, partition: int) -> Path:
 
 
 def is_done(staging: Path, partition: int) -> bool:
-    """Whether a partition is whole: its record is there and each shard it lists has the size it was written
+    """Whether a partition is whole: its record is there and each file it lists has the size it was written
     with (a partition is renamed into place whole, so this guards against what happened to it since)."""
     directory = partition_dir(staging, partition)
     try:
-        record = json.loads((directory / RECORD).read_text())
-    except (OSError, ValueError):
+        record = PartitionRecord.load(directory / RECORD)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     return all((directory / name).is_file() and (directory / name).stat().st_size == size
-               for name, size in record["sizes"].items())
+               for name, size in record.sizes.items())
 
 
 class ShardedSplit:
@@ -194,7 +194,6 @@ def write_partition(staging: Path, data: DataConfig, dtype: str, partition: int,
         (work / f"{split}.tail").write_bytes(tail.tobytes())
     record = {
         "shards": {split: [asdict(shard) for shard in writer.shards] for split, writer in splits.items()},
-        "tail_tokens": {split: len(tail) for split, tail in tails.items()},
         "tail_overlaps": {split: writer.samples > 0 for split, writer in splits.items()},
         "documents": documents,
         "sizes": {path.name: path.stat().st_size for path in work.iterdir()},

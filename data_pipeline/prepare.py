@@ -62,7 +62,7 @@ def recipe_fingerprint(data: DataConfig, vocab_size: int) -> str:
 def tokenizer_sample(data: DataConfig) -> Iterator[str]:
     """Training documents for the BPE, from all sources, up to tokenizer_sample_bytes."""
     budget = data.tokenizer_sample_bytes
-    for text in all_documents(data.sources, data.unit_bytes):
+    for text in all_documents(data):
         if budget <= 0:
             return
         if not is_validation(text, data.val_fraction):
@@ -147,25 +147,25 @@ def _write_partition(job: tuple) -> int:
 def resumable_staging(data: DataConfig, vocab_size: int) -> Path:
     """The staging folder begin_preparation made for this recipe."""
     staging = staging_dir(Path(data.dir))
-    try:
-        recorded = json.loads((staging / RECIPE).read_text())["recipe"]
-    except (OSError, ValueError, KeyError, TypeError):
-        recorded = None
-    if recorded != recipe_fingerprint(data, vocab_size) or not (staging / "tokenizer.json").exists():
+    if recorded_recipe(staging) != recipe_fingerprint(data, vocab_size) or not (staging / "tokenizer.json").exists():
         raise DataError(f"{staging}: no preparation of this data config was begun there; run `python -m launch"
                         " prepare --config CONFIG` to begin one")
     return staging
+
+
+def recorded_recipe(staging: Path) -> str | None:
+    """The recipe a staging folder is being prepared from, or None if it holds no readable record of one."""
+    try:
+        return json.loads((staging / RECIPE).read_text())["recipe"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def open_staging(directory: Path, recipe: str, log) -> Path:
     """The folder a preparation works in: one left by an interrupted preparation of the same recipe is resumed
     (its unfinished partitions' temporary folders cleared); one of another recipe is cleared."""
     staging = staging_dir(directory)
-    try:
-        resumable = json.loads((staging / RECIPE).read_text())["recipe"] == recipe
-    except (OSError, ValueError, KeyError, TypeError):
-        resumable = False
-    if resumable:
+    if recorded_recipe(staging) == recipe:
         for orphan in (staging / PARTITIONS).glob(".*.tmp-*"):
             shutil.rmtree(orphan, ignore_errors=True)
         log(f"preparing data in {directory}, resuming an interrupted preparation")
@@ -177,18 +177,18 @@ def open_staging(directory: Path, recipe: str, log) -> Path:
     return staging
 
 
-def tokenizer_step(staging: Path, data: DataConfig, vocab_size: int):
+def tokenizer_step(staging: Path, data: DataConfig, vocab_size: int) -> None:
     """The tokenizer every partition uses: trained once (on a bounded sample, the same whatever does the work) or
-    copied from data.tokenizer, and kept in the staging folder."""
+    copied from data.tokenizer (checked first), and kept in the staging folder."""
     path = staging / "tokenizer.json"
-    if not path.exists():
-        if data.tokenizer:
-            load_tokenizer(data.tokenizer, vocab_size)
-            write_atomically(path, Path(data.tokenizer).read_bytes())
-        else:
-            tokenizer = train_bpe(tokenizer_sample(data), vocab_size)
-            write_atomically(path, lambda partial: tokenizer.save(str(partial)))
-    return load_tokenizer(path, vocab_size)
+    if path.exists():
+        return
+    if data.tokenizer:
+        load_tokenizer(data.tokenizer, vocab_size)
+        write_atomically(path, Path(data.tokenizer).read_bytes())
+    else:
+        tokenizer = train_bpe(tokenizer_sample(data), vocab_size)
+        write_atomically(path, lambda partial: tokenizer.save(str(partial)))
 
 
 def storage_dtype(tokenizer) -> str:

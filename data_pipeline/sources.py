@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.config import (
+    DataConfig,
     InContextEpisodesSource,
     JsonlSource,
     ParquetSource,
@@ -220,7 +221,11 @@ def _source_stream(index: int, source: Source, units: list[Unit]) -> Iterator[tu
             yield index, text
 
 
-def all_documents(sources: list[Source], unit_bytes: int = 1 << 62) -> Iterator[str]:
+def all_units(data: DataConfig) -> list[Unit]:
+    """Every source's units, source by source."""
+    return [unit for index, source in enumerate(data.sources) for unit in source_units(index, source, data.unit_bytes)]
+
+
+def all_documents(data: DataConfig) -> Iterator[str]:
     """The weighted documents of every unit of every source, the sources interleaved."""
-    units = [unit for index, source in enumerate(sources) for unit in source_units(index, source, unit_bytes)]
-    return (text for _, text in unit_group_documents(sources, units))
+    return (text for _, text in unit_group_documents(data.sources, all_units(data)))

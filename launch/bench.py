@@ -36,7 +36,7 @@ from data_pipeline.sources import all_documents
 
 def corpus_files(directory: Path, megabytes: float, files: int) -> list[str]:
     """The embedded corpus's documents repeated to `megabytes` of text, in `files` jsonl files."""
-    documents = list(all_documents(DataConfig().sources))
+    documents = list(all_documents(DataConfig()))
     documents *= max(1, round(megabytes * 1e6 / sum(len(d.encode()) for d in documents)))
     directory.mkdir(parents=True)
     for index in range(files):

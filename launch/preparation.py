@@ -10,7 +10,7 @@ from pathlib import Path
 
 from data_pipeline.cli import at_least_one
 from data_pipeline.errors import ConfigError
-from data_pipeline.manifest import MANIFEST
+from data_pipeline.manifest import MANIFEST, Manifest
 from data_pipeline.prepare import (
     begin_preparation,
     finish_preparation,
@@ -27,6 +27,11 @@ def slurm_log_dir(data_dir: Path) -> Path:
     return data_dir.with_name(f".{data_dir.name}.slurm")
 
 
+def ready(manifest: Manifest) -> int:
+    print(f"{manifest.dir / MANIFEST}: ready")
+    return 0
+
+
 def prepare_command(args: argparse.Namespace, config: Config) -> int:
     data, vocab_size = config.data, config.model.vocab_size
     if args.tasks is not None:
@@ -36,18 +41,14 @@ def prepare_command(args: argparse.Namespace, config: Config) -> int:
         prepare_partitions(data, vocab_size, task, args.tasks or 1)
         return 0
     if args.step == "manifest":  # what the job after the array runs
-        manifest = finish_preparation(data, vocab_size)
-        print(f"{manifest.dir / MANIFEST}: ready")
-        return 0
+        return ready(finish_preparation(data, vocab_size))
     if args.backend == "local":
         processes = args.tasks or data.workers or os.cpu_count() or 1
         if args.dry_run:
             print(f"would prepare {data.dir}: {data.partitions} partitions over {processes} processes, working in"
                   f" {staging_dir(Path(data.dir))}")
             return 0
-        manifest = prepare(data.model_copy(update={"workers": processes}), vocab_size)
-        print(f"{manifest.dir / MANIFEST}: ready")
-        return 0
+        return ready(prepare(data.model_copy(update={"workers": processes}), vocab_size))
     return submit_preparation(args, config)
 
 
@@ -66,9 +67,7 @@ def submit_preparation(args: argparse.Namespace, config: Config) -> int:
                                        after="ARRAY_JOB_ID"))
         return 0
     if Path(data.dir).exists():
-        manifest = prepare(data, config.model.vocab_size)  # checks it is this recipe's
-        print(f"{manifest.dir / MANIFEST}: ready")
-        return 0
+        return ready(prepare(data, config.model.vocab_size))  # checks it is this recipe's
     begin_preparation(data, config.model.vocab_size)  # the tokenizer, here, before any task needs it
     array_id, _ = slurm.submit(array_script, log_dir)
     manifest_script = slurm.render_preparation(config, config_path, args.overrides, Path.cwd(), log_dir, None,

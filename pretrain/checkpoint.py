@@ -133,7 +133,7 @@ def save(
         marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
                   "files": file_sizes(path),
                   # What the data position means, readable before any rank starts (see resume_position).
-                  **{key: loop_state[key] for key in ("data_order", "tokens_seen") if key in loop_state}}
+                  "data_order": loop_state["data_order"], "tokens_seen": loop_state["tokens_seen"]}
         if preempted_by:
             marker["preempted_by"] = preempted_by
         write_atomically(path / COMPLETE_MARKER, json.dumps(marker) + "\n")

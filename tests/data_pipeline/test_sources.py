@@ -18,7 +18,7 @@ def source(**fields):
 
 
 def weighted_documents(one_source) -> list[str]:
-    return list(all_documents([one_source]))
+    return list(all_documents(DataConfig(sources=[one_source])))
 
 
 def test_parquet_is_read_by_row_group_from_the_configured_column(tmp_path):
