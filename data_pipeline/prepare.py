@@ -24,6 +24,8 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -120,12 +122,22 @@ def prepare_partitions(data: DataConfig, vocab_size: int, task: int = 0, tasks: 
     units = plan(data)
     missing = [p for p in range(task, data.partitions, tasks) if not is_done(staging, p)]
     workers = min(data.workers or os.cpu_count() or 1, max(1, len(missing)))
-    context = multiprocessing.get_context("spawn")  # no forked copies of the parent's threads
-    with context.Pool(workers, start_worker, (str(staging / "tokenizer.json"),)) as pool, \
+    # Spawned, not forked: no copies of the parent's threads. An executor, not a Pool: a worker that dies (the
+    # out-of-memory killer picks the largest process) breaks it, where a Pool would wait for it forever.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, start_worker, (str(staging / "tokenizer.json"),)) as pool, \
             tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None) as progress:
-        jobs = [(staging, data, dtype, partition, units[partition]) for partition in missing]
-        for text_bytes in pool.imap_unordered(_write_partition, jobs):
-            progress.update(text_bytes)
+        jobs = [pool.submit(write_partition, staging, data, dtype, partition, units[partition])
+                for partition in missing]
+        try:
+            for job in as_completed(jobs):
+                progress.update(job.result())
+        except BrokenProcessPool:
+            raise DataError(f"{staging}: a preparation worker died (killed, or out of memory: each holds one"
+                            " partition's tokens at a time); the partitions it finished are kept, and running the"
+                            " preparation again writes the rest") from None
+        finally:  # after a failure, start no partition that the exit would wait for
+            pool.shutdown(cancel_futures=True)
 
 
 def finish_preparation(data: DataConfig, vocab_size: int, log=print) -> Manifest:
@@ -138,10 +150,6 @@ def finish_preparation(data: DataConfig, vocab_size: int, log=print) -> Manifest
     tokenizer = load_tokenizer(staging / "tokenizer.json", vocab_size)
     write_manifest(staging, data, recipe_fingerprint(data, vocab_size), tokenizer, storage_dtype(tokenizer), log)
     return Manifest.load(publish_directory(staging, Path(data.dir)))  # durable before anyone reads it, whole
-
-
-def _write_partition(job: tuple) -> int:
-    return write_partition(*job)
 
 
 def resumable_staging(data: DataConfig, vocab_size: int) -> Path:

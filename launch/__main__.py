@@ -24,7 +24,7 @@ from pathlib import Path
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.files import write_atomically
-from launch import hostfile, slurm
+from launch import hostfile, preparation, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,
     Rendezvous,
@@ -32,7 +32,6 @@ from launch.local import (
     run_node,
     torchrun_command,
 )
-from launch.preparation import prepare_command
 from launch.record import record_launch
 from launch.spec import load_sweep
 from launch.sweep import run_sweep
@@ -83,16 +82,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     node.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     prepare = commands.add_parser("prepare", help="tokenize and shard a config's data now (training does it on"
                                   " first use otherwise)")
-    prepare.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
-    prepare.add_argument("--backend", choices=("local", "slurm"), default="local")
-    prepare.add_argument("--tasks", type=int, help="local: processes (default data.workers); slurm: array tasks,"
-                         " each taking whole partitions (default one per partition)")
-    prepare.add_argument("--dry-run", action="store_true", help="print what would run (slurm: the sbatch scripts)")
-    prepare.add_argument("--step", choices=("partitions", "manifest"),
-                         help="one step of a SLURM preparation (what its jobs run)")
-    prepare.add_argument("--task", type=int, help="with --step partitions: this task's number (default"
-                         " $SLURM_ARRAY_TASK_ID)")
-    prepare.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    preparation.add_arguments(prepare)
     return parser.parse_args(argv)
 
 
@@ -250,7 +240,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def prepare_data(args: argparse.Namespace, _argv: list[str]) -> int:
-    return prepare_command(args, load_config(args.config, args.overrides))
+    return preparation.prepare_command(args, load_config(args.config, args.overrides))
 
 
 COMMANDS = {"run": run, "sweep": sweep, "node": node, "prepare": prepare_data}

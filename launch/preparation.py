@@ -1,6 +1,11 @@
 """`python -m launch prepare`: a config's data prepared here, by processes, or on SLURM, by a job array whose
 tasks take the partitions and then a job that writes the manifest. Both work in the same staging folder and
-give the same bytes (data_pipeline/prepare.py); running the command again finishes what a failure left."""
+give the same bytes (data_pipeline/prepare.py); running the command again finishes what a failure left.
+
+The jobs' own steps run `python -m launch.preparation --step ...`: this module imports neither torch nor
+DeepSpeed, which every array task would otherwise load (seconds each, more from a shared filesystem) only to
+tokenize text.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from data_pipeline.cli import at_least_one
+from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.manifest import MANIFEST, Manifest
 from data_pipeline.prepare import (
@@ -19,7 +24,20 @@ from data_pipeline.prepare import (
     staging_dir,
 )
 from launch import slurm
-from pretrain.config import Config
+from pretrain.config import Config, load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
+    parser.add_argument("--backend", choices=("local", "slurm"), default="local")
+    parser.add_argument("--tasks", type=int, help="local: processes (default data.workers); slurm: array tasks,"
+                        " each taking whole partitions (default one per partition)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run (slurm: the sbatch scripts)")
+    parser.add_argument("--step", choices=("partitions", "manifest"),
+                        help="one step of a SLURM preparation (what its jobs run)")
+    parser.add_argument("--task", type=int, help="with --step partitions: this task's number (default"
+                        " $SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
 
 def slurm_log_dir(data_dir: Path) -> Path:
@@ -77,3 +95,14 @@ def submit_preparation(args: argparse.Namespace, config: Config) -> int:
           f" (the manifest, once every task succeeded); logs in {log_dir}; {data.dir} appears when it is done. If a"
           " task fails, run this command again: it submits what is left")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.preparation")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return prepare_command(args, load_config(args.config, args.overrides))
+
+
+if __name__ == "__main__":
+    run_command(main)

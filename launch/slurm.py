@@ -152,7 +152,7 @@ def render_preparation(config: Config, config_path: Path | None, overrides: list
     lines += _extra_lines(config)
     arguments = (["--config", str(config_path.resolve())] if config_path else []) + list(overrides)
     step = ["--step", "partitions", "--tasks", str(tasks)] if tasks else ["--step", "manifest"]
-    command = " ".join(shlex.quote(part) for part in [sys.executable, "-m", "launch", "prepare", *arguments, *step])
+    command = " ".join(shlex.quote(part) for part in [sys.executable, "-m", "launch.preparation", *arguments, *step])
     environment = config.launch.environment.items()
     lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in environment),
               f"exec {command}" + (' --task "$SLURM_ARRAY_TASK_ID"' if tasks else ""), ""]

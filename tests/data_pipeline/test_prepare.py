@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -86,11 +87,20 @@ def test_a_failed_preparation_leaves_no_data_where_runs_look_for_it(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
-def test_a_preparation_killed_mid_way_resumes_keeping_the_partitions_it_finished(tmp_path):
+def preparation_workers(job: subprocess.Popen) -> list[psutil.Process]:
+    return [child for child in psutil.Process(job.pid).children()
+            if any("spawn_main" in part for part in child.cmdline())]
+
+
+# Killed whole (the command and its workers, as when a node is lost), or one worker alone (as the out-of-memory
+# killer picks the largest process): then the command stops by itself, rather than wait for the dead worker.
+@pytest.mark.parametrize("one_worker", [False, True])
+def test_a_preparation_killed_mid_way_resumes_keeping_the_partitions_it_finished(tmp_path, one_worker):
     sources = mixed_sources(tmp_path / "corpus")
     config = tmp_path / "prepare.yaml"
-    config.write_text(yaml.safe_dump({"model": {"vocab_size": 512},
-                                      "data": mixed_config(tmp_path / "data", sources, 1).model_dump(mode="json")}))
+    workers = 2 if one_worker else 1
+    config.write_text(yaml.safe_dump({"model": {"vocab_size": 512}, "data": mixed_config(
+        tmp_path / "data", sources, workers).model_dump(mode="json")}))
     job = subprocess.Popen([sys.executable, "-m", "launch", "prepare", "--config", str(config)], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     finished = tmp_path / ".data.partial" / "partitions" / "00001"
@@ -98,8 +108,12 @@ def test_a_preparation_killed_mid_way_resumes_keeping_the_partitions_it_finished
     while not finished.exists():
         assert job.poll() is None and time.monotonic() < deadline, "the preparation ended before it could be killed"
         time.sleep(0.01)
-    os.killpg(job.pid, signal.SIGKILL)  # the command and its worker processes, as when a node is lost
-    job.wait()
+    if one_worker:
+        preparation_workers(job)[0].kill()
+        assert job.wait(timeout=60) == 1
+    else:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
     written = {path.name: path.stat().st_mtime_ns for path in finished.glob("*.tar")}
     assert written and not (tmp_path / "data").exists()
 
