@@ -1,10 +1,14 @@
 """The one wrapper every command-line entry point runs through: a `UserError` becomes one line on stderr and
-its exit code; anything else is a bug and keeps its traceback."""
+its exit code; anything else is a bug and keeps its traceback. `kill -USR2 PID` makes any of these commands (a
+launcher, a rank, a loader worker) write where each of its threads is to stderr, and go on: what a run that
+seems stuck is waiting for, read from its log without stopping it."""
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -14,6 +18,7 @@ from data_pipeline.errors import ConfigError, UserError
 
 def run_command(main: Callable[[], int | None]) -> NoReturn:
     """Run `main()` and exit with what it returns (None is 0), or with the exit code of the UserError it raised."""
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     try:
         code = main()
     except UserError as error:

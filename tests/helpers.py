@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -80,18 +81,38 @@ def launch(config: Path, *overrides: str, ranks: int = 2, timeout: float = 600) 
 
 
 def start_launch(config: Path, *overrides: str, ranks: int = 2) -> subprocess.Popen:
-    """Start a training job in the background, output discarded, to interrupt it."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "launch", "run", "--config", str(config), "--ranks", str(ranks), *overrides],
-        cwd=config.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
+    """Start a training job in the background, to interrupt it; its output goes to launch.log beside the config."""
+    with open(config.parent / "launch.log", "ab") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "launch", "run", "--config", str(config), "--ranks", str(ranks), *overrides],
+            cwd=config.parent, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    job.log = config.parent / "launch.log"
+    return job
+
+
+def still_waiting(job: subprocess.Popen, what: str, deadline: float) -> None:
+    """Fail if the job ended, or if the deadline passed; then with where each of its processes was waiting
+    (SIGUSR2 makes every command of the project print its threads' stacks and go on) and its output's end."""
+    assert job.poll() is None, f"the job ended (code {job.returncode}) before {what}"
+    if time.monotonic() < deadline:
+        return
+    if hasattr(job, "log"):
+        for pid in job_processes(job):
+            try:
+                if "torch.distributed.run" not in psutil.Process(pid).cmdline():  # torchrun has no handler
+                    os.kill(pid, signal.SIGUSR2)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
+        time.sleep(2)
+    output = job.log.read_text(errors="replace")[-20000:] if hasattr(job, "log") else ""
+    raise AssertionError(f"{what} did not happen in time; the job's output ends:\n{output}")
 
 
 def wait_for(path: Path, job: subprocess.Popen, timeout: float = 300, poll: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert job.poll() is None, f"the job ended (code {job.returncode}) before {path} appeared"
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout} s"
+        still_waiting(job, f"{path} appeared", deadline)
         time.sleep(poll)
 
 
@@ -99,8 +120,7 @@ def wait_for_step(run_dir: Path, step: int, job: subprocess.Popen, timeout: floa
     """Wait until the running job has logged `step` (or a later one) to metrics.jsonl."""
     deadline = time.monotonic() + timeout
     while not any(record["step"] >= step for record in read_metrics(run_dir)):
-        assert job.poll() is None, f"the job ended (code {job.returncode}) before step {step} was logged"
-        assert time.monotonic() < deadline, f"step {step} was not logged within {timeout} s"
+        still_waiting(job, f"step {step} was logged", deadline)
         time.sleep(0.02)
 
 

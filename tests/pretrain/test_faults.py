@@ -5,6 +5,7 @@ The guard and the preemption vote are tested in-process; the rest with real 2-ra
 import json
 import math
 import os
+import re
 import signal
 import time
 
@@ -185,6 +186,18 @@ def test_a_job_killed_while_saving_resumes_from_the_previous_checkpoint(tiny_con
         # The marker lists every file the save wrote, with its size.
         assert written["files"] == {path.name: path.stat().st_size for path in checkpoint.iterdir()
                                     if path.name != "complete"}
+
+
+def test_sigusr2_makes_a_rank_print_where_each_of_its_threads_is_and_the_run_goes_on(tiny_config, tmp_path):
+    """What a user does to a run that seems stuck: `kill -USR2` a rank, read its log, let it run."""
+    config = tiny_config({"train": {"max_steps": 16, "checkpoint_every": 1000}, "eval": {"interval": 0}})
+    run_dir = tmp_path / "runs" / "tiny"
+    job = start_launch(config)
+    wait_for_step(run_dir, 2, job)
+    os.kill(rank_pid(job, rank=1), signal.SIGUSR2)
+    assert job.wait(timeout=300) == 0
+    assert max(losses_by_step(run_dir)) == 16
+    assert re.search(r'File ".*pretrain/train\.py", line \d+ in train\n', job.log.read_text())
 
 
 # The resume after a preemption is the same whichever way the signal came; it is checked once.
