@@ -4,7 +4,10 @@ work and the result does not depend on how many did.
 The units of the sources (files, parquet row groups, generated sources) are dealt to `data.partitions`
 partitions in turn. A worker takes a whole partition: it tokenizes the partition's documents, packs each
 split's token stream into blocks and writes the full blocks as the partition's own shards; what is left over
-(less than a block) is kept as the partition's tail. A partition is written under a temporary name and renamed
+(less than a block) is kept as the partition's tail. The tasks of a job on many nodes do not divide the
+partitions among them in advance: each claims the next unclaimed one whenever it has a worker free, so a task
+that starts late (a busy cluster), runs on a slow node or draws large partitions leaves the rest to the
+others. A partition is written under a temporary name and renamed
 into `partitions/PPPPP/` with its record, so one that is there is whole: a rerun skips it. The last step
 (`merge`) packs the tails, in partition order, into the closing shards of each split and gathers every
 partition's shards into one list, so that every block but the split's very last is full, as the loader expects.
@@ -66,6 +69,27 @@ class PartitionRecord:
 
 def partition_dir(staging: Path, partition: int) -> Path:
     return staging / PARTITIONS / f"{partition:05d}"
+
+
+@dataclass(frozen=True)
+class Claims:
+    """The partitions the tasks of one job have taken: a file per partition, created by whichever task takes it
+    first (an exclusive create, atomic on a shared filesystem) and holding that task's name. A task requeued
+    after a lost node finds its own claims and takes them again; a later job claims in a folder of its own."""
+
+    directory: Path
+    owner: str
+
+    def take(self, partition: int) -> bool:
+        path = self.directory / f"{partition:05d}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return path.read_text() == self.owner
+        with os.fdopen(descriptor, "w") as claim:
+            claim.write(self.owner)
+        return True
 
 
 def is_done(staging: Path, partition: int) -> bool:

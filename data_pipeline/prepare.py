@@ -24,7 +24,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,7 +36,7 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST, Manifest
-from data_pipeline.partitions import PARTITIONS, is_done, merge, plan, start_worker, write_partition
+from data_pipeline.partitions import PARTITIONS, Claims, is_done, merge, plan, start_worker, write_partition
 from data_pipeline.sources import all_documents, describe, is_validation
 from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, id_bound, load_tokenizer, train_bpe
 
@@ -114,29 +114,38 @@ def begin_preparation(data: DataConfig, vocab_size: int, log=print) -> None:
     tokenizer_step(staging, data, vocab_size)
 
 
-def prepare_partitions(data: DataConfig, vocab_size: int, task: int = 0, tasks: int = 1) -> None:
-    """Write the partitions that are task `task`'s share of `tasks` (partition p is task p % tasks's) and not
-    done yet, with data.workers processes: the work of one process, or of one task of a SLURM job array."""
+def prepare_partitions(data: DataConfig, vocab_size: int, claims: Claims | None = None) -> None:
+    """Write the partitions not done yet with data.workers processes: all of them, or (with `claims`, one task
+    of a job array among others) each that this task claims first, one at a time as its workers free up."""
     staging = resumable_staging(data, vocab_size)
     dtype = storage_dtype(load_tokenizer(staging / "tokenizer.json", vocab_size))
     units = plan(data)
-    missing = [p for p in range(task, data.partitions, tasks) if not is_done(staging, p)]
-    workers = min(data.workers or os.cpu_count() or 1, max(1, len(missing)))
+    candidates = iter([p for p in range(data.partitions) if not is_done(staging, p)])
     # Spawned, not forked: no copies of the parent's threads. An executor, not a Pool: a worker that dies (the
     # out-of-memory killer picks the largest process) breaks it, where a Pool would wait for it forever.
     context = multiprocessing.get_context("spawn")
+    workers = data.workers or os.cpu_count() or 1
     with ProcessPoolExecutor(workers, context, start_worker, (str(staging / "tokenizer.json"),)) as pool, \
             tqdm(desc="tokenizing", unit="B", unit_scale=True, disable=None) as progress:
-        jobs = [pool.submit(write_partition, staging, data, dtype, partition, units[partition])
-                for partition in missing]
+
+        def start_next() -> set[Future]:
+            for partition in candidates:
+                if claims is None or claims.take(partition):
+                    return {pool.submit(write_partition, staging, data, dtype, partition, units[partition])}
+            return set()
+
+        running = set().union(*(start_next() for _ in range(workers)))
         try:
-            for job in as_completed(jobs):
-                progress.update(job.result())
+            while running:
+                finished, running = wait(running, return_when=FIRST_COMPLETED)
+                for job in finished:
+                    progress.update(job.result())
+                    running |= start_next()
         except BrokenProcessPool:
             raise DataError(f"{staging}: a preparation worker died (killed, or out of memory: each holds one"
                             " partition's tokens at a time); the partitions it finished are kept, and running the"
                             " preparation again writes the rest") from None
-        finally:  # after a failure, start no partition that the exit would wait for
+        finally:  # after a failure, start nothing more, and wait only for what is running
             pool.shutdown(cancel_futures=True)
 
 

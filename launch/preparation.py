@@ -16,6 +16,7 @@ from pathlib import Path
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.manifest import MANIFEST, Manifest
+from data_pipeline.partitions import PARTITIONS, Claims
 from data_pipeline.prepare import (
     begin_preparation,
     finish_preparation,
@@ -31,13 +32,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config; its data section (and model.vocab_size) is used")
     parser.add_argument("--backend", choices=("local", "slurm"), default="local")
     parser.add_argument("--tasks", type=int, help="local: processes (default data.workers); slurm: array tasks,"
-                        " each taking whole partitions (default one per partition)")
+                        " each claiming whole partitions as it can take them (default one per partition)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run (slurm: the sbatch scripts)")
     parser.add_argument("--step", choices=("partitions", "manifest"),
                         help="one step of a SLURM preparation (what its jobs run)")
-    parser.add_argument("--task", type=int, help="with --step partitions: this task's number (default"
-                        " $SLURM_ARRAY_TASK_ID)")
+    parser.add_argument("--task", type=int, help="with --step partitions: this task's number, which its claims on"
+                        " partitions carry (default $SLURM_ARRAY_TASK_ID)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
+
+def job_claims(data_dir: Path, task: int | None) -> Claims | None:
+    """The claims of this SLURM job's tasks (None outside SLURM: this process writes every partition left)."""
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job is None:
+        return None
+    task = task if task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+    return Claims(staging_dir(data_dir) / PARTITIONS / f"claims-{job}", f"task {task}")
 
 
 def slurm_log_dir(data_dir: Path) -> Path:
@@ -55,8 +65,7 @@ def prepare_command(args: argparse.Namespace, config: Config) -> int:
     if args.tasks is not None:
         at_least_one("tasks", args.tasks)
     if args.step == "partitions":  # what each task of the SLURM job array runs
-        task = args.task if args.task is not None else int(os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
-        prepare_partitions(data, vocab_size, task, args.tasks or 1)
+        prepare_partitions(data, vocab_size, job_claims(Path(data.dir), args.task))
         return 0
     if args.step == "manifest":  # what the job after the array runs
         return ready(finish_preparation(data, vocab_size))

@@ -137,7 +137,7 @@ def _extra_lines(config: Config) -> list[str]:
 def render_preparation(config: Config, config_path: Path | None, overrides: list[str], workdir: Path,
                        log_dir: Path, tasks: int | None, after: str | None = None) -> str:
     """The sbatch script of one step of a data preparation on SLURM: the partitions, as a job array of `tasks`
-    tasks (task i writes partitions i, i + tasks, ...), or (tasks None) the manifest, once the array `after` has
+    tasks (each claims partitions until none is left), or (tasks None) the manifest, once the array `after` has
     succeeded. The tokenizer is made before either is submitted."""
     options = {"job-name": f"prepare-{config.name}", "nodes": 1, "ntasks": 1, "time": config.launch.slurm.time,
                "output": (workdir / log_dir / ("%A_%a.out" if tasks else "%j.out")).resolve(),
@@ -151,7 +151,7 @@ def render_preparation(config: Config, config_path: Path | None, overrides: list
     lines = ["#!/bin/bash"] + [_sbatch_line(option, value) for option, value in options.items()]
     lines += _extra_lines(config)
     arguments = (["--config", str(config_path.resolve())] if config_path else []) + list(overrides)
-    step = ["--step", "partitions", "--tasks", str(tasks)] if tasks else ["--step", "manifest"]
+    step = ["--step", "partitions"] if tasks else ["--step", "manifest"]
     command = " ".join(shlex.quote(part) for part in [sys.executable, "-m", "launch.preparation", *arguments, *step])
     environment = config.launch.environment.items()
     lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in environment),

@@ -18,7 +18,8 @@ from data_pipeline.config import DataConfig
 from data_pipeline.embedded import episode_inventories
 from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest
-from data_pipeline.prepare import prepare
+from data_pipeline.partitions import Claims, is_done
+from data_pipeline.prepare import begin_preparation, finish_preparation, prepare, prepare_partitions, staging_dir
 from data_pipeline.tokenizer import END_OF_DOCUMENT, load_tokenizer
 from tests.helpers import episodes_config, mixed_config, mixed_sources, same_files, split_stream
 
@@ -85,6 +86,24 @@ def test_a_failed_preparation_leaves_no_data_where_runs_look_for_it(tmp_path):
     with pytest.raises(DataError, match="lower vocabulary_words"):
         prepare(config, vocab_size=512)
     assert not (tmp_path / "d").exists()
+
+
+def test_the_tasks_of_a_job_write_the_partitions_each_claims_first_and_a_requeued_task_takes_its_own_again(
+        tmp_path):
+    sources = mixed_sources(tmp_path / "corpus")
+    config = mixed_config(tmp_path / "data", sources, workers=1)
+    begin_preparation(config, vocab_size=512, log=quiet)
+    staging = staging_dir(tmp_path / "data")
+    claims = staging / "partitions" / "claims-7"
+    assert all(Claims(claims, "task 1").take(partition) for partition in (0, 1, 2, 3))
+    assert Claims(claims, "task 0").take(5)  # task 0 had claimed partition 5 before its node was lost
+
+    prepare_partitions(config, vocab_size=512, claims=Claims(claims, "task 0"))  # the requeued task 0
+    assert [p for p in range(config.partitions) if is_done(staging, p)] == [4, 5, 6, 7]
+    prepare_partitions(config, vocab_size=512, claims=Claims(claims, "task 1"))
+    manifest = finish_preparation(config, vocab_size=512, log=quiet)
+    single = prepare(mixed_config(tmp_path / "single", sources, workers=1), vocab_size=512, log=quiet)
+    assert same_files(manifest.dir, single.dir)
 
 
 def preparation_workers(job: subprocess.Popen) -> list[psutil.Process]:
