@@ -18,7 +18,8 @@ from data_pipeline.errors import ConfigError, UserError
 
 def run_command(main: Callable[[], int | None]) -> NoReturn:
     """Run `main()` and exit with what it returns (None is 0), or with the exit code of the UserError it raised."""
-    faulthandler.register(signal.SIGUSR2, all_threads=True)
+    # To the process's own stderr descriptor: a caller may have replaced sys.stderr with one that has none.
+    faulthandler.register(signal.SIGUSR2, file=sys.__stderr__, all_threads=True)
     try:
         code = main()
     except UserError as error:
