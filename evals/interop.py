@@ -3,7 +3,9 @@
 - `export_hf`: a checkpoint as a Hugging Face `transformers` model directory (config, safetensors weights,
   tokenizer) that `AutoModelForCausalLM.from_pretrained` loads. The project's GPT is GPT-2's architecture
   when positions are learned (GPT2LMHeadModel) and GPT-NeoX's, sequential residual, when they are rotary
-  (GPTNeoXForCausalLM); biases the project leaves out are exported as zeros, which changes nothing.
+  (GPTNeoXForCausalLM); biases the project leaves out are exported as zeros, which changes nothing. The
+  Llama-style block is Llama's (LlamaForCausalLM), whose rotary layout (each head's first half against its
+  second) is the project's, so its weights are copied as they are.
 - `write_lm_eval_tasks`: few-shot tasks as lm-evaluation-harness local tasks, one per task and k, whose
   documents hold the project's own k-shot prompts (same examples, same order, same delimiters), so both
   tools score exactly the same text. Run them with `--num_fewshot 0`.
@@ -26,7 +28,7 @@ from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.tasks import MULTIPLE_CHOICE, TaskError, load_tasks
 from pretrain.checkpoint import tag_for_step
-from pretrain.model import GPT, MLP_RATIO
+from pretrain.model import GPT, NORM_EPS, mlp_width
 from pretrain.rundir import load_checkpoint, run_tokenizer
 
 
@@ -92,6 +94,35 @@ def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
+def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """LlamaForCausalLM's names; its query, key and value projections are separate matrices."""
+    config = model.config
+    kv_width = config.kv_heads * (config.d_model // config.n_head)
+    weights = {"model.embed_tokens.weight": model.token_embedding.weight, "model.norm.weight": model.final_norm.weight,
+               "lm_head.weight": model.head.weight}
+    for number, block in enumerate(model.blocks):
+        prefix = f"model.layers.{number}."
+        for name, layer in [("self_attn.o_proj", block.attn.proj), ("mlp.gate_proj", block.mlp.gate),
+                            ("mlp.up_proj", block.mlp.up), ("mlp.down_proj", block.mlp.proj)]:
+            weights |= {f"{prefix}{name}.{kind}": tensor for kind, tensor in layer.named_parameters()}
+        for kind, tensor in block.attn.qkv.named_parameters():
+            q, k, v = tensor.split([config.d_model, kv_width, kv_width])
+            weights |= {f"{prefix}self_attn.q_proj.{kind}": q, f"{prefix}self_attn.k_proj.{kind}": k,
+                        f"{prefix}self_attn.v_proj.{kind}": v}
+        weights |= {f"{prefix}input_layernorm.weight": block.attn_norm.weight,
+                    f"{prefix}post_attention_layernorm.weight": block.mlp_norm.weight}
+    return weights
+
+
+def refuse_what_transformers_lacks(config) -> None:
+    if config.qk_norm:
+        raise ExportError("model.qk_norm: no transformers class of this family normalizes queries and keys; export"
+                          " a model trained without it")
+    if config.block == "gpt2" and config.kv_heads != config.n_head:
+        raise ExportError("model.n_kv_head: GPT-2 and GPT-NeoX have no grouped-query attention; export a"
+                          " grouped-query model with block: llama")
+
+
 def to_hf(model: GPT, end_of_document_id: int):
     """The same network as a `transformers` model, fp32, on the CPU, in eval mode."""
     from transformers import (
@@ -99,23 +130,34 @@ def to_hf(model: GPT, end_of_document_id: int):
         GPT2LMHeadModel,
         GPTNeoXConfig,
         GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
     )
 
     config = model.config
+    refuse_what_transformers_lacks(config)
     common = {"vocab_size": config.vocab_size, "bos_token_id": end_of_document_id,
-              "eos_token_id": end_of_document_id, "tie_word_embeddings": True}
-    if config.position == "learned":
+              "eos_token_id": end_of_document_id, "tie_word_embeddings": config.tie_embeddings}
+    if config.block == "llama":
+        hf_config = LlamaConfig(
+            hidden_size=config.d_model, intermediate_size=mlp_width(config), num_hidden_layers=config.n_layer,
+            num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads, hidden_act="silu",
+            max_position_embeddings=config.seq_len, rms_norm_eps=NORM_EPS, attention_bias=config.bias,
+            mlp_bias=config.bias, attention_dropout=0.0, rope_theta=config.rotary_base, **common,
+        )
+        hf_model, weights = LlamaForCausalLM(hf_config), llama_state_dict(model)
+    elif config.position == "learned":
         hf_config = GPT2Config(
             n_positions=config.seq_len, n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
-            n_inner=MLP_RATIO * config.d_model, activation_function="gelu", layer_norm_epsilon=1e-5,
+            n_inner=mlp_width(config), activation_function="gelu", layer_norm_epsilon=NORM_EPS,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
         )
         hf_model, weights = GPT2LMHeadModel(hf_config), gpt2_state_dict(model)
     else:
         hf_config = GPTNeoXConfig(
             hidden_size=config.d_model, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-            intermediate_size=MLP_RATIO * config.d_model, hidden_act="gelu", rotary_pct=1.0,
-            rotary_emb_base=config.rotary_base, max_position_embeddings=config.seq_len, layer_norm_eps=1e-5,
+            intermediate_size=mlp_width(config), hidden_act="gelu", rotary_pct=1.0,
+            rotary_emb_base=config.rotary_base, max_position_embeddings=config.seq_len, layer_norm_eps=NORM_EPS,
             use_parallel_residual=False, attention_bias=True, attention_dropout=0.0, hidden_dropout=0.0, **common,
         )
         hf_model, weights = GPTNeoXForCausalLM(hf_config), neox_state_dict(model)

@@ -7,6 +7,7 @@ point goes through `load_config`; bad input raises `ConfigError`, one line namin
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,11 +40,32 @@ class ModelConfig(Section):
     rotary_base: float = Field(10000.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     bias: bool = False
+    block: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="gpt2: LayerNorm and a 4 x d_model GELU MLP; llama: RMSNorm and a SwiGLU MLP (with"
+        " position: rotary)"
+    )
+    n_kv_head: int | None = Field(
+        None, ge=1, description="heads of keys and values, each shared by n_head / n_kv_head query heads"
+        " (grouped-query attention); None: n_head"
+    )
+    mlp_multiple_of: int = Field(
+        64, ge=1, description="llama: the SwiGLU MLP's width, 8/3 x d_model, rounded up to a multiple of this"
+    )
+    tie_embeddings: bool = Field(True, description="the output head shares the token embedding's weights")
+    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before attention")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:
         if self.d_model % self.n_head:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}")
+        if self.block == "llama" and self.position != "rotary":
+            raise ValueError("block llama needs position: rotary")
         if self.position == "rotary" and (self.d_model // self.n_head) % 2:
             raise ValueError("rotary positions need an even head dimension (d_model / n_head)")
         return self
@@ -66,6 +88,10 @@ class TrainConfig(Section):
     )
     eps: float = Field(1e-8, gt=0)
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    z_loss: float = Field(
+        0.0, ge=0, description="weight of the squared log normalizer of the logits added to the training loss"
+        " (PaLM used 1e-4): it keeps the logits small; train/loss includes it, val/loss does not"
+    )
     checkpoint_every: int = Field(500, ge=1, description="steps between checkpoints; one is always written at the end")
     checkpoint_steps: list[Annotated[int, Field(ge=1)]] = Field(
         [], description="steps to checkpoint at besides every checkpoint_every: where a WSD run's decay branches start"
@@ -123,6 +149,11 @@ class FaultsConfig(Section):
     nan_loss_at_steps: list[Annotated[int, Field(ge=1)]] = Field(
         [], description="drill: rank 0's loss at these steps is made NaN, to rehearse the non-finite guard"
     )
+    spike_factor: float = Field(
+        1.5, gt=1.0, description="train/loss_spikes counts steps whose loss is above this many times the lowest of"
+        " the spike_window steps before"
+    )
+    spike_window: int = Field(100, ge=1, description="steps whose lowest loss a step's loss is compared with")
 
 
 class EvalConfig(Section):
@@ -234,9 +265,35 @@ class Config(Section):
         )
 
 
+def merged(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A new tree: `base` with `top` merged in, section by section (a list, such as data.sources, is replaced
+    whole); neither input is modified."""
+    result = copy.deepcopy(base)
+    for key, value in top.items():
+        both_sections = isinstance(value, dict) and isinstance(result.get(key), dict)
+        result[key] = merged(result[key], value) if both_sections else copy.deepcopy(value)
+    return result
+
+
+def read_config_tree(path: Path, including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's tree, with the files its `include:` list names (relative to it) merged in first, in
+    order, and its own settings on top: a run preset composes a model shape, a data recipe and a schedule."""
+    if path.resolve() in including:
+        raise ConfigError(f"{path}: includes itself (through {' -> '.join(str(p) for p in including)})")
+    tree = read_yaml_mapping(path, "config")
+    includes = tree.pop("include", [])
+    if not isinstance(includes, list) or not all(isinstance(name, str) for name in includes):
+        raise ConfigError(f"{path}: include: must be a list of config files, relative to this one")
+    composed: dict[str, Any] = {}
+    for name in includes:
+        composed = merged(composed, read_config_tree(path.parent / name, (*including, path.resolve())))
+    return merged(composed, tree)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from the defaults), apply `a.b=value` overrides, validate."""
-    tree = read_yaml_mapping(Path(path), "config") if path is not None else {}
+    """Read a YAML config and what it includes (or start from the defaults), apply `a.b=value` overrides,
+    validate."""
+    tree = read_config_tree(Path(path)) if path is not None else {}
     for override in overrides:
         set_dotted(tree, override)
     return validated(Config, tree)

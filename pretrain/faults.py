@@ -1,7 +1,8 @@
-"""When training goes wrong: steps with a non-finite loss or gradient, and preemption signals.
+"""When training goes wrong: steps with a non-finite loss or gradient, loss spikes, and preemption signals.
 
 A non-finite step is skipped (by SkippingAdamW or DeepSpeed) and counted; too many in a row stop the run
-without saving, so the newest checkpoint is still a good one. SIGTERM or SIGUSR1 (SLURM's preemption
+without saving, so the newest checkpoint is still a good one. Loss spikes are counted, for a run's stability to
+be compared across settings. SIGTERM or SIGUSR1 (SLURM's preemption
 warnings) make every rank save a checkpoint at the end of the current step and exit with REQUEUE_EXIT_CODE.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -121,3 +123,37 @@ class NonFiniteGuard:
             f"steps {step - self.limit + 1}-{step}: {self.limit} steps in a row had a non-finite loss or"
             f" gradient (faults.max_consecutive_skipped_steps={self.limit}); stopped without saving. {resume_from}"
         )
+
+
+class LossSpikes:
+    """Counts the steps whose loss is above `factor` times the lowest loss of the `window` steps before it: the
+    measure of a run's stability. The count and the window survive a resume through the checkpoint's loop state."""
+
+    LOOP_STATE_KEY = "loss_spikes"
+
+    def __init__(self, factor: float, window: int):
+        self.factor = factor
+        self.recent: deque[float] = deque(maxlen=window)
+        self.total = 0
+
+    @classmethod
+    def from_config(cls, config: Config) -> LossSpikes:
+        return cls(config.faults.spike_factor, config.faults.spike_window)
+
+    def record(self, loss: float) -> None:
+        if not math.isfinite(loss):  # counted by the non-finite guard
+            return
+        self.total += bool(self.recent) and loss > self.factor * min(self.recent)
+        self.recent.append(loss)
+
+    def metrics(self) -> dict[str, int]:
+        return {"train/loss_spikes": self.total}
+
+    def loop_state(self) -> dict:
+        return {self.LOOP_STATE_KEY: {"total": self.total, "recent": list(self.recent)}}
+
+    def restore(self, loop_state: dict) -> None:
+        # Absent from checkpoints made before spikes were counted: the count starts there.
+        saved = loop_state.get(self.LOOP_STATE_KEY, {"total": 0, "recent": []})
+        self.total = saved["total"]
+        self.recent.extend(saved["recent"])

@@ -1,7 +1,9 @@
 """A decoder-only GPT in plain PyTorch: token ids in, next-token logits out. No distributed code here.
 
-Each block is pre-norm: tokens communicate (causal self-attention), then compute (a 4x MLP), each added
-back to the residual stream. The output head shares its weights with the token embedding.
+Each block is pre-norm: tokens communicate (causal self-attention), then compute (an MLP), each added back to
+the residual stream. Two blocks: GPT-2's (LayerNorm, a 4x GELU MLP) and Llama's (RMSNorm, a SwiGLU MLP of
+8/3 the width, with rotary positions); either may share keys and values between query heads (grouped-query
+attention), and tie the output head to the token embedding.
 """
 
 from __future__ import annotations
@@ -18,6 +20,22 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pretrain.config import ModelConfig
 
 MLP_RATIO = 4
+NORM_EPS = 1e-5
+
+
+def norm(config: ModelConfig, width: int | None = None) -> nn.Module:
+    width = width or config.d_model
+    if config.block == "llama":
+        return nn.RMSNorm(width, eps=NORM_EPS)
+    return nn.LayerNorm(width, eps=NORM_EPS, bias=config.bias)
+
+
+def mlp_width(config: ModelConfig) -> int:
+    """The MLP's hidden width: 4 x d_model (GPT-2), or 8/3 x d_model rounded up to mlp_multiple_of (Llama, whose
+    three matrices then hold as many weights as GPT-2's two)."""
+    if config.block == "gpt2":
+        return MLP_RATIO * config.d_model
+    return config.mlp_multiple_of * math.ceil(int(8 * config.d_model / 3) / config.mlp_multiple_of)
 
 
 class Rotary(nn.Module):
@@ -43,46 +61,68 @@ class Rotary(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.n_head = config.n_head
+        self.n_head, self.n_kv_head = config.n_head, config.kv_heads
+        self.head_dim = config.d_model // config.n_head
         self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        # Queries of every head, then keys, then values, in one matmul.
+        self.qkv = nn.Linear(config.d_model, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
         self.rotary = (
-            Rotary(config.d_model // config.n_head, config.seq_len, config.rotary_base)
-            if config.position == "rotary"
-            else None
+            Rotary(self.head_dim, config.seq_len, config.rotary_base) if config.position == "rotary" else None
         )
+        self.q_norm = norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = norm(config, self.head_dim) if config.qk_norm else None
         self.math_kernel = config.attention_kernel == "math"
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.n_head, width // self.n_head).permute(2, 0, 3, 1, 4)
+        q, k, v = (part.view(batch, length, -1, self.head_dim).transpose(1, 2) for part in self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         dropout = self.dropout if self.training else 0.0
         # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel, unless the config asks for math.
         with sdpa_kernel(SDPBackend.MATH) if self.math_kernel else contextlib.nullcontext():
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.proj(y.transpose(1, 2).reshape(batch, length, width))
 
 
 class MLP(nn.Module):
+    """GPT-2's: up, GELU, down."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.fc = nn.Linear(config.d_model, MLP_RATIO * config.d_model, bias=config.bias)
-        self.proj = nn.Linear(MLP_RATIO * config.d_model, config.d_model, bias=config.bias)
+        self.fc = nn.Linear(config.d_model, mlp_width(config), bias=config.bias)
+        self.proj = nn.Linear(mlp_width(config), config.d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(F.gelu(self.fc(x)))
 
 
+class SwiGLU(nn.Module):
+    """Llama's: a SiLU-gated product of two up-projections, then down (Shazeer 2020, "GLU Variants Improve
+    Transformer")."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = nn.Linear(config.d_model, mlp_width(config), bias=config.bias)
+        self.up = nn.Linear(config.d_model, mlp_width(config), bias=config.bias)
+        self.proj = nn.Linear(mlp_width(config), config.d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.silu(self.gate(x)) * self.up(x))
+
+
 class Block(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.attn_norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.attn_norm = norm(config)
         self.attn = CausalSelfAttention(config)
-        self.mlp_norm = nn.LayerNorm(config.d_model, bias=config.bias)
-        self.mlp = MLP(config)
+        self.mlp_norm = norm(config)
+        self.mlp = SwiGLU(config) if config.block == "llama" else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
@@ -104,9 +144,10 @@ class GPT(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.final_norm = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.final_norm = norm(config)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.head.weight = self.token_embedding.weight
+        if config.tie_embeddings:
+            self.head.weight = self.token_embedding.weight
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -168,22 +209,23 @@ class GPT(nn.Module):
         return self.head(self.final_norm(x))
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
-        """Distinct parameters (the tied head counts once). Without embeddings: no token or position table."""
+        """Distinct parameters (a tied head counts once). Without embeddings: no token or position table, and no
+        output head (untied, it is a table of the same shape)."""
         total = sum(p.numel() for p in self.parameters())
         if include_embeddings:
             return total
-        embeddings = self.token_embedding.weight.numel()
-        if self.position_embedding is not None:
-            embeddings += self.position_embedding.weight.numel()
-        return total - embeddings
+        tables = [self.token_embedding, self.position_embedding, None if self.config.tie_embeddings else self.head]
+        return total - sum(table.weight.numel() for table in tables if table is not None)
 
     def flops_per_token(self) -> int:
         """Training FLOPs per token: 6 per weight that multiplies an activation, plus attention.
 
         Forward is 2 FLOPs per weight per token and backward twice that, hence 6N, where N counts the
-        non-embedding parameters and the output head (a real matmul, though its weights are tied). Attention
-        scores and the weighted sum of values add 2 x 2 x seq_len x d_model per layer forward, 12 x that
-        forward and backward (PaLM, Chowdhery et al. 2022, appendix B; it does not halve for the causal mask).
+        non-embedding parameters and the output head (a real matmul, tied or not). Attention scores and the
+        weighted sum of values add 2 x 2 x seq_len x d_model per layer forward, 12 x that forward and backward
+        (PaLM, Chowdhery et al. 2022, appendix B; it does not halve for the causal mask, nor shrink with shared
+        key and value heads, as every query head still scores every position). Norms and activations, a few
+        FLOPs per width, are left out, as in PaLM's count.
         """
         config = self.config
         matmul_weights = self.num_parameters(include_embeddings=False) + config.vocab_size * config.d_model

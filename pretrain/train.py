@@ -44,7 +44,7 @@ from pretrain.distributed import (
     shutdown,
 )
 from pretrain.evaluation import FewShotEvaluator, Validator
-from pretrain.faults import NonFiniteGuard, PreemptionWatch
+from pretrain.faults import LossSpikes, NonFiniteGuard, PreemptionWatch
 from pretrain.loss import next_token_loss
 from pretrain.metrics import RunLogger, launch_details
 from pretrain.model import GPT
@@ -123,13 +123,14 @@ def build_engine(config: Config, layout: BatchLayout, context: DistributedContex
                        model.flops_per_token())
 
 
-def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | None, poison: bool = False):
+def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | None, z_loss: float = 0.0,
+               poison: bool = False):
     """Forward and backward over one step's micro-batches and the optimizer update; returns the summed
     micro-batch losses (a tensor, so the device is not stalled). `poison` makes the loss NaN (a fault drill)."""
     loss_sum = torch.zeros((), device=micro_batches[0].device)
     optimizer.begin_step()
     for batch in micro_batches:
-        loss = next_token_loss(engine, batch, masking)
+        loss = next_token_loss(engine, batch, masking, z_loss)
         if poison:
             loss = loss * torch.nan
         optimizer.observe_loss(loss)
@@ -155,13 +156,15 @@ class Run:
     validator: Validator
     fewshot: FewShotEvaluator
     guard: NonFiniteGuard
+    spikes: LossSpikes
     progress: Progress
     checkpointer: Checkpointer
 
     def loop_state(self, step: int) -> dict:
         """What a checkpoint records besides DeepSpeed's own state, to resume from it."""
         return {"step": step, "data_fingerprint": self.data_fingerprint, "data_order": self.data_order.record(),
-                "tokens_seen": self.train_batches.tokens_before(step), **self.guard.loop_state()}
+                "tokens_seen": self.train_batches.tokens_before(step), **self.guard.loop_state(),
+                **self.spikes.loop_state()}
 
 
 def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> Run:
@@ -208,6 +211,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
         write_atomically(run_dir / "deepspeed_config.json", json.dumps(setup.ds_config, indent=2) + "\n")
 
     guard = NonFiniteGuard.from_config(config, setup.precision, context.is_main)
+    spikes = LossSpikes.from_config(config)
     start_step = 0
     if resume_from is not None:
         loop_state = checkpoint.load(setup.engine, resume_from, universal)
@@ -219,6 +223,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
             )
         start_step = loop_state["step"]
         guard.restore(loop_state)
+        spikes.restore(loop_state)
         written_by = checkpoint.read_marker(resume_from)["world_size"]
         own = resume_from.parent.parent == run_dir
         say(f"{'resumed from ' + resume_from.name if own else f'branched from {resume_from}'} (step {start_step})" + (
@@ -232,6 +237,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
         FewShotEvaluator(fewshot_tasks, tokenizer, fewshot, config.model.seq_len, data.end_of_document_id, max_steps,
                          say),
         guard,
+        spikes,
         Progress(layout.tokens_per_step, setup.flops_per_token, peak_bf16_flops(context.device), context.world_size,
                  config.logging.print_every, max_steps, context.device),
         Checkpointer.from_config(config),
@@ -277,17 +283,19 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
             micro_batches = next_micro_batches(steps, step, layout, context.device)
             data_wait = time.perf_counter() - step_start
             done = step + 1
-            loss_sum = train_step(engine, optimizer, micro_batches, run.masking, run.guard.poisons(done))
+            loss_sum = train_step(engine, optimizer, micro_batches, run.masking, config.train.z_loss,
+                                  run.guard.poisons(done))
             # One collective for the step's loss and the preemption vote (any rank that got a signal stops them all).
             train_loss, stop_votes = means_across_ranks(
                 [loss_sum / layout.accumulation_steps, preemption.vote()], context.device)
             step_seconds = time.perf_counter() - step_start
             alert = run.guard.record(done, train_loss, optimizer.skipped, engine.was_step_applied())
+            run.spikes.record(train_loss)
             if alert is not None:
                 logger.alert("non-finite loss", alert)
             metrics = {"train/loss": train_loss, "train/lr": lr, "train/grad_norm": global_grad_norm(engine),
                        "train/tokens": run.train_batches.tokens_before(done), **run.guard.metrics(),
-                       **run.progress.step_metrics(step_seconds, data_wait)}
+                       **run.spikes.metrics(), **run.progress.step_metrics(step_seconds, data_wait)}
             if run.validator.due(done):
                 metrics.update(run.validator.validate(engine))
             if run.fewshot.due(done):

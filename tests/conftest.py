@@ -13,7 +13,8 @@ import yaml
 from filelock import FileLock
 
 from data_pipeline.cli import run_command
-from tests.helpers import TINY_CONFIG, deep_merge, launch, losses_by_step
+from pretrain.config import merged
+from tests.helpers import TINY_CONFIG, launch, losses_by_step
 
 # Steps of every shared run: enough for the loss to fall, few enough that a launch costs little more than its start.
 SHARED_RUN_STEPS = 6
@@ -24,7 +25,7 @@ def tiny_config(tmp_path: Path):
     """Write the tiny config (with `changes` merged in) under tmp_path; return its path."""
 
     def write(changes: dict | None = None, name: str = "config.yaml") -> Path:
-        config = deep_merge(TINY_CONFIG, changes or {})
+        config = merged(TINY_CONFIG, changes or {})
         config.setdefault("output_dir", str(tmp_path / "runs"))
         config["data"].setdefault("dir", str(tmp_path / "data"))
         path = tmp_path / name
@@ -63,7 +64,7 @@ class SharedRuns:
                compile: bool = False) -> dict:
         """The tiny config of the shared runs (fp32, validation only at the end), for one variant;
         also for a run started another way that must train what a shared run trains."""
-        return deep_merge(TINY_CONFIG, {
+        return merged(TINY_CONFIG, {
             "name": name,
             "output_dir": str(output_dir),
             "data": {"dir": str(self.data_dir)},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -49,14 +48,6 @@ TINY_CONFIG = {
 def tiny_data_order(global_batch_tokens: int = TINY_CONFIG["train"]["global_batch_tokens"]) -> dict:
     """The data order a checkpoint of the tiny config records."""
     return {"global_batch_tokens": global_batch_tokens, "seq_len": 64, "seed": 0, "shuffle_blocks": 64}
-
-
-def deep_merge(base: dict, changes: dict) -> dict:
-    """A new dict: `base` with `changes` merged in, section by section; neither input is modified."""
-    merged = copy.deepcopy(base)
-    for key, value in changes.items():
-        merged[key] = deep_merge(base[key], value) if isinstance(value, dict) and key in base else value
-    return merged
 
 
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

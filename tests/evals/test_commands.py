@@ -13,9 +13,10 @@ from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.__main__ import main as evals_main
 from evals.fewshot import evaluate
 from evals.tasks import load_task
+from pretrain.config import merged
 from pretrain.model import GPT
 from pretrain.rundir import load_checkpoint, read_metrics, run_config, run_tokenizer, scaling_point
-from tests.helpers import TINY_CONFIG, deep_merge, launch, run_module
+from tests.helpers import TINY_CONFIG, launch, run_module
 
 FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_loop": 24, "interval": 4}
 
@@ -24,7 +25,7 @@ FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_
 def trained(tmp_path_factory):
     """A tiny 2-rank run whose loop evaluated few-shot accuracy at steps 4 and 8."""
     root = tmp_path_factory.mktemp("fewshot")
-    config = deep_merge(TINY_CONFIG, {"eval": {"fewshot": FEWSHOT}})
+    config = merged(TINY_CONFIG, {"eval": {"fewshot": FEWSHOT}})
     config.update(output_dir=str(root / "runs"))
     config["data"]["dir"] = str(root / "data")
     path = root / "config.yaml"

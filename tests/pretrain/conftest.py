@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pretrain.config import merged
 from pretrain.rundir import METRICS_FILE, read_metrics
 from tests.helpers import (
     PLANTED_SECRET,
     SECRET_VARIABLE,
     TINY_CONFIG,
     WATCHED_STEPS,
-    deep_merge,
     launch,
     of_type,
     signal_job,
@@ -50,7 +50,7 @@ def watched_run(tmp_path_factory) -> WatchedRun:
     (SIGKILL to every process, as when a node dies) a few steps after a checkpoint, then launched again: it
     resumes and finishes."""
     root = tmp_path_factory.mktemp("watched")
-    config = deep_merge(TINY_CONFIG, {
+    config = merged(TINY_CONFIG, {
         "name": "watched",
         "output_dir": str(root / "runs"),
         "train": {"max_steps": WATCHED_STEPS, "checkpoint_every": 10},

@@ -98,3 +98,27 @@ def test_a_missing_config_file_is_named(in_process, tmp_path, monkeypatch):
     result = in_process(launch_main, "run", "--config", "nowhere.yaml")
     assert result.returncode == 2
     assert "nowhere.yaml" in result.stderr
+
+
+def test_a_config_includes_files_relative_to_itself_in_order_with_its_own_settings_on_top(tmp_path):
+    (tmp_path / "parts").mkdir()
+    (tmp_path / "parts" / "shape.yaml").write_text("model: {n_layer: 6, d_model: 96, n_head: 4}\ntrain: {lr: 0.1}\n")
+    (tmp_path / "parts" / "recipe.yaml").write_text("train: {lr: 0.2, warmup_steps: 7}\n")
+    (tmp_path / "run.yaml").write_text("include: [parts/shape.yaml, parts/recipe.yaml]\nmodel: {n_layer: 3}\n")
+    config = load_config(tmp_path / "run.yaml", ["train.max_steps=9"])
+    assert (config.model.n_layer, config.model.d_model, config.model.n_head) == (3, 96, 4)
+    assert (config.train.lr, config.train.warmup_steps, config.train.max_steps) == (0.2, 7, 9)
+
+
+@pytest.mark.parametrize(("files", "names"), [
+    ({"run.yaml": "include: [a.yaml]\n", "a.yaml": "include: [run.yaml]\n"}, "run.yaml: includes itself"),
+    ({"run.yaml": "include: [gone.yaml]\n"}, "gone.yaml: config file not found"),
+    ({"run.yaml": "include: a.yaml\n"}, "run.yaml: include: must be a list"),
+])
+def test_an_include_that_cannot_be_followed_is_refused_naming_the_file(in_process, tmp_path, files, names):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    result = in_process(launch_main, "run", "--config", str(tmp_path / "run.yaml"))
+    assert result.returncode == 2
+    assert names in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

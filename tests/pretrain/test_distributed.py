@@ -9,8 +9,9 @@ import time
 
 import yaml
 
+from pretrain.config import merged
 from pretrain.rundir import read_metrics
-from tests.helpers import TINY_CONFIG, WORDS, deep_merge, tiny_tokenizer
+from tests.helpers import TINY_CONFIG, WORDS, tiny_tokenizer
 from tests.servers import free_port
 
 COLLECTIVE_TIMEOUT_SECONDS = 6
@@ -24,7 +25,7 @@ def test_start_up_work_longer_than_the_collective_timeout_kills_no_rank(tmp_path
     os.mkfifo(corpus)
     tokenizer = tmp_path / "tokenizer.json"
     tiny_tokenizer().save(str(tokenizer))
-    config = deep_merge(TINY_CONFIG, {
+    config = merged(TINY_CONFIG, {
         "name": "slow-start", "output_dir": str(tmp_path / "runs"),
         "data": {"dir": str(tmp_path / "data"), "tokenizer": str(tokenizer),
                  "sources": [{"kind": "jsonl", "paths": [str(corpus)]}]},

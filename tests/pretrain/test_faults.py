@@ -13,7 +13,7 @@ import pytest
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE
 from pretrain.checkpoint import COMPLETE_MARKER, consolidated_state_dict, newest_complete
-from pretrain.faults import NonFiniteGuard, PreemptionWatch, TooManyNonFiniteSteps
+from pretrain.faults import LossSpikes, NonFiniteGuard, PreemptionWatch, TooManyNonFiniteSteps
 from pretrain.rundir import read_metrics
 from tests.helpers import (
     job_processes,
@@ -253,3 +253,21 @@ def test_non_finite_steps_are_skipped_and_counted_and_too_many_in_a_row_stop_the
     weights = {step: consolidated_state_dict(run_dir / "checkpoints" / f"step_{step:08d}") for step in (2, 3, 4)}
     assert all(weights[2][name].equal(weights[3][name]) for name in weights[2])
     assert not all(weights[3][name].equal(weights[4][name]) for name in weights[3])
+
+
+def test_a_loss_above_the_factor_times_the_lowest_of_the_window_before_is_a_spike_and_the_count_resumes():
+    losses = [4.0, 3.0, 2.0, 2.9, 3.1, 2.5, 6.0, float("nan"), 4.0, 3.0, 2.2]
+    # Window 3, factor 1.5: 3.1 > 1.5 x 2.0; 6.0 > 1.5 x 2.5; 4.0 > 1.5 x 2.5 (the NaN step is left out of the
+    # window); then 3.0 is not above 1.5 x 2.5, nor 2.2 above 1.5 x 3.0.
+    whole = LossSpikes(factor=1.5, window=3)
+    for loss in losses:
+        whole.record(loss)
+    assert whole.metrics() == {"train/loss_spikes": 3}
+
+    first, resumed = LossSpikes(factor=1.5, window=3), LossSpikes(factor=1.5, window=3)
+    for loss in losses[:5]:
+        first.record(loss)
+    resumed.restore(json.loads(json.dumps({"step": 5, **first.loop_state()})))  # as a checkpoint stores it
+    for loss in losses[5:]:
+        resumed.record(loss)
+    assert resumed.metrics() == whole.metrics() and list(resumed.recent) == list(whole.recent)

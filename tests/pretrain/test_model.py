@@ -4,11 +4,14 @@ import torch
 from pretrain.config import ModelConfig
 from pretrain.model import GPT
 
+LLAMA = {"block": "llama", "position": "rotary"}
 
-@pytest.mark.parametrize("position", ["learned", "rotary"])
-def test_changing_a_future_token_never_changes_an_earlier_logit(position):
+
+@pytest.mark.parametrize("shape", [{"position": "learned"}, {"position": "rotary"}, {**LLAMA, "n_kv_head": 1},
+                                   {**LLAMA, "qk_norm": True}])
+def test_changing_a_future_token_never_changes_an_earlier_logit(shape):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=97, seq_len=16, n_layer=2, n_head=2, d_model=32, position=position)).eval()
+    model = GPT(ModelConfig(vocab_size=97, seq_len=16, n_layer=2, n_head=2, d_model=32, **shape)).eval()
     tokens = torch.randint(0, 97, (3, 16))
     with torch.no_grad():
         before = model(tokens)
@@ -40,6 +43,46 @@ def test_flops_per_token_matches_a_hand_count():
     assert model.num_parameters() == 1576 + 128 + 32
     # 6 x (non-embedding weights + the head's 128 weights) + attention 12 x layers x context x width.
     assert model.flops_per_token() == 6 * (1576 + 128) + 12 * 2 * 4 * 8 == 10992
+
+
+def test_the_llama_blocks_parameters_and_flops_match_a_hand_count():
+    # d=8, 2 query heads of 4 sharing 1 key/value head, 2 layers, vocab 16, context 4, untied head.
+    model = GPT(ModelConfig(vocab_size=16, seq_len=4, n_layer=2, n_head=2, d_model=8, n_kv_head=1,
+                            mlp_multiple_of=16, tie_embeddings=False, **LLAMA))
+    # Per layer: q 8x8 + k 8x4 + v 8x4 = 128, output 8x8 = 64; SwiGLU width int(8 x 8 / 3) = 21 rounded up to
+    # 32, three matrices 3 x 8 x 32 = 768; two RMSNorm gains of 8 -> 976. Two layers and the final gain: 1960.
+    assert model.num_parameters(include_embeddings=False) == 1960
+    assert model.num_parameters() == 1960 + 128 + 128  # the token table and the untied head
+    assert model.flops_per_token() == 6 * (1960 + 128) + 12 * 2 * 4 * 8 == 13296
+
+
+def test_query_heads_in_a_group_attend_with_their_shared_key_and_value_head():
+    """4 query heads over 2 key/value heads (heads 0-1 share one, 2-3 the other) compute what 4 full heads do
+    whose keys and values are copied so."""
+    torch.manual_seed(0)
+    shape = {"vocab_size": 50, "seq_len": 8, "n_layer": 1, "n_head": 4, "d_model": 16, **LLAMA}
+    grouped, full = GPT(ModelConfig(**shape, n_kv_head=2)).eval(), GPT(ModelConfig(**shape)).eval()
+    assert grouped.blocks[0].attn.qkv.weight.shape == (16 + 2 * 2 * 4, 16)
+    state = grouped.state_dict()
+    q, k, v = state["blocks.0.attn.qkv.weight"].split([16, 8, 8])
+
+    def each_head_twice(rows: torch.Tensor) -> torch.Tensor:  # 2 heads of 4 rows -> heads 0, 0, 1, 1
+        return rows.view(2, 4, 16).repeat_interleave(2, dim=0).reshape(16, 16)
+
+    state["blocks.0.attn.qkv.weight"] = torch.cat([q, each_head_twice(k), each_head_twice(v)])
+    full.load_state_dict(state)
+    tokens = torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        assert torch.allclose(grouped(tokens), full(tokens), atol=1e-6)
+
+
+@pytest.mark.parametrize(("shape", "message"), [
+    ({"n_head": 4, "n_kv_head": 3}, "n_head=4 is not divisible by n_kv_head=3"),
+    ({"block": "llama", "position": "learned"}, "block llama needs position: rotary"),
+])
+def test_a_model_shape_that_cannot_be_built_is_refused(shape, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(d_model=16, **shape)
 
 
 def test_output_head_is_tied_to_the_token_embedding():

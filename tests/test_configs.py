@@ -1,0 +1,32 @@
+"""Every config the project ships loads, and a config named for a size has that many parameters."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.model import GPT
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+SHIPPED = sorted(path for path in CONFIGS.rglob("*.yaml") if "sweeps" not in path.parts)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda path: str(path.relative_to(CONFIGS)))
+def test_a_shipped_config_loads_and_a_size_in_its_name_is_its_parameter_count(path):
+    config = load_config(path)
+    size = re.search(r"-(\d+(?:\.\d+)?)([mb])\b", path.stem)
+    if size:
+        named = float(size[1]) * {"m": 1e6, "b": 1e9}[size[2]]
+        with torch.device("meta"):  # shapes only: a 1.5B model allocates nothing
+            parameters = GPT(config.model).num_parameters()
+        assert parameters == pytest.approx(named, rel=0.05)
+
+
+def test_the_presets_take_their_shape_and_recipe_from_the_files_they_include():
+    preset = load_config(CONFIGS / "presets" / "gpt2-124m-parquet.yaml")
+    shape = load_config(CONFIGS / "models" / "gpt2-124m.yaml")
+    assert preset.model == shape.model and preset.train.lr == shape.train.lr == 6.0e-4
+    assert preset.data == load_config(CONFIGS / "data" / "parquet-corpus.yaml").data
+    assert preset.train.max_steps == 19073  # its own setting, on top of what it includes
