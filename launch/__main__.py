@@ -4,11 +4,14 @@
                          [--ranks R] [--hostfile FILE] [--hostfile-launcher torchrun|deepspeed] [--dry-run]
                          [KEY=VALUE ...]
     python -m launch sweep --spec configs/sweeps/micro.yaml [--parallel K] [the same options, for every run]
+    python -m launch plan --config CONFIG --gpus N [--gpu-memory 80GiB] [KEY=VALUE ...]
 
 The config is validated here, for the world size the run will have, and the data is prepared (once) and its
 shards checked, before any training process starts: a bad request costs one line and exit code 2, bad data
 or an unusable checkpoint one line and exit code 1, not a cluster allocation. `--dry-run` prints exactly what
-would run and starts nothing. `python -m launch node` is the per-node step the sbatch script runs.
+would run and starts nothing. Where the GPUs' memory is known (a GPU here, or `--gpu-memory`), a run whose memory
+plan does not fit is refused with the plan's line, and `--dry-run` prints the plan. `python -m launch node` is
+the per-node step the sbatch script runs.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.files import write_atomically
-from launch import hostfile, preparation, slurm
+from launch import hostfile, planner, preparation, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,
     Rendezvous,
@@ -69,6 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              help="torchrun: run this command on every host; deepspeed: on the first, pdsh/ssh"
                              " reaches the rest")
         command.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
+    run.add_argument("--gpu-memory", type=planner.parse_memory,
+                     help="memory of one GPU, e.g. 80GiB: check the run's memory plan against it (default: this"
+                     " host's GPU, if any; SLURM and CPU runs are not checked without it)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     sweep.add_argument("--parallel", type=int,
                        help="runs at once: local runs side by side (their ranks share this machine), or SLURM"
@@ -83,6 +89,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     prepare = commands.add_parser("prepare", help="tokenize and shard a config's data now (training does it on"
                                   " first use otherwise)")
     preparation.add_arguments(prepare)
+    plan = commands.add_parser("plan", help="memory per GPU by ZeRO stage, and the micro-batch that fits")
+    planner.add_arguments(plan)
     return parser.parse_args(argv)
 
 
@@ -172,6 +180,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         world_size, first_host = nodes * per_node, True
         script = slurm.render_sbatch(config, Path(args.config) if args.config else None, args.overrides, nodes,
                                      args.gpus_per_node or 0, per_node, Path.cwd())
+    memory = args.gpu_memory or (planner.gpu_memory_here() if args.backend != "slurm" else None)
+    if memory:
+        plan = planner.make_plan(config, world_size, memory, planner.gpu_precision(config))
+        if args.dry_run:
+            print(planner.render(plan))
+        if not plan.fits:
+            raise ConfigError(plan.recommendation)
     check_checkpoint(config, world_size)
 
     if args.dry_run:
@@ -243,7 +258,11 @@ def prepare_data(args: argparse.Namespace, _argv: list[str]) -> int:
     return preparation.prepare_command(args, load_config(args.config, args.overrides))
 
 
-COMMANDS = {"run": run, "sweep": sweep, "node": node, "prepare": prepare_data}
+def plan_memory(args: argparse.Namespace, _argv: list[str]) -> int:
+    return planner.plan_command(args, load_config(args.config, args.overrides))
+
+
+COMMANDS = {"run": run, "sweep": sweep, "node": node, "prepare": prepare_data, "plan": plan_memory}
 
 
 def main(argv: list[str] | None = None) -> int:
