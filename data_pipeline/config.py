@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_pipeline.errors import ConfigError
 
+OPEN_SHARDS = 8  # shards a reader keeps open (their indexes, and remote shards' bytes)
+
 
 class Section(BaseModel):
     # Unknown keys are typos until proven otherwise: refuse them rather than silently ignore them. No setting
@@ -121,6 +123,11 @@ class DataConfig(Section):
         "start", description="start: check every shard's sha256 before training; on_read: as each shard is read"
     )
     shuffle_blocks: int = Field(64, ge=1, description="blocks whose windows are shuffled together (bounded window)")
+    mix_shards: int = Field(
+        OPEN_SHARDS, ge=1, le=OPEN_SHARDS, description="shards whose blocks are interleaved, in proportion to their"
+        " sizes, before the blocks form shuffle groups: sources written to separate shards then mix within every"
+        f" step, not in long stretches of one source; at most {OPEN_SHARDS}, the shards a reader keeps open"
+    )
     loader_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank")
     document_masking: bool = Field(
         False, description="tokens attend only within their own document, not across packed neighbours"

@@ -6,8 +6,10 @@ fewer).
 
 One global order per epoch, a function of (seed, epoch, manifest fingerprint) only:
   1. the shards are permuted;
-  2. the blocks, in that shard order, form groups of `shuffle_blocks`; each group's windows are permuted
-     (a bounded shuffle window: a reader holds one group's blocks, not the dataset).
+  2. the blocks of each run of `mix_shards` shards in that order are interleaved in proportion to the shards'
+     sizes (block j of a shard of n blocks at (j + 1/2) / n of the run), so shards of different sources mix;
+  3. the blocks, in that order, form groups of `shuffle_blocks`; each group's windows are permuted (a bounded
+     shuffle window: a reader holds one group's blocks, from at most `mix_shards` shards, not the dataset).
 Optimizer step s takes positions [s*S, (s+1)*S) of that order (S sequences per step); rank r takes the r-th
 equal slice. So every rank does the same number of steps by construction, no window is repeated or skipped
 within an epoch, and the step number alone is the loader's state: a run resumed at any world size with the
@@ -28,14 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.config import BatchLayout
+from data_pipeline.config import OPEN_SHARDS, BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.files import write_atomically
 from data_pipeline.manifest import Manifest, Shard
 from data_pipeline.remote import Fetcher, redacted
 from data_pipeline.tokenizer import file_sha256
-
-OPEN_SHARDS = 8  # shard indexes (and remote shards' bytes) kept per reader
 
 
 def shard_location(manifest: Manifest, shard: Shard, shard_url: str | None) -> str:
@@ -218,44 +218,52 @@ class Windows:
 class GlobalOrder:
     """Which natural-order window sits at each position of an epoch (see the module docstring)."""
 
-    def __init__(self, windows: Windows, shuffle_blocks: int, seed: int):
+    def __init__(self, windows: Windows, shuffle_blocks: int, seed: int, mix_shards: int = OPEN_SHARDS):
         self.windows = windows
         self.group_blocks = shuffle_blocks
+        self.mix_shards = mix_shards
         self.seed = [seed, int(windows.manifest.fingerprint[:8], 16)]
         self.shard_blocks = np.array([shard.samples for shard in windows.reader.shards])
-        self._epoch: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._epoch: tuple[int, list[np.ndarray], np.ndarray] | None = None
         self._group: tuple[tuple[int, int], np.ndarray] | None = None
 
-    def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """The epoch's block sequence and the first position of each group."""
+    def _epoch_layout(self, epoch: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The epoch's groups of blocks, and the first position of each group."""
         if self._epoch is None or self._epoch[0] != epoch:
             shard_order = np.random.default_rng([*self.seed, epoch]).permutation(len(self.shard_blocks))
             first_block = self.windows.reader.first_block
-            blocks = np.concatenate([np.arange(first_block[s], first_block[s + 1]) for s in shard_order])
-            window_counts = np.full(len(blocks), self.windows.per_block)
-            window_counts[blocks == len(blocks) - 1] = self.windows.last_block_windows
-            group_sizes = np.add.reduceat(window_counts, np.arange(0, len(blocks), self.group_blocks))
-            self._epoch = (epoch, blocks, np.concatenate([[0], np.cumsum(group_sizes)]))
+            groups = []
+            for start in range(0, len(shard_order), self.mix_shards):
+                shards = shard_order[start:start + self.mix_shards]
+                run = [np.arange(first_block[shard], first_block[shard + 1]) for shard in shards]
+                places = np.concatenate([(np.arange(len(shard)) + 0.5) / max(len(shard), 1) for shard in run])
+                mixed = np.concatenate(run)[np.argsort(places, kind="stable")]
+                # Groups stay within a run, so a reader never needs more shards at once than it keeps open.
+                groups += [mixed[first:first + self.group_blocks] for first in range(0, len(mixed), self.group_blocks)]
+            per_block, short_block = self.windows.per_block, self.windows.reader.block_count - 1
+            missing = per_block - self.windows.last_block_windows  # the split's last block may be short
+            group_sizes = [len(group) * per_block - missing * int((group == short_block).any()) for group in groups]
+            self._epoch = (epoch, groups, np.concatenate([[0], np.cumsum(group_sizes)]))
         return self._epoch[1], self._epoch[2]
 
-    def _group_windows(self, epoch: int, group: int, blocks: np.ndarray) -> np.ndarray:
+    def _group_windows(self, epoch: int, group: int, groups: list[np.ndarray]) -> np.ndarray:
         """The natural-order ids of one group's windows, in their shuffled order."""
         if self._group is None or self._group[0] != (epoch, group):
-            members = blocks[group * self.group_blocks : (group + 1) * self.group_blocks]
             ids = np.concatenate([
-                block * self.windows.per_block + np.arange(self.windows.windows_in_block(block)) for block in members
+                block * self.windows.per_block + np.arange(self.windows.windows_in_block(block))
+                for block in groups[group]
             ])
             permutation = np.random.default_rng([*self.seed, epoch, group + 1]).permutation(len(ids))
             self._group = ((epoch, group), ids[permutation])
         return self._group[1]
 
     def at(self, epoch: int, positions: np.ndarray) -> np.ndarray:
-        blocks, group_starts = self._epoch_layout(epoch)
-        groups = np.searchsorted(group_starts, positions, side="right") - 1
+        groups, group_starts = self._epoch_layout(epoch)
+        group_of = np.searchsorted(group_starts, positions, side="right") - 1
         result = np.empty(len(positions), dtype=np.int64)
-        for group in np.unique(groups):
-            chosen = groups == group
-            result[chosen] = self._group_windows(epoch, int(group), blocks)[positions[chosen] - group_starts[group]]
+        for group in np.unique(group_of):
+            chosen = group_of == group
+            result[chosen] = self._group_windows(epoch, int(group), groups)[positions[chosen] - group_starts[group]]
         return result
 
 
@@ -267,12 +275,12 @@ class TrainBatches:
     of another S if the run continues after a change of the global batch."""
 
     def __init__(self, windows: Windows, layout: BatchLayout, rank: int, shuffle_blocks: int, seed: int,
-                 resumed_at: tuple[int, int] = (0, 0)):
+                 resumed_at: tuple[int, int] = (0, 0), mix_shards: int = OPEN_SHARDS):
         self.windows = windows
         self.layout = layout
         self.rank = rank
         self.resumed_at = resumed_at
-        self.order = GlobalOrder(windows, shuffle_blocks, seed)
+        self.order = GlobalOrder(windows, shuffle_blocks, seed, mix_shards)
         self.steps_per_epoch = windows.count // layout.sequences_per_step
         if self.steps_per_epoch == 0:
             raise DataError(

@@ -101,9 +101,9 @@ class TrainConfig(Section):
     )
     resume: Literal["auto", "never"] = "auto"
     data_order_change: Literal["refuse", "continue_by_tokens"] = Field(
-        "refuse", description="a resume with another global_batch_tokens, model.seq_len, seed or data.shuffle_blocks"
-        " than the checkpoint's would skip or repeat data: refuse it, or continue after the same number of tokens"
-        " seen, in the order the new settings give",
+        "refuse", description="a resume with another global_batch_tokens, model.seq_len, seed, data.shuffle_blocks or"
+        " data.mix_shards than the checkpoint's would skip or repeat data: refuse it, or continue after the same"
+        " number of tokens seen, in the order the new settings give",
     )
     branch_from: str | None = Field(
         None, description="a complete checkpoint of another run to start from (weights, optimizer, data position,"

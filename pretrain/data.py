@@ -34,19 +34,22 @@ class DataOrder:
     seq_len: int
     seed: int
     shuffle_blocks: int
+    mix_shards: int
 
     SETTINGS: ClassVar[dict[str, str]] = {"global_batch_tokens": "train.global_batch_tokens",
                                           "seq_len": "model.seq_len", "seed": "seed",
-                                          "shuffle_blocks": "data.shuffle_blocks"}
+                                          "shuffle_blocks": "data.shuffle_blocks", "mix_shards": "data.mix_shards"}
 
     @classmethod
     def of(cls, config: Config) -> DataOrder:
-        return cls(config.train.global_batch_tokens, config.model.seq_len, config.seed, config.data.shuffle_blocks)
+        return cls(config.train.global_batch_tokens, config.model.seq_len, config.seed, config.data.shuffle_blocks,
+                   config.data.mix_shards)
 
     def record(self) -> dict[str, int]:
         return asdict(self)
 
     def changes_since(self, saved: dict[str, Any]) -> list[str]:
         """'setting: saved -> now' for each setting that differs from a recorded order."""
-        return [f"{setting}: {saved.get(field)} -> {getattr(self, field)}"
+        # A checkpoint from before a setting existed read its data in another order: it shows as "unrecorded".
+        return [f"{setting}: {saved.get(field, 'unrecorded')} -> {getattr(self, field)}"
                 for field, setting in self.SETTINGS.items() if saved.get(field) != getattr(self, field)]

@@ -188,7 +188,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url, check_on_read, fetcher)
                for split in ("train", "val")}
     train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed,
-                                 resumed_at)
+                                 resumed_at, config.data.mix_shards)
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None
     fewshot = config.eval.fewshot

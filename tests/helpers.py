@@ -47,7 +47,7 @@ TINY_CONFIG = {
 
 def tiny_data_order(global_batch_tokens: int = TINY_CONFIG["train"]["global_batch_tokens"]) -> dict:
     """The data order a checkpoint of the tiny config records."""
-    return {"global_batch_tokens": global_batch_tokens, "seq_len": 64, "seed": 0, "shuffle_blocks": 64}
+    return {"global_batch_tokens": global_batch_tokens, "seq_len": 64, "seed": 0, "shuffle_blocks": 64, "mix_shards": 8}
 
 
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -133,6 +133,32 @@ def test_the_shuffle_window_is_bounded_to_one_group_of_blocks(prepared):
     assert len(blocks_of_first_group) == 4
 
 
+@pytest.mark.parametrize("mix_shards", [1, 3, 8])
+def test_each_group_draws_on_every_shard_of_its_run_in_proportion_to_their_sizes(prepared, mix_shards):
+    """Sources written to separate shards mix within every step: a shuffle group takes blocks from each of the
+    `mix_shards` shards of its run in proportion to their sizes, and never from more shards than a reader keeps
+    open."""
+    windows = Windows(prepared, "train", SEQ_LEN)
+    first_block = windows.reader.first_block
+    assert len(first_block) - 1 >= 8  # shards enough for runs of 8
+    order = GlobalOrder(windows, shuffle_blocks=4, seed=0, mix_shards=mix_shards)
+    groups, _ = order._epoch_layout(0)
+    shard_of = np.searchsorted(first_block, np.concatenate(groups), side="right") - 1
+    assert sorted(np.concatenate(groups).tolist()) == list(range(windows.reader.block_count))
+    position = 0
+    for group in groups:
+        shards = shard_of[position:position + len(group)]
+        position += len(group)
+        assert len(set(shards.tolist())) <= mix_shards
+    # The first run's blocks: each shard's share of any stretch is its share of the run, within one block.
+    run_shards = [int(shard) for shard in dict.fromkeys(shard_of.tolist())][:mix_shards]
+    run = shard_of[:sum(int(first_block[s + 1] - first_block[s]) for s in run_shards)]
+    for shard in run_shards:
+        share = (first_block[shard + 1] - first_block[shard]) / len(run)
+        for end in range(1, len(run) + 1):
+            assert abs((run[:end] == shard).sum() - share * end) <= 1
+
+
 def test_validation_batches_are_fixed_spread_over_the_split_and_disjoint_across_ranks(prepared):
     windows = Windows(prepared, "val", SEQ_LEN)
     per_rank = [validation_batches(windows, layout(2), rank, batches=3) for rank in range(2)]

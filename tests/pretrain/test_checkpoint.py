@@ -121,7 +121,8 @@ def test_a_resume_that_would_change_the_data_order_is_refused_naming_the_setting
     before = sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*"))
     for change, named in (("train.global_batch_tokens=3072", "train.global_batch_tokens: 1536 -> 3072"),
                           ("model.seq_len=32", "model.seq_len: 64 -> 32"), ("seed=1", "seed: 0 -> 1"),
-                          ("data.shuffle_blocks=8", "data.shuffle_blocks: 64 -> 8")):
+                          ("data.shuffle_blocks=8", "data.shuffle_blocks: 64 -> 8"),
+                          ("data.mix_shards=1", "data.mix_shards: 8 -> 1")):
         refused = in_process(launch_main, "run", "--config", str(config), change)
         assert refused.returncode == 1 and named in refused.stderr, refused.stderr
     assert sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*")) == before

@@ -197,7 +197,7 @@ def initial_losses(config_path: Path, ranks: int, masking: bool) -> tuple[float,
             batches = validation_batches(Windows(data, "val", layout.seq_len), layout, rank, config.eval.batches)
             validation.append(sum(next_token_loss(model, b, end_of_document_id).item() for b in batches) / len(batches))
             step_one = TrainBatches(Windows(data, "train", layout.seq_len), layout, rank, config.data.shuffle_blocks,
-                                    config.seed).step_windows(0)[0]
+                                    config.seed, mix_shards=config.data.mix_shards).step_windows(0)[0]
             micro_batches = step_one.split(layout.micro_batch_size)
             training.append(sum(next_token_loss(model, b, end_of_document_id).item() for b in micro_batches)
                             / layout.accumulation_steps)
