@@ -57,11 +57,20 @@ class MemoryEstimate:
         return self.model_states + self.activations + self.buffers
 
 
-def model_state_bytes(count: ParameterCount, zero_stage: int, gpus: int, precision: str) -> tuple[int, int, int]:
+def accumulates_in_fp32(knobs: DeepSpeedConfig, zero_stage: int, precision: str) -> bool:
+    """Whether micro-batch gradients are summed in fp32 beside 16-bit ones (`deepspeed_config`'s rule for auto)."""
+    if BYTES_PER_ELEMENT[precision] == FP32:
+        return False
+    return knobs.grad_accum_dtype == "fp32" or (knobs.grad_accum_dtype == "auto" and zero_stage >= 1)
+
+
+def model_state_bytes(count: ParameterCount, zero_stage: int, gpus: int, precision: str,
+                      fp32_accumulation: bool = False) -> tuple[int, int, int]:
     """(parameters, gradients, optimizer state) per GPU. In 16-bit training each parameter has 16-bit weights and
     gradients, an fp32 master copy and fp32 gradient, and Adam's two fp32 moments: 2 + 2 + 4 + 4 + 8 bytes. ZeRO-1
     shards the fp32 parts over the GPUs, ZeRO-2 the 16-bit gradients too, and ZeRO-3 the 16-bit weights as well,
-    holding whole only the layer in use (its weights and gradients); in fp32 there are no separate master parts."""
+    holding whole only the layer in use (its weights and gradients); in fp32 there are no separate master parts.
+    ZeRO-1 summing micro-batch gradients in fp32 keeps a whole fp32 accumulator per parameter besides."""
     element = BYTES_PER_ELEMENT[precision]
     master = FP32 if element < FP32 else 0
     total, largest = count.total, count.largest_layer
@@ -69,7 +78,8 @@ def model_state_bytes(count: ParameterCount, zero_stage: int, gpus: int, precisi
     optimizer = 2 * FP32 * total / shards
     if zero_stage <= 1:
         parameters = element * total + master * total / shards
-        gradients = element * total + master * total / shards
+        accumulators = FP32 * total if zero_stage == 1 and fp32_accumulation else 0
+        gradients = element * total + master * total / shards + accumulators
     elif zero_stage == 2:
         parameters = element * total + master * total / shards
         gradients = (element + master) * total / shards
@@ -88,8 +98,7 @@ def buffer_bytes(knobs: DeepSpeedConfig, zero_stage: int, precision: str) -> int
         return 0
     if zero_stage == 3:
         return (knobs.reduce_bucket_size + knobs.stage3_prefetch_bucket_size) * element
-    accumulates_in_fp32 = knobs.grad_accum_dtype == "fp32" or (knobs.grad_accum_dtype == "auto" and element < FP32)
-    staging = FP32 if zero_stage == 1 and accumulates_in_fp32 else element
+    staging = FP32 if zero_stage == 1 and accumulates_in_fp32(knobs, zero_stage, precision) else element
     return (2 if knobs.overlap_comm else 1) * knobs.reduce_bucket_size * staging
 
 
@@ -168,7 +177,8 @@ def activation_bytes(config: Config, micro_batch_size: int, precision: str, chec
 
 def estimate(config: Config, count: ParameterCount, gpus: int, precision: str, zero_stage: int,
              checkpointing: bool, micro_batch_size: int) -> MemoryEstimate:
-    parameters, gradients, optimizer = model_state_bytes(count, zero_stage, gpus, precision)
+    fp32_accumulation = accumulates_in_fp32(config.deepspeed, zero_stage, precision)
+    parameters, gradients, optimizer = model_state_bytes(count, zero_stage, gpus, precision, fp32_accumulation)
     return MemoryEstimate(
         zero_stage=zero_stage,
         checkpointing=checkpointing,
