@@ -9,10 +9,12 @@ import yaml
 from launch.__main__ import main as launch_main
 from pretrain.checkpoint import (
     COMPLETE_MARKER,
+    CheckpointError,
     complete_tags,
     newest_complete,
     prune,
     read_marker,
+    resume_position,
     starting_checkpoint,
 )
 from pretrain.config import Config
@@ -126,6 +128,20 @@ def test_a_resume_that_would_change_the_data_order_is_refused_naming_the_setting
         refused = in_process(launch_main, "run", "--config", str(config), change)
         assert refused.returncode == 1 and named in refused.stderr, refused.stderr
     assert sorted((path.relative_to(run_dir), path.stat().st_mtime_ns) for path in run_dir.rglob("*")) == before
+
+
+def test_a_checkpoint_from_before_shard_mixing_is_refused_as_another_order_unless_told_to_continue(tmp_path):
+    """Its position means the unmixed order; resuming would repeat and skip windows of the mixed one."""
+    checkpoint = tmp_path / "step_00000010"
+    checkpoint.mkdir()
+    order = {"global_batch_tokens": 4096, "seq_len": 128, "seed": 0, "shuffle_blocks": 64}
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 10, "data_order": order, "tokens_seen": 40960}))
+    config = Config.model_validate({"train": {"global_batch_tokens": 4096}, "model": {"seq_len": 128}})
+    with pytest.raises(CheckpointError, match="data.mix_shards: unrecorded -> 8"):
+        resume_position(checkpoint, config)
+    told = Config.model_validate({"train": {"global_batch_tokens": 4096, "data_order_change": "continue_by_tokens"},
+                                  "model": {"seq_len": 128}})
+    assert resume_position(checkpoint, told) == (10, 40960 // 128)
 
 
 def test_a_resume_told_to_continue_by_tokens_after_a_change_of_batch_goes_on_from_the_tokens_seen(shared_runs,
