@@ -8,8 +8,10 @@ One global order per epoch, a function of (seed, epoch, manifest fingerprint) on
   1. the shards are permuted;
   2. the blocks of each run of `mix_shards` shards in that order are interleaved in proportion to the shards'
      sizes (block j of a shard of n blocks at (j + 1/2) / n of the run), so shards of different sources mix;
-  3. the blocks, in that order, form groups of `shuffle_blocks`; each group's windows are permuted (a bounded
-     shuffle window: a reader holds one group's blocks, from at most `mix_shards` shards, not the dataset).
+  3. the blocks, in that order, form groups of `shuffle_blocks` (within a run); each group's windows are permuted
+     shard by shard and the shards' windows interleaved the same way, so every step holds each shard of its
+     group in proportion (a bounded shuffle window: a reader holds one group's blocks, from at most `mix_shards`
+     shards, not the dataset).
 Optimizer step s takes positions [s*S, (s+1)*S) of that order (S sequences per step); rank r takes the r-th
 equal slice. So every rank does the same number of steps by construction, no window is repeated or skipped
 within an epoch, and the step number alone is the loader's state: a run resumed at any world size with the
@@ -215,6 +217,13 @@ class Windows:
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
+def interleaved(parts: list[np.ndarray]) -> np.ndarray:
+    """The parts' elements in one sequence in which each part's share of every prefix is its share of the whole,
+    within one element: element j of a part of n sits at (j + 1/2) / n of the way."""
+    places = np.concatenate([(np.arange(len(part)) + 0.5) / max(len(part), 1) for part in parts])
+    return np.concatenate(parts)[np.argsort(places, kind="stable")]
+
+
 class GlobalOrder:
     """Which natural-order window sits at each position of an epoch (see the module docstring)."""
 
@@ -235,9 +244,7 @@ class GlobalOrder:
             groups = []
             for start in range(0, len(shard_order), self.mix_shards):
                 shards = shard_order[start:start + self.mix_shards]
-                run = [np.arange(first_block[shard], first_block[shard + 1]) for shard in shards]
-                places = np.concatenate([(np.arange(len(shard)) + 0.5) / max(len(shard), 1) for shard in run])
-                mixed = np.concatenate(run)[np.argsort(places, kind="stable")]
+                mixed = interleaved([np.arange(first_block[shard], first_block[shard + 1]) for shard in shards])
                 # Groups stay within a run, so a reader never needs more shards at once than it keeps open.
                 groups += [mixed[first:first + self.group_blocks] for first in range(0, len(mixed), self.group_blocks)]
             per_block, short_block = self.windows.per_block, self.windows.reader.block_count - 1
@@ -247,14 +254,18 @@ class GlobalOrder:
         return self._epoch[1], self._epoch[2]
 
     def _group_windows(self, epoch: int, group: int, groups: list[np.ndarray]) -> np.ndarray:
-        """The natural-order ids of one group's windows, in their shuffled order."""
+        """The natural-order ids of one group's windows, in their shuffled order: each shard's windows permuted, then
+        the shards interleaved, so that every step holds each shard (each source) in proportion."""
         if self._group is None or self._group[0] != (epoch, group):
-            ids = np.concatenate([
-                block * self.windows.per_block + np.arange(self.windows.windows_in_block(block))
-                for block in groups[group]
-            ])
-            permutation = np.random.default_rng([*self.seed, epoch, group + 1]).permutation(len(ids))
-            self._group = ((epoch, group), ids[permutation])
+            generator = np.random.default_rng([*self.seed, epoch, group + 1])
+            members = groups[group]
+            shard_of = np.searchsorted(self.windows.reader.first_block, members, side="right") - 1
+            shuffled_shards = []
+            for shard in np.unique(shard_of):
+                ids = np.concatenate([block * self.windows.per_block + np.arange(self.windows.windows_in_block(block))
+                                      for block in members[shard_of == shard]])
+                shuffled_shards.append(ids[generator.permutation(len(ids))])
+            self._group = ((epoch, group), interleaved(shuffled_shards))
         return self._group[1]
 
     def at(self, epoch: int, positions: np.ndarray) -> np.ndarray:

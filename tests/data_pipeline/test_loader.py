@@ -136,8 +136,8 @@ def test_the_shuffle_window_is_bounded_to_one_group_of_blocks(prepared):
 @pytest.mark.parametrize("mix_shards", [1, 3, 8])
 def test_each_group_draws_on_every_shard_of_its_run_in_proportion_to_their_sizes(prepared, mix_shards):
     """Sources written to separate shards mix within every step: a shuffle group takes blocks from each of the
-    `mix_shards` shards of its run in proportion to their sizes, and never from more shards than a reader keeps
-    open."""
+    `mix_shards` shards of its run in proportion to their sizes, never from more shards than a reader keeps
+    open, and hands out their windows in proportion."""
     windows = Windows(prepared, "train", SEQ_LEN)
     first_block = windows.reader.first_block
     assert len(first_block) - 1 >= 8  # shards enough for runs of 8
@@ -150,13 +150,21 @@ def test_each_group_draws_on_every_shard_of_its_run_in_proportion_to_their_sizes
         shards = shard_of[position:position + len(group)]
         position += len(group)
         assert len(set(shards.tolist())) <= mix_shards
-    # The first run's blocks: each shard's share of any stretch is its share of the run, within one block.
+    # The first run's blocks: each shard's share of any start of it is its share of the run, within one block.
     run_shards = [int(shard) for shard in dict.fromkeys(shard_of.tolist())][:mix_shards]
-    run = shard_of[:sum(int(first_block[s + 1] - first_block[s]) for s in run_shards)]
-    for shard in run_shards:
-        share = (first_block[shard + 1] - first_block[shard]) / len(run)
-        for end in range(1, len(run) + 1):
-            assert abs((run[:end] == shard).sum() - share * end) <= 1
+    assert_proportional(shard_of[:sum(int(first_block[s + 1] - first_block[s]) for s in run_shards)])
+    # Within each group, the windows: so every step holds each shard of its group in proportion.
+    _, group_starts = order._epoch_layout(0)
+    for start, end in zip(group_starts[:-1], group_starts[1:]):
+        window_blocks = order.at(0, np.arange(start, end)) // windows.per_block
+        assert_proportional(np.searchsorted(first_block, window_blocks, side="right") - 1)
+
+
+def assert_proportional(sequence: np.ndarray) -> None:
+    """Each value's count in every prefix of `sequence` is its share of the whole, within one."""
+    for value in np.unique(sequence):
+        counts = np.cumsum(sequence == value)
+        assert (np.abs(counts - counts[-1] / len(sequence) * np.arange(1, len(sequence) + 1)) <= 1).all()
 
 
 def test_validation_batches_are_fixed_spread_over_the_split_and_disjoint_across_ranks(prepared):
