@@ -11,6 +11,7 @@ does not fit the GPUs it sees (or `--gpu-memory`), with that line.
 from __future__ import annotations
 
 import argparse
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -38,9 +39,16 @@ def parse_memory(text: str) -> int:
 
 
 def gpu_memory_here() -> int | None:
-    """The memory of the smallest GPU on this host; None without one."""
-    sizes = [torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count())]
-    return min(sizes, default=None)
+    """The memory of the smallest GPU on this host; None without one (or without nvidia-smi). Asked of
+    nvidia-smi, not CUDA, so that the launcher holds no CUDA context on a GPU its ranks need."""
+    if torch.cuda.device_count() == 0:
+        return None
+    try:
+        listed = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                capture_output=True, text=True, timeout=30, check=True).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return min(int(mebibytes) * 2**20 for mebibytes in listed) if listed else None
 
 
 def gpu_precision(config: Config) -> str:

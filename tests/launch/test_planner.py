@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from launch.__main__ import main as launch_main
-from launch.planner import USABLE_FRACTION, gpu_precision, make_plan, parse_memory
+from launch.planner import USABLE_FRACTION, gpu_memory_here, gpu_precision, make_plan, parse_memory
 from pretrain.config import load_config
 from pretrain.memory import estimate
 from tests.helpers import run_module
@@ -104,3 +105,9 @@ def test_memory_sizes_read_as_people_write_them():
     assert parse_memory("80GiB") == 80 * 2**30
     assert parse_memory("40GB") == 40 * 10**9
     assert parse_memory("1024") == 1024
+
+
+@pytest.mark.gpu
+def test_the_memory_of_this_hosts_gpus_is_what_cuda_reports():
+    reported = min(torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count()))
+    assert gpu_memory_here() == pytest.approx(reported, rel=0.02)
