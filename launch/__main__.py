@@ -72,9 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              help="torchrun: run this command on every host; deepspeed: on the first, pdsh/ssh"
                              " reaches the rest")
         command.add_argument("--dry-run", action="store_true", help="print what would run; start and submit nothing")
-    run.add_argument("--gpu-memory", type=planner.parse_memory,
-                     help="memory of one GPU, e.g. 80GiB: check the run's memory plan against it (default: this"
-                     " host's GPU, if any; SLURM and CPU runs are not checked without it)")
+        command.add_argument("--gpu-memory", type=planner.parse_memory,
+                             help="memory of one GPU, e.g. 80GiB: refuse a run whose memory plan does not fit it"
+                             " (default: this host's GPU, if any; SLURM and CPU runs are not checked without it)")
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     sweep.add_argument("--parallel", type=int,
                        help="runs at once: local runs side by side (their ranks share this machine), or SLURM"
@@ -126,6 +126,18 @@ def slurm_layout(args: argparse.Namespace, config: Config) -> tuple[int, int]:
     per_node = ranks_per_node(args, None)
     check_config(config, nodes * per_node, bool(args.gpus_per_node))
     return nodes, per_node
+
+
+def check_memory(config: Config, world_size: int, gpu_memory: int | None, dry_run: bool) -> None:
+    """Where the GPUs' memory is known: refuse a run whose memory plan does not fit (printing the plan on a dry
+    run)."""
+    if not gpu_memory:
+        return
+    plan = planner.make_plan(config, world_size, gpu_memory, planner.gpu_precision(config))
+    if dry_run:
+        print(planner.render(plan))
+    if not plan.fits:
+        raise ConfigError(plan.recommendation)
 
 
 def check_checkpoint(config: Config, world_size: int) -> None:
@@ -180,13 +192,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         world_size, first_host = nodes * per_node, True
         script = slurm.render_sbatch(config, Path(args.config) if args.config else None, args.overrides, nodes,
                                      args.gpus_per_node or 0, per_node, Path.cwd())
-    memory = args.gpu_memory or (planner.gpu_memory_here() if args.backend != "slurm" else None)
-    if memory:
-        plan = planner.make_plan(config, world_size, memory, planner.gpu_precision(config))
-        if args.dry_run:
-            print(planner.render(plan))
-        if not plan.fits:
-            raise ConfigError(plan.recommendation)
+    gpus_seen = planner.gpu_memory_here() if args.backend != "slurm" else None  # SLURM's GPUs are elsewhere
+    check_memory(config, world_size, args.gpu_memory or gpus_seen, args.dry_run)
     check_checkpoint(config, world_size)
 
     if args.dry_run:
@@ -230,6 +237,10 @@ def submit_array(args: argparse.Namespace, argv: list[str], config_path: str, co
     another array (array.after) is not asked for its starting checkpoint, which does not exist yet."""
     for config in configs:
         nodes, per_node = slurm_layout(args, config)
+        try:
+            check_memory(config, nodes * per_node, args.gpu_memory, dry_run=False)
+        except ConfigError as refused:
+            raise ConfigError(f"{config.name}: {refused}") from None
         if array.after is None:
             check_checkpoint(config, nodes * per_node)
     script = slurm.render_sbatch(configs[0], Path(config_path), [], nodes, args.gpus_per_node or 0, per_node,

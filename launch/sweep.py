@@ -162,7 +162,7 @@ def launch_options(args: argparse.Namespace) -> list[str]:
     """The `launch run` options the sweep was given, for each of its runs."""
     options = ["--backend", args.backend, "--hostfile-launcher", args.hostfile_launcher]
     for option, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node), ("--ranks", args.ranks),
-                          ("--hostfile", args.hostfile)):
+                          ("--hostfile", args.hostfile), ("--gpu-memory", args.gpu_memory)):
         if value is not None:
             options += [option, str(value)]
     return options

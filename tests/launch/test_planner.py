@@ -4,9 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from launch.__main__ import main as launch_main
 from launch.planner import USABLE_FRACTION, gpu_memory_here, gpu_precision, make_plan, parse_memory
+from launch.spec import load_sweep
+from launch.sweep import expand
 from pretrain.config import load_config
 from pretrain.memory import estimate
 from tests.helpers import run_module
@@ -111,3 +114,22 @@ def test_memory_sizes_read_as_people_write_them():
 def test_the_memory_of_this_hosts_gpus_is_what_cuda_reports():
     reported = min(torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count()))
     assert gpu_memory_here() == pytest.approx(reported, rel=0.02)
+
+
+def test_a_sweep_on_slurm_refuses_before_submitting_a_run_that_does_not_fit_naming_it(tiny_config, tmp_path,
+                                                                                      in_process, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "ladder", "base": str(tiny_config()), "output_dir": str(tmp_path / "runs"), "seeds": [0],
+        "sizes": [{"n_layer": 1, "d_model": 32, "n_head": 2}, {"n_layer": 48, "d_model": 2048, "n_head": 16}],
+        "tokens_per_parameter": [0.01],
+    }))
+    result = in_process(launch_main, "sweep", "--spec", str(spec), "--backend", "slurm", "--nodes", "1",
+                        "--gpus-per-node", "2", "--gpu-memory", "16GiB", "--dry-run")
+    assert result.returncode == 2
+    small, large = expand(load_sweep(spec))
+    assert make_plan(small.config, 2, 16 * 2**30, gpu_precision(small.config)).fits
+    plan = make_plan(large.config, 2, 16 * 2**30, gpu_precision(large.config))
+    assert result.stderr.strip().splitlines()[-1] == f"config error: {large.name}: {plan.recommendation}"
+    assert "#SBATCH" not in result.stdout
