@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +79,15 @@ class Plan:
 
     @property
     def usable(self) -> int:
-        return int(self.gpu_memory * USABLE_FRACTION)
+        return usable_memory(self.gpu_memory)
 
     @property
     def fits(self) -> bool:
         return self.configured.total <= self.usable
+
+
+def usable_memory(gpu_memory: int) -> int:
+    return int(gpu_memory * USABLE_FRACTION)
 
 
 def gib(size: int) -> str:
@@ -103,7 +108,7 @@ def make_plan(config: Config, gpus: int, gpu_memory: int, precision: str) -> Pla
     sequences_per_rank = tokens // (seq_len * gpus)
     micro_batches = [size for size in range(1, sequences_per_rank + 1) if sequences_per_rank % size == 0]
     count = count_parameters(config.model)
-    usable = int(gpu_memory * USABLE_FRACTION)
+    usable = usable_memory(gpu_memory)
 
     def at(stage: int, checkpointing: bool, micro_batch_size: int) -> MemoryEstimate:
         return estimate(config, count, gpus, precision, stage, checkpointing, micro_batch_size)
@@ -115,36 +120,44 @@ def make_plan(config: Config, gpus: int, gpu_memory: int, precision: str) -> Pla
             options.append(Option(at(stage, checkpointing, config.train.micro_batch_size), max(fitting, default=None)))
     knobs = config.deepspeed
     configured = at(knobs.zero_stage, knobs.activation_checkpointing, config.train.micro_batch_size)
-    # Ways out of a run that does not fit, cheapest first: a smaller micro-batch, more sharding, then recomputation.
-    ways_out = [(stage, knobs.activation_checkpointing) for stage in range(knobs.zero_stage, 4)]
-    if not knobs.activation_checkpointing:
-        ways_out += [(stage, True) for stage in range(knobs.zero_stage, 4)]
+    largest_fitting = {(option.at_configured_micro_batch.zero_stage, option.at_configured_micro_batch.checkpointing):
+                       option.largest_micro_batch for option in options}
+    recommendation = recommend(config, configured, largest_fitting, at, sequences_per_rank, gpu_memory)
+    return Plan(config, gpus, gpu_memory, precision, count, sequences_per_rank, options, configured, recommendation)
+
+
+def recommend(config: Config, configured: MemoryEstimate, largest_fitting: dict[tuple[int, bool], int | None],
+              at: Callable[[int, bool, int], MemoryEstimate], sequences_per_rank: int, gpu_memory: int) -> str:
+    """The plan's one line: whether the configured run fits, and if not the cheapest change that does: a smaller
+    micro-batch, then more sharding, then recomputation."""
+    knobs, micro_batch_size, usable = config.deepspeed, config.train.micro_batch_size, usable_memory(gpu_memory)
     needs = f"{describe(configured, sequences_per_rank)} needs {gib(configured.total)} GiB per GPU"
     room = f"{gib(usable)} GiB usable of {gib(gpu_memory)}"
     if configured.total <= usable:
-        recommendation = f"fits: {needs}, {room}"
-        largest = options[4 * knobs.activation_checkpointing + knobs.zero_stage].largest_micro_batch
-        if largest > config.train.micro_batch_size:
-            recommendation += (f"; train.micro_batch_size={largest} fits too"
-                               f" (accumulation {sequences_per_rank // largest})")
-    else:
-        recommendation = f"does not fit: {needs}, {room}; "
-        for stage, checkpointing in ways_out:
-            largest = options[4 * checkpointing + stage].largest_micro_batch
-            if largest is not None:
-                changes = [f"deepspeed.zero_stage={stage}" if stage != knobs.zero_stage else "",
-                           "deepspeed.activation_checkpointing=true" if checkpointing != knobs.activation_checkpointing
-                           else "",
-                           f"train.micro_batch_size={largest}" if largest != config.train.micro_batch_size else ""]
-                fitted = at(stage, checkpointing, largest)
-                recommendation += (f"use {' '.join(change for change in changes if change)}"
-                                   f" ({gib(fitted.total)} GiB, accumulation {sequences_per_rank // largest})")
-                break
-        else:
-            smallest = at(3, True, 1)
-            recommendation += (f"even ZeRO-3 with activation checkpointing at micro-batch 1 needs"
-                               f" {gib(smallest.total)} GiB; use more GPUs or GPUs with more memory")
-    return Plan(config, gpus, gpu_memory, precision, count, sequences_per_rank, options, configured, recommendation)
+        largest = largest_fitting[knobs.zero_stage, knobs.activation_checkpointing]
+        if largest > micro_batch_size:
+            return (f"fits: {needs}, {room}; train.micro_batch_size={largest} fits too"
+                    f" (accumulation {sequences_per_rank // largest})")
+        return f"fits: {needs}, {room}"
+    ways_out = [(stage, knobs.activation_checkpointing) for stage in range(knobs.zero_stage, 4)]
+    if not knobs.activation_checkpointing:
+        ways_out += [(stage, True) for stage in range(knobs.zero_stage, 4)]
+    for stage, checkpointing in ways_out:
+        largest = largest_fitting[stage, checkpointing]
+        if largest is None:
+            continue
+        changes = []
+        if stage != knobs.zero_stage:
+            changes.append(f"deepspeed.zero_stage={stage}")
+        if checkpointing != knobs.activation_checkpointing:
+            changes.append("deepspeed.activation_checkpointing=true")
+        if largest != micro_batch_size:
+            changes.append(f"train.micro_batch_size={largest}")
+        fitted = at(stage, checkpointing, largest)
+        return (f"does not fit: {needs}, {room}; use {' '.join(changes)} ({gib(fitted.total)} GiB, accumulation"
+                f" {sequences_per_rank // largest})")
+    return (f"does not fit: {needs}, {room}; even ZeRO-3 with activation checkpointing at micro-batch 1 needs"
+            f" {gib(at(3, True, 1).total)} GiB; use more GPUs or GPUs with more memory")
 
 
 def render(plan: Plan) -> str:

@@ -299,6 +299,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     return validated(Config, tree)
 
 
+def gradient_accumulation_dtype(knobs: DeepSpeedConfig, zero_stage: int, precision: str) -> str:
+    """What micro-batch gradients are summed in at `zero_stage`: deepspeed.grad_accum_dtype, whose auto means fp32
+    under ZeRO 1-3 with bf16 or fp16 (summing in 16 bits loses small updates; DeepSpeed supports the mix only under
+    ZeRO) and stays auto, the model's dtype, otherwise."""
+    if knobs.grad_accum_dtype == "auto" and precision in ("bf16", "fp16") and zero_stage >= 1:
+        return "fp32"
+    return knobs.grad_accum_dtype
+
+
 def deepspeed_config(config: Config, layout: BatchLayout, precision: str) -> dict[str, Any]:
     """The DeepSpeed JSON for this run, generated from the config (it is never written by hand)."""
     knobs = config.deepspeed
@@ -325,11 +334,7 @@ def deepspeed_config(config: Config, layout: BatchLayout, precision: str) -> dic
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-    accumulation_dtype = knobs.grad_accum_dtype
-    if accumulation_dtype == "auto" and precision in ("bf16", "fp16") and knobs.zero_stage >= 1:
-        # Accumulating micro-batch gradients in 16 bits loses small updates; keep the sum in fp32. DeepSpeed
-        # supports this only under ZeRO (stage 0 refuses the mix).
-        accumulation_dtype = "fp32"
+    accumulation_dtype = gradient_accumulation_dtype(knobs, knobs.zero_stage, precision)
     if accumulation_dtype != "auto":
         if knobs.zero_stage == 0 and accumulation_dtype != precision:
             raise ConfigError(

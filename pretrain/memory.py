@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pretrain.config import Config, DeepSpeedConfig, ModelConfig
+from pretrain.config import Config, DeepSpeedConfig, ModelConfig, gradient_accumulation_dtype
 from pretrain.model import GPT, mlp_width
 
 BYTES_PER_ELEMENT = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -58,10 +58,8 @@ class MemoryEstimate:
 
 
 def accumulates_in_fp32(knobs: DeepSpeedConfig, zero_stage: int, precision: str) -> bool:
-    """Whether micro-batch gradients are summed in fp32 beside 16-bit ones (`deepspeed_config`'s rule for auto)."""
-    if BYTES_PER_ELEMENT[precision] == FP32:
-        return False
-    return knobs.grad_accum_dtype == "fp32" or (knobs.grad_accum_dtype == "auto" and zero_stage >= 1)
+    """Whether micro-batch gradients are summed in fp32 beside 16-bit ones."""
+    return precision != "fp32" and gradient_accumulation_dtype(knobs, zero_stage, precision) == "fp32"
 
 
 def model_state_bytes(count: ParameterCount, zero_stage: int, gpus: int, precision: str,
