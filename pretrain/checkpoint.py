@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,12 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.errors import ConfigError, UserError
-from data_pipeline.files import fsync_tree, publish_directory, write_atomically
+from data_pipeline.files import fsync_directory, fsync_tree, publish_directory, write_atomically
 from pretrain.config import Config
 from pretrain.data import DataOrder
 
 COMPLETE_MARKER = "complete"
+UNIVERSAL = "universal"  # DeepSpeed's universal form of a checkpoint, converted inside it
 
 
 class CheckpointError(UserError):
@@ -46,17 +48,21 @@ def complete_tags(run_dir: Path) -> list[str]:
     return sorted(p.parent.name for p in directory.glob(f"step_*/{COMPLETE_MARKER}"))
 
 
-def newest_complete(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
-    """The checkpoint `resume=auto` picks: the newest complete one that is intact. A damaged one is passed over
-    for the one before it, and `warn` (if given) is told which and why."""
+def intact_checkpoints(run_dir: Path, warn: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """The complete checkpoints whose marker and files agree, newest first. A damaged one is passed over, and
+    `warn` (if given) is told which and why."""
     for tag in reversed(complete_tags(run_dir)):
         checkpoint = checkpoints_dir(run_dir) / tag
         problem = damage(checkpoint)
         if problem is None:
-            return checkpoint
-        if warn is not None:
+            yield checkpoint
+        elif warn is not None:
             warn(f"{checkpoint}: {problem}; passed over for the checkpoint before it")
-    return None
+
+
+def newest_complete(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The newest intact complete checkpoint (what `resume=auto` tries first), or None."""
+    return next(intact_checkpoints(run_dir, warn), None)
 
 
 def read_marker(checkpoint: Path) -> dict[str, Any]:
@@ -89,19 +95,43 @@ def file_sizes(checkpoint: Path) -> dict[str, int]:
             for path in sorted(checkpoint.rglob("*")) if path.is_file()}
 
 
-def starting_checkpoint(config: Config, warn: Callable[[str], None] | None = None) -> Path | None:
-    """What a run starts from: its own newest intact complete checkpoint (resume=auto; `warn` hears of damaged
-    ones passed over), else train.branch_from (another run's checkpoint, which must be complete), else nothing."""
-    own = newest_complete(config.run_dir, warn) if config.train.resume == "auto" else None
-    if own is not None or config.train.branch_from is None:
-        return own
+def unreadable(checkpoint: Path, rank: int = 0, world_size: int = 1) -> str | None:
+    """What this rank's share of a checkpoint's files (every world_size-th) fails of a full read, or None.
+    torch.save writes zip archives with a CRC-32 per entry, so reading every entry back finds damage that keeps
+    a file's size (a flipped byte), which the marker cannot see and DeepSpeed would meet as a traceback."""
+    listed = read_marker(checkpoint).get("files") or file_sizes(checkpoint)
+    archives = sorted(name for name in listed if name.endswith(".pt") and not name.startswith(f"{UNIVERSAL}/"))
+    for name in archives[rank::world_size]:
+        try:
+            with zipfile.ZipFile(checkpoint / name) as archive:
+                bad_entry = archive.testzip()
+        except (OSError, zipfile.BadZipFile, EOFError) as error:
+            return f"{name} cannot be read ({error})"
+        if bad_entry is not None:
+            return f"{name} is damaged (entry {bad_entry} fails its CRC check)"
+    return None
+
+
+def starting_candidates(config: Config, warn: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """What a run may start from, in order of preference: its own intact complete checkpoints, newest first
+    (resume=auto; `warn` hears of damaged ones passed over), then train.branch_from (another run's checkpoint,
+    which must be complete)."""
+    if config.train.resume == "auto":
+        yield from intact_checkpoints(config.run_dir, warn)
+    if config.train.branch_from is None:
+        return
     branch_point = Path(config.train.branch_from)
     if not (branch_point / COMPLETE_MARKER).is_file():
         raise CheckpointError(
             f"train.branch_from: {branch_point} is not a complete checkpoint (no {COMPLETE_MARKER!r} marker); train"
             " the run it belongs to past that step first, or point it at one of that run's complete checkpoints"
         )
-    return branch_point
+    yield branch_point
+
+
+def starting_checkpoint(config: Config, warn: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint a run tries first (see starting_candidates), or None to start from scratch."""
+    return next(starting_candidates(config, warn), None)
 
 
 def refuse_to_train_over_checkpoints(config: Config) -> None:
@@ -130,6 +160,7 @@ def save(
     fsync_tree(path)  # each rank, for the files it wrote: on the disk before the marker says they are
     dist.barrier()
     if dist.get_rank() == 0:
+        fsync_directory(checkpoints_dir(run_dir))  # the new step_N entry itself, or a crash can lose the folder
         marker = {"step": step, "world_size": dist.get_world_size(), "zero_stage": engine.zero_optimization_stage(),
                   "files": file_sizes(path),
                   # What the data position means, readable before any rank starts (see resume_position).
@@ -137,17 +168,21 @@ def save(
         if preempted_by:
             marker["preempted_by"] = preempted_by
         write_atomically(path / COMPLETE_MARKER, json.dumps(marker) + "\n")
-        prune(run_dir, keep, spare)  # only now that the new checkpoint is durable
+        prune(run_dir, keep, spare, just_written=tag)  # only now that the new checkpoint is durable
     dist.barrier()
     return path
 
 
-def prune(run_dir: Path, keep: int, spare: list[int] = ()) -> None:
-    """Keep the newest `keep` complete checkpoints (keep=0: all) and those of the steps in `spare`; delete the
-    older ones, complete or not."""
-    complete = complete_tags(run_dir)
-    if keep and len(complete) > keep:
-        remove_older_than(run_dir, complete[-keep], spare={tag_for_step(step) for step in spare})
+def prune(run_dir: Path, keep: int, spare: list[int] = (), just_written: str | None = None) -> None:
+    """Keep the newest `keep` intact checkpoints (keep=0: all) and those of the steps in `spare`; delete the older
+    ones, whole or not. Only intact ones count, so a damaged newest one never pushes out the one a resume would
+    use. With `just_written` (the tag a save just completed) only checkpoints up to it count: newer ones are left
+    from before a resume went back past them, and the one just written is never deleted."""
+    intact = sorted(path.name for path in intact_checkpoints(run_dir))
+    if just_written is not None:
+        intact = [tag for tag in intact if tag <= just_written]
+    if keep and len(intact) > keep:
+        remove_older_than(run_dir, intact[-keep], spare={tag_for_step(step) for step in spare})
 
 
 def remove_older_than(run_dir: Path, oldest_kept: str, spare: set[str] = frozenset()) -> None:
@@ -192,8 +227,6 @@ def resume_position(checkpoint: Path, config: Config) -> tuple[int, int]:
         )
     return step, marker["tokens_seen"] // config.model.seq_len
 
-
-UNIVERSAL = "universal"
 
 
 def convert_to_universal(checkpoint: Path) -> Path:

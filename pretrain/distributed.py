@@ -112,3 +112,11 @@ def on_main_first(context: DistributedContext, work: Callable[[], T]) -> T:
     if message[0] is not None:
         raise RankZeroFailed(message[0])
     return result if context.is_main else work()
+
+
+def problems_across_ranks(context: DistributedContext, problem: str | None) -> list[str]:
+    """Every rank's problem (None for none), gathered on every rank, so that all decide alike on what one found.
+    On the start-up group: reading a large checkpoint back may keep a rank longer than a step's timeout."""
+    gathered: list[str | None] = [None] * context.world_size
+    dist.all_gather_object(gathered, problem, group=context.startup_group)
+    return [found for found in gathered if found is not None]

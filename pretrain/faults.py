@@ -81,7 +81,7 @@ class NonFiniteGuard:
         faults = config.faults
         return cls(faults.max_consecutive_skipped_steps, config.run_dir, precision, faults.nan_loss_at_steps, is_main)
 
-    def loop_state(self) -> dict[str, int]:
+    def loop_state(self, step: int) -> dict[str, int]:
         return {self.LOOP_STATE_KEY: self.total}
 
     def restore(self, loop_state: dict) -> None:
@@ -149,7 +149,7 @@ class LossSpikes:
     def metrics(self) -> dict[str, int]:
         return {"train/loss_spikes": self.total}
 
-    def loop_state(self) -> dict:
+    def loop_state(self, step: int) -> dict:
         return {self.LOOP_STATE_KEY: {"total": self.total, "recent": list(self.recent)}}
 
     def restore(self, loop_state: dict) -> None:

@@ -31,7 +31,7 @@ from data_pipeline.tokenizer import load_tokenizer
 from evals.fewshot import refuse_choices_longer_than
 from evals.tasks import load_tasks
 from pretrain import checkpoint
-from pretrain.checkpointer import Checkpointer
+from pretrain.checkpointer import Checkpointer, DataPosition, Ranks, Resumption
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
 from pretrain.data import DataOrder, prepare_and_verify
 from pretrain.device import peak_bf16_flops, resolve_precision
@@ -41,6 +41,7 @@ from pretrain.distributed import (
     mean_across_ranks,
     means_across_ranks,
     on_main_first,
+    problems_across_ranks,
     shutdown,
 )
 from pretrain.evaluation import FewShotEvaluator, Validator
@@ -51,6 +52,7 @@ from pretrain.model import GPT
 from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
 from pretrain.progress import Progress
 from pretrain.rundir import read_metrics
+from pretrain.runlock import RunLock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +71,6 @@ def seed_step(seed: int, step: int, rank: int) -> None:
 def prepare_run_dir(config: Config, context: DistributedContext) -> None:
     """Create the run directory and save the resolved config, keeping any earlier config beside it."""
     run_dir = config.run_dir
-    checkpoint.refuse_to_train_over_checkpoints(config)
     if not context.is_main:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -148,10 +149,7 @@ class Run:
     setup: EngineSetup
     train_batches: TrainBatches
     masking: int | None  # the end-of-document id with data.document_masking, else None
-    data_fingerprint: str
-    data_order: DataOrder
-    start_step: int
-    resumed: bool  # started from a checkpoint, its own or another run's
+    resumption: Resumption
     launch: dict | None  # how the run was started, for W&B (rank 0)
     validator: Validator
     fewshot: FewShotEvaluator
@@ -160,20 +158,17 @@ class Run:
     progress: Progress
     checkpointer: Checkpointer
 
-    def loop_state(self, step: int) -> dict:
-        """What a checkpoint records besides DeepSpeed's own state, to resume from it."""
-        return {"step": step, "data_fingerprint": self.data_fingerprint, "data_order": self.data_order.record(),
-                "tokens_seen": self.train_batches.tokens_before(step), **self.guard.loop_state(),
-                **self.spikes.loop_state()}
-
 
 def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> Run:
     """Data, few-shot tasks, the engine and the checkpoint to resume, in the order in which a failure costs
     least; then the components of the loop."""
     say = context.print
     run_dir = config.run_dir
-    resume_from = checkpoint.starting_checkpoint(config, lambda problem: say(f"warning: {problem}"))
-    resumed_at = checkpoint.resume_position(resume_from, config) if resume_from is not None else (0, 0)
+    checkpoint.refuse_to_train_over_checkpoints(config)
+    ranks = Ranks(context.rank, context.world_size, functools.partial(on_main_first, context),
+                  functools.partial(problems_across_ranks, context))
+    checkpointer = Checkpointer.from_config(config, ranks)
+    resumption = checkpointer.plan_resume(config, lambda problem: say(f"warning: {problem}"))
     prepare_run_dir(config, context)
 
     # Data: rank 0 prepares (once) and verifies the shards, the other ranks then open what it checked.
@@ -188,7 +183,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     windows = {split: Windows(data, split, layout.seq_len, config.data.shard_url, check_on_read, fetcher)
                for split in ("train", "val")}
     train_batches = TrainBatches(windows["train"], layout, context.rank, config.data.shuffle_blocks, config.seed,
-                                 resumed_at, config.data.mix_shards)
+                                 resumption.position, config.data.mix_shards)
     val_batches = validation_batches(windows["val"], layout, context.rank, config.eval.batches)
     masking = data.end_of_document_id if config.data.document_masking else None
     fewshot = config.eval.fewshot
@@ -201,36 +196,24 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     if fewshot_tasks:
         refuse_choices_longer_than(fewshot_tasks, tokenizer, config.model.seq_len)
 
-    # A checkpoint from another number of ranks resumes through DeepSpeed's universal form, converted once.
-    universal = resume_from is not None and checkpoint.resume_plan(
-        resume_from, context.world_size, config.deepspeed.zero_stage)
-    if universal:
-        on_main_first(context, functools.partial(checkpoint.convert_to_universal, resume_from))
-    setup = build_engine(config, layout, context, load_universal=universal)
+    setup = build_engine(config, layout, context, load_universal=resumption.universal)
     if context.is_main:
         write_atomically(run_dir / "deepspeed_config.json", json.dumps(setup.ds_config, indent=2) + "\n")
 
     guard = NonFiniteGuard.from_config(config, setup.precision, context.is_main)
     spikes = LossSpikes.from_config(config)
-    start_step = 0
-    if resume_from is not None:
-        loop_state = checkpoint.load(setup.engine, resume_from, universal)
-        if loop_state["data_fingerprint"] != data.fingerprint:
-            raise DataError(
-                f"{resume_from}: was trained on other data (fingerprint"
-                f" {loop_state['data_fingerprint'][:12]}, now {data.fingerprint[:12]}); restore data.dir or start a"
-                " new run"
-            )
-        start_step = loop_state["step"]
-        guard.restore(loop_state)
-        spikes.restore(loop_state)
-        written_by = checkpoint.read_marker(resume_from)["world_size"]
-        own = resume_from.parent.parent == run_dir
-        say(f"{'resumed from ' + resume_from.name if own else f'branched from {resume_from}'} (step {start_step})" + (
-            f", written by {written_by} ranks, through its universal form" if universal else ""))
+    checkpointer.register(data=DataPosition(data.fingerprint, DataOrder.of(config), train_batches.tokens_before),
+                          non_finite_steps=guard, loss_spikes=spikes)
+    checkpointer.resume(setup.engine, resumption)
+    if resumption.checkpoint is not None:
+        written_by = checkpoint.read_marker(resumption.checkpoint)["world_size"]
+        own = resumption.checkpoint.parent.parent == run_dir
+        say(f"{'resumed from ' + resumption.checkpoint.name if own else f'branched from {resumption.checkpoint}'}"
+            f" (step {resumption.step})" + (
+                f", written by {written_by} ranks, through its universal form" if resumption.universal else ""))
     max_steps = config.train.max_steps
     return Run(
-        setup, train_batches, masking, data.fingerprint, DataOrder.of(config), start_step, resume_from is not None,
+        setup, train_batches, masking, resumption,
         launch_details(run_dir, context.world_size, context.device) if context.is_main else None,
         Validator(val_batches, context.device, masking, config.eval.interval, max_steps,
                   functools.partial(mean_across_ranks, device=context.device)),
@@ -240,7 +223,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
         spikes,
         Progress(layout.tokens_per_step, setup.flops_per_token, peak_bf16_flops(context.device), context.world_size,
                  config.logging.print_every, max_steps, context.device),
-        Checkpointer.from_config(config),
+        checkpointer,
     )
 
 
@@ -271,12 +254,14 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
     preemption = PreemptionWatch()
     run = set_up(config, layout, context)
     engine, optimizer, max_steps = run.setup.engine, run.setup.optimizer, config.train.max_steps
-    with RunLogger(config, context.is_main, run.start_step if run.resumed else None, run.launch) as logger:
+    start_step = run.resumption.step
+    with RunLogger(config, context.is_main, run.resumption.step if run.resumption.checkpoint else None,
+                   run.launch) as logger:
         context.print(describe(config, layout, context, run.setup))
-        if run.start_step == 0:
+        if start_step == 0:
             logger.log(0, {**run.validator.validate(engine), "train/tokens": 0})
-        steps = iterate_steps(run.train_batches, run.start_step, max_steps, config.data.loader_workers)
-        for step in range(run.start_step, max_steps):
+        steps = iterate_steps(run.train_batches, start_step, max_steps, config.data.loader_workers)
+        for step in range(start_step, max_steps):
             seed_step(config.seed, step, context.rank)
             lr = run.setup.scheduler.get_last_lr()[0]  # the rate this step's update uses
             step_start = time.perf_counter()
@@ -307,7 +292,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
             if report_now:
                 context.print(run.progress.line(done, metrics))
             run.guard.stop_if_too_many(done)  # before saving: the newest checkpoint stays a good one
-            run.checkpointer.save(engine, done, run.loop_state(done), preemption.agreed(stop_votes))
+            run.checkpointer.save(engine, done, preemption.agreed(stop_votes))
     summarize(config.run_dir, context)
 
 
@@ -329,7 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     config = load_config(args.config, args.overrides)
     context = init_distributed(config.deepspeed)
     try:
-        train(config, config.batch_layout(context.world_size), context)
+        # Rank 0 holds the run directory from here to the end; a second job training the same run is refused.
+        with on_main_first(context, functools.partial(RunLock.take, config.run_dir, holds=context.is_main)):
+            train(config, config.batch_layout(context.world_size), context)
     finally:
         shutdown()
 

@@ -16,6 +16,7 @@ from pretrain.checkpoint import (
     read_marker,
     resume_position,
     starting_checkpoint,
+    unreadable,
 )
 from pretrain.config import Config
 from pretrain.rundir import read_metrics
@@ -116,6 +117,29 @@ def resumable_copy(shared_runs, tmp_path) -> tuple:
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(shared_runs.config(uninterrupted.name, tmp_path, 2)))
     return run_dir, config
+
+
+def test_a_real_checkpoint_damaged_in_place_is_passed_over_and_the_run_trains_on_from_the_one_before(shared_runs,
+                                                                                                       tmp_path):
+    uninterrupted = shared_runs.run_dir(2, ranks=2)
+    halfway, last = shared_runs.steps // 2, shared_runs.steps
+    run_dir = tmp_path / uninterrupted.name
+    shutil.copytree(uninterrupted, run_dir)
+    damaged = run_dir / "checkpoints" / f"step_{last:08d}"
+    rank_one_share = damaged / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    content = bytearray(rank_one_share.read_bytes())
+    content[len(content) // 2] ^= 0xFF  # a flipped byte: the size, and so the marker, still agree
+    rank_one_share.write_bytes(bytes(content))
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(shared_runs.config(uninterrupted.name, tmp_path, 2)))
+    launch(config)
+
+    # Every rank went back to the halfway checkpoint (rank 1 alone found the damage) and trained the second half
+    # again, as the uninterrupted run did; the last checkpoint is whole again.
+    assert unreadable(damaged, rank=0, world_size=1) is None
+    resumed = losses_by_step(run_dir)
+    assert [resumed[s] for s in range(halfway + 1, last + 1)] == pytest.approx(
+        shared_runs.losses(2, ranks=2)[halfway:], rel=1e-4)
 
 
 def test_a_resume_that_would_change_the_data_order_is_refused_naming_the_setting(shared_runs, tmp_path, in_process):

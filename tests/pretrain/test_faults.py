@@ -88,9 +88,9 @@ def test_under_fp16_a_loss_scaler_skip_with_a_finite_loss_is_not_counted(tmp_pat
 def test_the_skipped_count_survives_a_resume_through_the_loop_state_and_the_streak_does_not(tmp_path):
     guard = NonFiniteGuard(limit=2, run_dir=tmp_path, precision="fp32")
     record(guard, 1, NAN, optimizer_skipped=True)
-    assert guard.loop_state() == {"non_finite_steps_skipped": 1}
+    assert guard.loop_state(1) == {"non_finite_steps_skipped": 1}
     resumed = NonFiniteGuard(limit=2, run_dir=tmp_path, precision="fp32")
-    resumed.restore({"step": 1, "data_fingerprint": "f", **guard.loop_state()})
+    resumed.restore({"step": 1, "data_fingerprint": "f", **guard.loop_state(1)})
     assert record(resumed, 2, NAN, optimizer_skipped=True) is not None  # a new streak: alerted again
     assert resumed.metrics() == {"train/skipped_steps": 2} and resumed.in_a_row == 1
     before_the_count = NonFiniteGuard(limit=2, run_dir=tmp_path, precision="fp32")
@@ -267,7 +267,7 @@ def test_a_loss_above_the_factor_times_the_lowest_of_the_window_before_is_a_spik
     first, resumed = LossSpikes(factor=1.5, window=3), LossSpikes(factor=1.5, window=3)
     for loss in losses[:5]:
         first.record(loss)
-    resumed.restore(json.loads(json.dumps({"step": 5, **first.loop_state()})))  # as a checkpoint stores it
+    resumed.restore(json.loads(json.dumps({"step": 5, **first.loop_state(5)})))  # as a checkpoint stores it
     for loss in losses[5:]:
         resumed.record(loss)
     assert resumed.metrics() == whole.metrics() and list(resumed.recent) == list(whole.recent)
