@@ -53,51 +53,87 @@ def torchrun_command(ranks_per_node: int, config_path: str | None, overrides: li
     return command + list(overrides)
 
 
-def _ignore_preemption_warning() -> None:
-    # torchrun would die of SIGUSR1 (it does not handle it) and leave its ranks unsupervised; ignoring it is
-    # inherited, and the ranks install their own handler.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+# How often the ranks are told again after a stop signal: a rank told while still starting (before its handler is
+# installed, when the signal is ignored) hears it the next time.
+RETELL_SECONDS = 5.0
+# torchrun acts on SIGTERM and SIGINT by itself (the ranks terminated, then killed 30 s later whatever a save needs);
+# told to handle neither (its --signals-to-handle option, read from PET_SIGNALS_TO_HANDLE; older versions read the
+# other name), it leaves the decision to the launcher.
+TORCHRUN_HANDLES_NO_STOP_SIGNAL = {name: "SIGHUP,SIGQUIT"
+                                   for name in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE")}
+STOPPED_AT_ONCE_EXIT_CODE = 130  # as a shell reports a command ended by Ctrl-C
+
+
+def _leave_stop_signals_to_the_launcher() -> None:
+    # Ignored in torchrun, and inherited by its ranks until they install their own handler (SIGINT stays ignored
+    # there: the launcher tells them with SIGTERM). A signal SLURM sends every process of the job then reaches
+    # the ranks' handler, and torchrun goes on supervising them.
+    for stop_signal in (*PREEMPTION_SIGNALS, signal.SIGINT):
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def _ranks_of(torchrun: subprocess.Popen) -> list[psutil.Process]:
+    try:
+        return psutil.Process(torchrun.pid).children()
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_each(processes: list[psutil.Process], signal_number: int) -> None:
+    for process in processes:
+        try:
+            process.send_signal(signal_number)
+        except psutil.NoSuchProcess:
+            pass
 
 
 def run_node(command: list[str], environment: dict[str, str], ranks_per_node: int, run_dir: Path) -> int:
-    """Run torchrun to completion. A stop signal to this process reaches the ranks, which save a checkpoint;
-    the return code is then REQUEUE_EXIT_CODE, as it is when the ranks stopped on a signal of their own."""
-    environment = {**os.environ, **environment}
+    """Run torchrun to completion, deciding alone what a stop signal does. SIGTERM, SIGUSR1 or a first Ctrl-C:
+    the ranks are told (SIGTERM), finish their step, save a checkpoint and exit; or, before their first step, exit
+    at once; the return code is then REQUEUE_EXIT_CODE, as it is when the ranks stopped on a signal of their own.
+    A second Ctrl-C stops everything at once."""
+    environment = {**os.environ, **environment, **TORCHRUN_HANDLES_NO_STOP_SIGNAL}
     # Share the cores between CPU ranks rather than oversubscribing them (torchrun would pin each to 1).
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node)))
     started = time.time()
-    torchrun: subprocess.Popen | None = None
-    stopped_before_ranks = []
+    received: list[int] = []
 
-    def forward_to_ranks(signal_number: int, _frame) -> None:
-        if torchrun is None:  # before torchrun exists: it is stopped as soon as it does
-            stopped_before_ranks.append(signal_number)
-            return
-        # The ranks run in sessions of their own, so a signal to this process group does not reach them.
-        try:
-            ranks = psutil.Process(torchrun.pid).children()
-        except psutil.NoSuchProcess:
-            ranks = []
-        for rank in ranks:
-            try:
-                rank.send_signal(signal.SIGTERM if signal_number == signal.SIGINT else signal_number)
-            except psutil.NoSuchProcess:
-                pass
-        if not ranks:  # none started yet: nothing to save, and nothing would hear the signal
-            stopped_before_ranks.append(signal_number)
-            torchrun.terminate()
+    def record(signal_number: int, _frame) -> None:
+        received.append(signal_number)
 
     # Installed before torchrun starts, so that no stop signal can kill this process and leave the ranks running.
     for stop_signal in (*PREEMPTION_SIGNALS, signal.SIGINT):
-        signal.signal(stop_signal, forward_to_ranks)
-    torchrun = subprocess.Popen(command, env=environment, preexec_fn=_ignore_preemption_warning)
-    if stopped_before_ranks:
-        torchrun.terminate()
-    returncode = torchrun.wait()
-    if returncode != 0 and stopped_before_ranks:
-        print(f"stopped by a signal before training started; exit code {REQUEUE_EXIT_CODE} asks for a requeue",
-              flush=True)
-        return REQUEUE_EXIT_CODE
+        signal.signal(stop_signal, record)
+    # A session of its own: a Ctrl-C at the terminal reaches this process alone, not torchrun beside it.
+    torchrun = subprocess.Popen(command, env=environment, preexec_fn=_leave_stop_signals_to_the_launcher,
+                                start_new_session=True)
+    told_at = None
+    while (returncode := _wait(torchrun, seconds=0.5)) is None:
+        if received.count(signal.SIGINT) >= 2:
+            ranks = _ranks_of(torchrun)
+            torchrun.kill()
+            _signal_each(ranks, signal.SIGKILL)
+        elif received and (told_at is None or time.monotonic() - told_at >= RETELL_SECONDS):
+            ranks = _ranks_of(torchrun)
+            if not ranks and told_at is not None:
+                torchrun.kill()  # still no rank to tell (it waits for other nodes): nothing a save could keep
+            _signal_each(ranks, signal.SIGTERM)
+            told_at = time.monotonic()
+    return _outcome(returncode, received, run_dir, started)
+
+
+def _wait(process: subprocess.Popen, seconds: float) -> int | None:
+    try:
+        return process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+def _outcome(returncode: int, received: list[int], run_dir: Path, started: float) -> int:
+    """The launcher's exit code, saying how the ranks ended and what a signal made of it."""
+    if received.count(signal.SIGINT) >= 2:
+        print("stopped at once by a second Ctrl-C; train.resume=auto continues from the newest checkpoint", flush=True)
+        return STOPPED_AT_ONCE_EXIT_CODE
     newest = newest_complete(run_dir)
     if returncode != 0 and newest is not None and newest.stat().st_mtime >= started:
         marker = read_marker(newest)
@@ -105,4 +141,8 @@ def run_node(command: list[str], environment: dict[str, str], ranks_per_node: in
             print(f"preempted ({marker['preempted_by']}): saved {newest} at step {marker['step']}; exit code"
                   f" {REQUEUE_EXIT_CODE} asks for a requeue, and train.resume=auto continues from it", flush=True)
             return REQUEUE_EXIT_CODE
+    if returncode != 0 and received:
+        print(f"stopped by {signal.Signals(received[0]).name} before training started; exit code"
+              f" {REQUEUE_EXIT_CODE} asks for a requeue", flush=True)
+        return REQUEUE_EXIT_CODE
     return returncode

@@ -3,7 +3,8 @@
 A non-finite step is skipped (by SkippingAdamW or DeepSpeed) and counted; too many in a row stop the run
 without saving, so the newest checkpoint is still a good one. Loss spikes are counted, for a run's stability to
 be compared across settings. SIGTERM or SIGUSR1 (SLURM's preemption
-warnings) make every rank save a checkpoint at the end of the current step and exit with REQUEUE_EXIT_CODE.
+warnings) make every rank save a checkpoint at the end of the current step and exit with REQUEUE_EXIT_CODE, or,
+before the first step, exit with that code at once.
 """
 
 from __future__ import annotations
@@ -36,17 +37,39 @@ class Preempted(TrainingStopped):
     exit_code = REQUEUE_EXIT_CODE
 
 
+class StoppedBeforeTraining(TrainingStopped):
+    exit_code = REQUEUE_EXIT_CODE
+
+
 class PreemptionWatch:
-    """Records a preemption signal instead of dying of it. Each rank votes after every step (its vote rides on
-    the step's loss all-reduce); any vote stops every rank, which save a checkpoint and exit to be requeued."""
+    """Records a preemption signal instead of dying of it. Once training has started, each rank votes after every
+    step (its vote rides on the step's loss all-reduce); any vote stops every rank, which save a checkpoint and
+    exit to be requeued. Before that (verifying data, converting a checkpoint: hours, at scale, with nothing new to
+    save) the first signal stops the rank at once, with the same exit code."""
 
     def __init__(self):
         self.received: str | None = None
+        self.training = False
         for preemption_signal in PREEMPTION_SIGNALS:
             signal.signal(preemption_signal, self._record)
 
     def _record(self, signal_number: int, _frame) -> None:
+        first = self.received is None
         self.received = signal.Signals(signal_number).name
+        if first and not self.training:
+            raise self._stopped_before_training()
+
+    def _stopped_before_training(self) -> StoppedBeforeTraining:
+        return StoppedBeforeTraining(f"{self.received} asked to stop before the first step: nothing new to save;"
+                                     " train.resume=auto starts again from where the run was (launchers requeue"
+                                     " on this exit code)")
+
+    def start_training(self) -> None:
+        """From here a signal is acted on at the end of the step it arrives in. A signal already received (whose
+        exception start-up code may have swallowed) stops the rank now."""
+        if self.received is not None:
+            raise self._stopped_before_training()
+        self.training = True
 
     def vote(self) -> float:
         return float(self.received is not None)

@@ -249,9 +249,7 @@ def global_grad_norm(engine) -> float | None:
     return None if grad_norm is None else float(grad_norm)
 
 
-def train(config: Config, layout: BatchLayout, context: DistributedContext) -> None:
-    # From here on a preemption signal is recorded, and acted on after the next step, instead of killing the rank.
-    preemption = PreemptionWatch()
+def train(config: Config, layout: BatchLayout, context: DistributedContext, preemption: PreemptionWatch) -> None:
     run = set_up(config, layout, context)
     engine, optimizer, max_steps = run.setup.engine, run.setup.optimizer, config.train.max_steps
     start_step = run.resumption.step
@@ -261,6 +259,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext) -> N
         if start_step == 0:
             logger.log(0, {**run.validator.validate(engine), "train/tokens": 0})
         steps = iterate_steps(run.train_batches, start_step, max_steps, config.data.loader_workers)
+        preemption.start_training()
         for step in range(start_step, max_steps):
             seed_step(config.seed, step, context.rank)
             lr = run.setup.scheduler.get_last_lr()[0]  # the rate this step's update uses
@@ -307,6 +306,8 @@ def summarize(run_dir: Path, context: DistributedContext) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    # From here a stop signal ends start-up at once, and once training has begun ends it after a checkpoint.
+    preemption = PreemptionWatch()
     args = parse_args(argv)
     # DeepSpeed's ZeRO-3 calls collectives this torch deprecates, at every step; the notice is for DeepSpeed's
     # developers, not for someone watching a run.
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Rank 0 holds the run directory from here to the end; a second job training the same run is refused.
         with on_main_first(context, functools.partial(RunLock.take, config.run_dir, holds=context.is_main)):
-            train(config, config.batch_layout(context.world_size), context)
+            train(config, config.batch_layout(context.world_size), context, preemption)
     finally:
         shutdown()
 

@@ -13,7 +13,13 @@ import pytest
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE
 from pretrain.checkpoint import COMPLETE_MARKER, consolidated_state_dict, newest_complete
-from pretrain.faults import LossSpikes, NonFiniteGuard, PreemptionWatch, TooManyNonFiniteSteps
+from pretrain.faults import (
+    LossSpikes,
+    NonFiniteGuard,
+    PreemptionWatch,
+    StoppedBeforeTraining,
+    TooManyNonFiniteSteps,
+)
 from pretrain.rundir import read_metrics
 from tests.helpers import (
     job_processes,
@@ -114,12 +120,24 @@ def preemption_watch():
 
 
 def test_a_preemption_signal_is_recorded_and_any_ranks_vote_stops_every_rank(preemption_watch):
+    preemption_watch.start_training()
     assert preemption_watch.vote() == 0.0
     assert preemption_watch.agreed(0.0) is None
     assert preemption_watch.agreed(0.5) == "a signal to another rank"
     os.kill(os.getpid(), signal.SIGUSR1)
     assert preemption_watch.vote() == 1.0
     assert preemption_watch.agreed(0.5) == "SIGUSR1"
+
+
+def test_a_signal_before_the_first_step_stops_the_rank_at_once_asking_for_a_requeue(preemption_watch):
+    with pytest.raises(StoppedBeforeTraining) as stopped:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs at the next bytecode: start-up work (hashing, converting) is cut short
+    assert stopped.value.exit_code == REQUEUE_EXIT_CODE
+    os.kill(os.getpid(), signal.SIGTERM)  # a second one, as the launcher repeats it, while the rank winds down
+    # And if start-up code swallowed the exception, training still does not begin.
+    with pytest.raises(StoppedBeforeTraining):
+        preemption_watch.start_training()
 
 
 def marker(run_dir, step: int) -> dict:

@@ -1,0 +1,77 @@
+"""Stop signals to the launcher, as a user or a scheduler sends them: the launcher alone decides, the ranks finish
+their step and save (or, still starting, exit at once), and the run resumes from there."""
+
+import os
+import signal
+import time
+
+import psutil
+
+from data_pipeline.errors import REQUEUE_EXIT_CODE
+from launch.local import STOPPED_AT_ONCE_EXIT_CODE
+from pretrain.checkpoint import complete_tags, damage, newest_complete, read_marker
+from pretrain.rundir import read_metrics
+from tests.helpers import job_processes, launch, losses_by_step, rank_pid, start_launch, wait_for, wait_for_step
+
+
+def ctrl_c(job) -> None:
+    """What a terminal does on Ctrl-C: SIGINT to its foreground process group, which the launcher leads."""
+    os.killpg(job.pid, signal.SIGINT)
+
+
+def test_ctrl_c_mid_run_saves_a_checkpoint_at_that_step_and_the_run_resumes_from_it(tiny_config, tmp_path):
+    config = tiny_config({"train": {"max_steps": 1000, "checkpoint_every": 4}})
+    run_dir = tmp_path / "runs" / "tiny"
+    job = start_launch(config)
+    wait_for(run_dir / "checkpoints" / "step_00000004" / "complete", job)
+    ctrl_c(job)
+    assert job.wait(timeout=120) == REQUEUE_EXIT_CODE, job.log.read_text()[-3000:]
+
+    last_step = max(losses_by_step(run_dir))
+    newest = newest_complete(run_dir)
+    assert 4 < last_step < 1000 and newest.name == f"step_{last_step:08d}"
+    assert read_marker(newest)["preempted_by"] == "SIGTERM"
+    launch(config, f"train.max_steps={last_step + 2}")
+    steps = [record["step"] for record in read_metrics(run_dir) if "train/loss" in record]
+    assert steps == list(range(1, last_step + 3))
+
+
+def test_a_stop_signal_while_the_ranks_start_ends_the_job_cleanly_asking_for_a_requeue(tiny_config, tmp_path):
+    config = tiny_config({"train": {"max_steps": 6}})
+    run_dir = tmp_path / "runs" / "tiny"
+    job = start_launch(config)
+    deadline = time.monotonic() + 120
+    while True:  # until both ranks exist: they then import, prepare and verify the data, build the engine
+        try:
+            rank_pid(job, 0), rank_pid(job, 1)
+            break
+        except (AssertionError, ValueError, psutil.NoSuchProcess):
+            assert job.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+    os.kill(job.pid, signal.SIGTERM)  # as `kill` or a scheduler's preemption notice to the launcher
+    assert job.wait(timeout=120) == REQUEUE_EXIT_CODE, job.log.read_text()[-3000:]
+    # No rank crashed on its way out (torchrun's own report of ranks that exited non-zero aside).
+    assert not [line for line in job.log.read_text().splitlines()
+                if line.strip().startswith('File "') and ("/pretrain/" in line or "/data_pipeline/" in line)]
+    assert complete_tags(run_dir) == [] and not losses_by_step(run_dir)
+    # Nothing was left half made: the next launch trains the whole run.
+    launch(config)
+    assert sorted(losses_by_step(run_dir)) == list(range(1, 7))
+
+
+def test_a_second_ctrl_c_stops_every_process_at_once(tiny_config, tmp_path):
+    config = tiny_config({"train": {"max_steps": 100000, "checkpoint_every": 100000}})
+    run_dir = tmp_path / "runs" / "tiny"
+    job = start_launch(config)
+    wait_for_step(run_dir, 2, job)
+    processes = job_processes(job)
+    ctrl_c(job)
+    time.sleep(0.5)
+    ctrl_c(job)
+    assert job.wait(timeout=30) == STOPPED_AT_ONCE_EXIT_CODE
+    deadline = time.monotonic() + 30
+    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in processes):
+        assert time.monotonic() < deadline, "a process of the job outlived the second Ctrl-C"
+        time.sleep(0.1)
+    # Whatever the first Ctrl-C had saved by then is whole; a save cut short has no marker.
+    assert all(damage(run_dir / "checkpoints" / tag) is None for tag in complete_tags(run_dir))
