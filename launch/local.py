@@ -89,9 +89,9 @@ def _signal_each(processes: list[psutil.Process], signal_number: int) -> None:
 
 def run_node(command: list[str], environment: dict[str, str], ranks_per_node: int, run_dir: Path) -> int:
     """Run torchrun to completion, deciding alone what a stop signal does. SIGTERM, SIGUSR1 or a first Ctrl-C:
-    the ranks are told (SIGTERM), finish their step, save a checkpoint and exit; or, before their first step, exit
-    at once; the return code is then REQUEUE_EXIT_CODE, as it is when the ranks stopped on a signal of their own.
-    A second Ctrl-C stops everything at once."""
+    the ranks are told (with that signal; SIGTERM for a Ctrl-C), finish their step, save a checkpoint and exit,
+    or exit at once before their first step; the return code is then REQUEUE_EXIT_CODE, as it is when the ranks
+    stopped on a signal of their own. A second Ctrl-C stops everything at once."""
     environment = {**os.environ, **environment, **TORCHRUN_HANDLES_NO_STOP_SIGNAL}
     # Share the cores between CPU ranks rather than oversubscribing them (torchrun would pin each to 1).
     environment.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks_per_node)))
@@ -117,7 +117,8 @@ def run_node(command: list[str], environment: dict[str, str], ranks_per_node: in
             ranks = _ranks_of(torchrun)
             if not ranks and told_at is not None:
                 torchrun.kill()  # still no rank to tell (it waits for other nodes): nothing a save could keep
-            _signal_each(ranks, signal.SIGTERM)
+            # What the launcher heard (a Ctrl-C as SIGTERM: the ranks ignore SIGINT), so their checkpoint names it.
+            _signal_each(ranks, signal.SIGTERM if received[0] == signal.SIGINT else received[0])
             told_at = time.monotonic()
     return _outcome(returncode, received, run_dir, started)
 
