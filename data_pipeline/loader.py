@@ -22,19 +22,16 @@ workers changes nothing but speed.
 
 from __future__ import annotations
 
-import json
 import signal
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from data_pipeline.config import OPEN_SHARDS, BatchLayout
 from data_pipeline.errors import DataError
-from data_pipeline.files import write_atomically
 from data_pipeline.manifest import Manifest, Shard
 from data_pipeline.remote import Fetcher, redacted
 from data_pipeline.tokenizer import file_sha256
@@ -52,56 +49,12 @@ def is_local(location: str) -> bool:
     return "://" not in location and not location.startswith("pipe:")
 
 
-# Beside the manifest: each local shard that passed the check, with the size and modification time it had then.
-VERIFIED_RECORD = "verified.json"
-
-
-def verify_shards(manifest: Manifest, shard_url: str | None) -> None:
-    """Check that every local shard exists with the sha256 the manifest records (remote ones: on read). A shard
-    checked before and unchanged since (same size and modification time, same manifest) is not hashed again: a
-    requeued job or a resumed run starts without reading the corpus."""
-    if file_sha256(manifest.tokenizer_path) != manifest.tokenizer_sha256:
-        raise DataError(
-            f"{manifest.dir / 'manifest.json'}: was written for another tokenizer than"
-            f" {manifest.tokenizer_path}; prepare the data again"
-        )
-    record_path = manifest.dir / VERIFIED_RECORD
-    checked_before = read_verified(record_path, manifest.fingerprint)
-    checked = {}
-    for split in manifest.splits.values():
-        for shard in split:
-            location = shard_location(manifest, shard, shard_url)
-            if not is_local(location):
-                continue
-            if not Path(location).exists():
-                raise DataError(f"{location}: shard missing; restore it or prepare the data again")
-            status = Path(location).stat()
-            stamp = [status.st_size, status.st_mtime_ns]
-            if checked_before.get(location) != stamp:
-                # Streamed: shards can be larger than memory allows twice over.
-                refuse_if_damaged(location, shard, file_sha256(location))
-            checked[location] = stamp
-    try:
-        write_atomically(record_path, json.dumps({"fingerprint": manifest.fingerprint, "shards": checked}) + "\n")
-    except OSError:  # a corpus on a read-only mount: checked again at the next start
-        pass
-
-
 def refuse_if_damaged(location: str, shard: Shard, actual_sha256: str) -> None:
     if actual_sha256 != shard.sha256:
         raise DataError(
             f"{location}: sha256 differs from the manifest's ({actual_sha256[:16]}..., not {shard.sha256[:16]}...);"
             " the shard is damaged or from another preparation: prepare the data again"
         )
-
-
-def read_verified(record_path: Path, fingerprint: str) -> dict[str, list[int]]:
-    """The shards a verification record lists, if it was written for this manifest; {} otherwise."""
-    try:
-        record = json.loads(record_path.read_text())
-        return record["shards"] if record["fingerprint"] == fingerprint else {}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {}
 
 
 class ShardReader:

@@ -27,6 +27,7 @@ from pathlib import Path
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.errors import ConfigError
 from data_pipeline.files import write_atomically
+from data_pipeline.redaction import redact_text
 from launch import hostfile, planner, preparation, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,
@@ -197,7 +198,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     check_checkpoint(config, world_size)
 
     if args.dry_run:
-        print(script if args.backend == "slurm" else show(commands))
+        print(script if args.backend == "slurm" else redact_text(show(commands)))
         return 0
     if first_host:  # the other hosts' rank 0 is elsewhere; it prepares what is missing, once
         manifest = prepare_and_verify(config, is_main=True, log=print)

@@ -3,21 +3,26 @@
 The script asks SLURM to send SIGUSR1 to every process of the job `preemption_warning_seconds` before its time
 limit; the ranks checkpoint and exit with REQUEUE_EXIT_CODE, and the script requeues the job, which resumes
 with train.resume=auto. Every value that reaches the script is quoted for the shell (or refused where it
-would sit on an #SBATCH line), so no config value can run as shell code.
+would sit on an #SBATCH line), so no config value can run as shell code. A credential in a value (a signed
+data.shard_url, a password in a pipe: command) reaches sbatch on its standard input only: the script printed,
+kept beside the job and recorded has it redacted.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
 from data_pipeline.files import write_atomically
+from data_pipeline.redaction import redact_text
 from pretrain.config import Config
 
 
@@ -49,10 +54,30 @@ class ArrayJob:
     after: str | None = None  # a job (or array task, <job>_<i>) that must succeed first: branches wait for trunks
 
 
+class SbatchScript(str):
+    """An sbatch script as it is printed, kept beside the job and recorded: every credential in the values it
+    carries (overrides, exported variables) redacted. `runnable`, the script itself, is what `submit` gives
+    sbatch, on its standard input, so that no file holds it."""
+
+    runnable: str
+
+    def __new__(cls, render: Callable[[Callable[[str], str]], str]) -> SbatchScript:
+        """`render(shown)`: the script with each value written as shown(value)."""
+        script = super().__new__(cls, render(redact_text))
+        script.runnable = render(str)
+        return script
+
+
 def render_sbatch(config: Config, config_path: Path | None, overrides: list[str], nodes: int, gpus_per_node: int,
-                  ranks_per_node: int, workdir: Path, array: ArrayJob | None = None) -> str:
+                  ranks_per_node: int, workdir: Path, array: ArrayJob | None = None) -> SbatchScript:
     """The sbatch script for this run (or, with `array`, for each run of a job array): SLURM options, then one
     supervised torchrun per node (mode torchrun) or one task per rank (mode tasks)."""
+    return SbatchScript(functools.partial(_run_script, config, config_path, overrides, nodes, gpus_per_node,
+                                          ranks_per_node, workdir, array))
+
+
+def _run_script(config: Config, config_path: Path | None, overrides: list[str], nodes: int, gpus_per_node: int,
+                ranks_per_node: int, workdir: Path, array: ArrayJob | None, shown: Callable[[str], str]) -> str:
     slurm = config.launch.slurm
     tasks_per_node = 1 if slurm.mode == "torchrun" else ranks_per_node
     options = {
@@ -79,12 +104,12 @@ def render_sbatch(config: Config, config_path: Path | None, overrides: list[str]
 
     def arguments(run_overrides: list[str]) -> str:
         config_args = ["--config", str(config_path.resolve())] if config_path else []
-        return " ".join(shlex.quote(arg) for arg in config_args + list(run_overrides))
+        return " ".join(shlex.quote(shown(arg)) for arg in config_args + list(run_overrides))
 
     python = shlex.quote(sys.executable)
     port = str(config.launch.rendezvous_port)
     environment = config.launch.environment.items()
-    lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in environment)]
+    lines += ["", "set -u", *(f"export {name}={shlex.quote(shown(value))}" for name, value in environment)]
     if array:
         # Array tasks (of this array or another) can share a node: each meets its ranks on its own port.
         port = f"$(( {port} + SLURM_JOB_ID % 1000 ))"
@@ -135,10 +160,16 @@ def _extra_lines(config: Config) -> list[str]:
 
 
 def render_preparation(config: Config, config_path: Path | None, overrides: list[str], workdir: Path,
-                       log_dir: Path, tasks: int | None, after: str | None = None) -> str:
+                       log_dir: Path, tasks: int | None, after: str | None = None) -> SbatchScript:
     """The sbatch script of one step of a data preparation on SLURM: the partitions, as a job array of `tasks`
     tasks (each claims partitions until none is left), or (tasks None) the manifest, once the array `after` has
     succeeded. The tokenizer is made before either is submitted."""
+    return SbatchScript(functools.partial(_preparation_script, config, config_path, overrides, workdir, log_dir, tasks,
+                                          after))
+
+
+def _preparation_script(config: Config, config_path: Path | None, overrides: list[str], workdir: Path, log_dir: Path,
+                        tasks: int | None, after: str | None, shown: Callable[[str], str]) -> str:
     options = {"job-name": f"prepare-{config.name}", "nodes": 1, "ntasks": 1, "time": config.launch.slurm.time,
                "output": (workdir / log_dir / ("%A_%a.out" if tasks else "%j.out")).resolve(),
                "chdir": workdir.resolve()}
@@ -152,21 +183,22 @@ def render_preparation(config: Config, config_path: Path | None, overrides: list
     lines += _extra_lines(config)
     arguments = (["--config", str(config_path.resolve())] if config_path else []) + list(overrides)
     step = ["--step", "partitions"] if tasks else ["--step", "manifest"]
-    command = " ".join(shlex.quote(part) for part in [sys.executable, "-m", "launch.preparation", *arguments, *step])
+    command = " ".join(shlex.quote(shown(part)) for part in [sys.executable, "-m", "launch.preparation", *arguments,
+                                                              *step])
     environment = config.launch.environment.items()
-    lines += ["", "set -u", *(f"export {name}={shlex.quote(value)}" for name, value in environment),
+    lines += ["", "set -u", *(f"export {name}={shlex.quote(shown(value))}" for name, value in environment),
               f"exec {command}" + (' --task "$SLURM_ARRAY_TASK_ID"' if tasks else ""), ""]
     return "\n".join(lines)
 
 
-def submit(script: str, directory: Path) -> tuple[str, Path]:
-    """Write the script into `directory` and submit it; returns (job id, script path)."""
+def submit(script: SbatchScript, directory: Path) -> tuple[str, Path]:
+    """Submit the script, and keep it (redacted) in `directory`; returns (job id, kept script's path)."""
     sbatch = shutil.which("sbatch")
     if sbatch is None:
         raise ConfigError("--backend slurm: sbatch is not on PATH; run this on a SLURM login node, or use --dry-run")
     directory.mkdir(parents=True, exist_ok=True)
-    path = write_atomically(directory / "submit.sbatch", script)
-    result = subprocess.run([sbatch, "--parsable", str(path)], capture_output=True, text=True)
+    path = write_atomically(directory / "submit.sbatch", str(script))
+    result = subprocess.run([sbatch, "--parsable"], input=script.runnable, capture_output=True, text=True)
     if result.returncode != 0:
         raise ConfigError(f"--backend slurm: sbatch refused the job: {result.stderr.strip()}")
     job_id = result.stdout.strip().split(";")[0]

@@ -42,6 +42,7 @@ import yaml
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
 from data_pipeline.files import write_atomically
+from data_pipeline.redaction import redact_text
 from evals.fit_runs import FitSettings, WandbTarget, fit_runs
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
@@ -382,7 +383,8 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
         return 1 if blocked else 0
     if args.dry_run:
         for label, run in pending:
-            print(f"{label}: would run python -m launch run --config {sweep.base} {' '.join(run.overrides)}")
+            overrides = redact_text(" ".join(run.overrides))
+            print(f"{label}: would run python -m launch run --config {sweep.base} {overrides}")
         print(f"sweep {sweep.name}: would then fit the runs into {sweep_dir / 'scaling'}")
         return 0
     failed, stopped = run_here(sweep, pending, args, parallel or 1)

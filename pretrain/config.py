@@ -23,6 +23,7 @@ from data_pipeline.config import (
     validated,
 )
 from data_pipeline.errors import ConfigError
+from data_pipeline.redaction import looks_secret, redacted_tree
 from evals.config import FewShotConfig
 
 
@@ -199,15 +200,6 @@ class SlurmConfig(Section):
     )
 
 
-# A variable one of whose underscore-separated parts is one of these holds a secret (WANDB_API_KEY, HF_TOKEN), and
-# a config is written to the run directory, the launch records, the sbatch script and W&B.
-SECRET_NAME_PARTS = {"KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIALS"}
-
-
-def looks_secret(name: str) -> bool:
-    return not SECRET_NAME_PARTS.isdisjoint(name.upper().split("_"))
-
-
 class LaunchConfig(Section):
     environment: dict[Annotated[str, Field(pattern=ENVIRONMENT_NAME)], str] = Field(
         {}, description="environment variables for every rank (NCCL settings and the like; never secrets)"
@@ -244,8 +236,14 @@ class Config(Section):
     def run_dir(self) -> Path:
         return Path(self.output_dir) / self.name
 
+    def redacted_dump(self) -> dict[str, Any]:
+        """The config as the run directory and W&B keep it: credentials in values (a signed data.shard_url, a
+        password in a pipe: command) replaced by data_pipeline.redaction.REDACTED. The ranks never read it back;
+        they load the config file and overrides they were started with."""
+        return redacted_tree(self.model_dump(mode="json"))
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.redacted_dump(), sort_keys=False)
 
     def batch_layout(self, world_size: int) -> BatchLayout:
         """How the global batch of tokens splits into ranks, micro-batches and accumulation steps."""

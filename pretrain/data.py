@@ -6,9 +6,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-from data_pipeline.loader import verify_shards
 from data_pipeline.manifest import Manifest
 from data_pipeline.prepare import prepare
+from data_pipeline.verification import verify_shards
 from pretrain.config import Config
 
 # Set by `python -m launch` for the ranks it starts: the fingerprint of the manifest it already verified.

@@ -14,6 +14,7 @@ when the run finishes, is preempted or fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,6 +22,7 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 
 from data_pipeline.files import write_atomically
+from data_pipeline.redaction import redact_text, redacted_tree
 from pretrain.config import Config
 from pretrain.faults import Preempted
 from pretrain.rundir import METRICS_FILE, read_metrics
@@ -87,6 +90,18 @@ def system_metrics(device: torch.device) -> dict[str, float]:
     return values
 
 
+@contextlib.contextmanager
+def _command_line_redacted() -> Iterator[None]:
+    """W&B keeps the command line of the process that starts a run (sys.argv) with the run's metadata, and an
+    override on it may carry a credential (a signed data.shard_url): W&B is shown it redacted."""
+    command_line = sys.argv
+    sys.argv = [redact_text(argument) for argument in command_line]
+    try:
+        yield
+    finally:
+        sys.argv = command_line
+
+
 class RunLogger:
     """Records one dict of metrics per step and raises alerts. Only rank 0 writes; elsewhere every call is a
     no-op. Used as a context manager, it closes the W&B run with an alert saying how the run ended."""
@@ -120,12 +135,13 @@ class RunLogger:
 
     def _start_wandb(self, config: Config, launch: dict):
         logging = config.logging
-        run = start_run(
-            mode=logging.wandb_mode, directory=config.run_dir, project=logging.wandb_project, name=config.name,
-            job_type=logging.wandb_job_type, config={**config.model_dump(mode="json"), "launched": launch},
-            entity=logging.wandb_entity, group=logging.wandb_group, tags=logging.wandb_tags,
-            run_id=run_id_for(config.run_dir),  # a resumed training run continues the same W&B run
-        )
+        with _command_line_redacted():
+            run = start_run(
+                mode=logging.wandb_mode, directory=config.run_dir, project=logging.wandb_project, name=config.name,
+                job_type=logging.wandb_job_type, config={**config.redacted_dump(), "launched": redacted_tree(launch)},
+                entity=logging.wandb_entity, group=logging.wandb_group, tags=logging.wandb_tags,
+                run_id=run_id_for(config.run_dir),  # a resumed training run continues the same W&B run
+            )
         if run is not None:
             run.define_metric("train/tokens")
             for namespace in NAMESPACES:

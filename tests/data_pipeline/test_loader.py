@@ -3,14 +3,11 @@ import re
 import shutil
 import tarfile
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
 
-from data_pipeline import loader
 from data_pipeline.config import BatchLayout
 from data_pipeline.errors import DataError
 from data_pipeline.loader import (
@@ -20,9 +17,9 @@ from data_pipeline.loader import (
     document_ids,
     iterate_steps,
     validation_batches,
-    verify_shards,
 )
 from data_pipeline.manifest import Manifest
+from data_pipeline.verification import verify_shards
 from tests.helpers import split_stream
 
 SEQ_LEN = 32
@@ -185,22 +182,6 @@ def damaged(prepared, tmp_path):
     return Manifest.load(copy)
 
 
-def test_a_missing_shard_is_named_before_training(damaged):
-    shard = damaged.dir / damaged.splits["train"][2].name
-    shard.unlink()
-    with pytest.raises(DataError, match=re.escape(f"{shard}: shard missing")):
-        verify_shards(damaged, None)
-
-
-def test_a_shard_whose_sha256_differs_is_named_before_training(damaged):
-    shard = damaged.dir / damaged.splits["val"][0].name
-    data = bytearray(shard.read_bytes())
-    data[600] ^= 1
-    shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=re.escape(f"{shard}: sha256")):
-        verify_shards(damaged, None)
-
-
 def test_a_flipped_byte_is_refused_when_read_with_verification_on_read_whether_local_or_remote(damaged, tmp_path):
     remote = tmp_path / "remote"
     shutil.copytree(damaged.dir, remote)
@@ -215,25 +196,6 @@ def test_a_flipped_byte_is_refused_when_read_with_verification_on_read_whether_l
     piped = Windows(damaged, "train", SEQ_LEN, shard_url=f"pipe:cat {remote}/{{shard}}", check_local=True)
     with pytest.raises(DataError, match=re.escape(f"pipe:cat {remote / damaged.splits['train'][0].name}: sha256")):
         piped.read(np.arange(4))
-
-
-def test_shards_checked_once_are_not_hashed_again_until_they_change(damaged, monkeypatch):
-    hashed = []
-    real_sha256 = loader.file_sha256
-    monkeypatch.setattr(loader, "file_sha256", lambda path: hashed.append(Path(path).name) or real_sha256(path))
-    shards = {shard.name for split in damaged.splits.values() for shard in split}
-    verify_shards(damaged, None)
-    assert shards <= set(hashed)
-    hashed.clear()
-    verify_shards(damaged, None)  # as a requeued job or a second launch does
-    assert shards.isdisjoint(hashed)
-    shard = damaged.dir / damaged.splits["train"][1].name
-    data = bytearray(shard.read_bytes())
-    data[600] ^= 1  # the write changes its modification time
-    shard.write_bytes(bytes(data))
-    with pytest.raises(DataError, match=re.escape(f"{shard}: sha256")):
-        verify_shards(damaged, None)
-    assert hashed.count(shard.name) == 1
 
 
 def test_a_token_id_beyond_the_tokenizer_is_refused_when_read_naming_the_shard(damaged):
@@ -255,15 +217,6 @@ def test_a_truncated_shard_is_named_at_start_and_when_read_without_verification(
     windows = Windows(damaged, "train", SEQ_LEN)
     with pytest.raises(DataError, match=re.escape(f"{shard}: ") + "(holds|cannot read|ends inside)"):
         windows.read(np.arange(windows.count))
-
-
-def test_a_manifest_written_for_another_tokenizer_is_named(damaged, tmp_path):
-    other = Tokenizer.from_file(str(damaged.tokenizer_path))
-    other.add_tokens(["<a token the shards were not made with>"])
-    other.save(str(damaged.tokenizer_path))
-    manifest = damaged.dir / "manifest.json"
-    with pytest.raises(DataError, match=re.escape(f"{manifest}: was written for another tokenizer")):
-        verify_shards(damaged, None)
 
 
 def test_shards_can_be_read_through_a_url_and_are_verified_on_read(damaged, tmp_path):

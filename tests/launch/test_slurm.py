@@ -5,7 +5,6 @@ and an environment variable, is preempted after its first checkpoint (SLURM requ
 runs to the end when SLURM starts it again, without hashing the corpus again."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 import yaml
 
 from data_pipeline.prepare import prepare
+from data_pipeline.verification import VERIFIED_RECORD, file_stamp
 from pretrain.checkpoint import read_marker
 from pretrain.rundir import read_metrics
 from tests.helpers import mixed_config, mixed_sources, same_files
@@ -69,15 +69,19 @@ def preempted_job(cluster, tmp_path_factory) -> PreemptedJob:
         assert time.monotonic() < deadline and cluster.job_state(job_id) in ("PENDING", "RUNNING", "CONFIGURING"), (
             cluster.logs())
         time.sleep(0.25)
-    # A shard changed in place with its size and modification time kept: the requeued job trains only if it
-    # trusts the verification record the first start left instead of hashing the corpus again. (The bytes
-    # changed are in the tar archive's closing padding, which no reader looks at.)
+    # A shard changed in place, and the verification record the first start left brought up to date with the
+    # shard's new stamp, as if these bytes had been checked: the requeued job trains only if it trusts the record
+    # instead of hashing the corpus again. (The bytes changed are in the tar archive's closing padding, which no
+    # reader looks at.)
     shard = next((workdir / "data").glob("train-*.tar"))
-    status = shard.stat()
     content = bytearray(shard.read_bytes())
     content[-1] ^= 1
     shard.write_bytes(bytes(content))
-    os.utime(shard, ns=(status.st_atime_ns, status.st_mtime_ns))
+    record = workdir / "data" / VERIFIED_RECORD
+    verified = json.loads(record.read_text())
+    assert str(shard) in verified["shards"]
+    verified["shards"][str(shard)] = file_stamp(str(shard))
+    record.write_text(json.dumps(verified))
     # SLURM's requeue reaches the ranks as SIGTERM within a step or two, long before the last step.
     cluster.scontrol("requeue", job_id)
     state = cluster.wait_for_state(job_id, ENDED, timeout=900)
