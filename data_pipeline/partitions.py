@@ -7,10 +7,11 @@ split's token stream into blocks and writes the full blocks as the partition's o
 (less than a block) is kept as the partition's tail. The tasks of a job on many nodes do not divide the
 partitions among them in advance: each claims the next unclaimed one whenever it has a worker free, so a task
 that starts late (a busy cluster), runs on a slow node or draws large partitions leaves the rest to the
-others. A partition is written under a temporary name and renamed
+others. A partition is written under a temporary name, locked while its worker lives, and renamed
 into `partitions/PPPPP/` with its record, so one that is there is whole: a rerun skips it. The last step
 (`merge`) packs the tails, in partition order, into the closing shards of each split and gathers every
 partition's shards into one list, so that every block but the split's very last is full, as the loader expects.
+A merge killed part way is finished by running it again.
 
 Block i of one partition's split holds tokens [i*B, i*B + B] of that partition's token stream (B =
 data.block_tokens): one token of overlap, so windows of seq_len + 1 tokens tile the stream exactly when
@@ -19,11 +20,14 @@ seq_len divides B.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
 import shutil
 import socket
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
@@ -32,13 +36,14 @@ import numpy as np
 
 from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
-from data_pipeline.files import publish_directory
+from data_pipeline.files import fsync_directory, publish_directory
 from data_pipeline.manifest import SPLITS, Shard, shard_pattern
 from data_pipeline.sources import Unit, all_units, describe, is_validation, unit_group_documents
 from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, load_tokenizer
 
 PARTITIONS = "partitions"
 RECORD = "partition.json"
+WRITING = ".writing"  # the lock a worker holds on its partition's temporary folder
 CHUNK_CHARS = 1 << 20  # text tokenized at a time
 
 
@@ -73,8 +78,9 @@ def partition_dir(staging: Path, partition: int) -> Path:
 
 @dataclass(frozen=True)
 class Claims:
-    """The partitions the tasks of one job have taken: a file per partition, created by whichever task takes it
-    first (an exclusive create, atomic on a shared filesystem) and holding that task's name. A task requeued
+    """The partitions the tasks of one job have taken: a symbolic link per partition, pointing at the name of
+    whichever task took it first. Creating one is exclusive and atomic, also on a shared filesystem, and sets its
+    target in the same step: no task can die between taking a partition and saying whose it is. A task requeued
     after a lost node finds its own claims and takes them again; a later job claims in a folder of its own."""
 
     directory: Path
@@ -84,24 +90,62 @@ class Claims:
         path = self.directory / f"{partition:05d}"
         self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            os.symlink(self.owner, path)
         except FileExistsError:
-            return path.read_text() == self.owner
-        with os.fdopen(descriptor, "w") as claim:
-            claim.write(self.owner)
+            return os.readlink(path) == self.owner
         return True
 
 
 def is_done(staging: Path, partition: int) -> bool:
     """Whether a partition is whole: its record is there and each file it lists has the size it was written
-    with (a partition is renamed into place whole, so this guards against what happened to it since)."""
+    with (a partition is renamed into place whole, so this guards against what happened to it since), in its
+    folder or, for a shard that a merge has gathered already, in `staging`."""
     directory = partition_dir(staging, partition)
     try:
         record = PartitionRecord.load(directory / RECORD)
     except (OSError, ValueError, KeyError, TypeError):
         return False
-    return all((directory / name).is_file() and (directory / name).stat().st_size == size
+    shards = {shard.name for split_shards in record.shards.values() for shard in split_shards}
+    # The folder first: a shard the merge moves in between is then found in `staging`.
+    return all(has_size(directory / name, size) or (name in shards and has_size(staging / name, size))
                for name, size in record.sizes.items())
+
+
+def has_size(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
+
+
+@contextmanager
+def being_written(work: Path) -> Iterator[None]:
+    """Hold the lock of a partition's temporary folder while the block runs; the system releases it when the
+    worker dies, however it dies, so that clear_abandoned knows the folder is no one's. The lock file is created
+    under another name and renamed once held: no sweep finds it free in between."""
+    fresh = work / f"{WRITING}.new"
+    descriptor = os.open(fresh, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        os.rename(fresh, work / WRITING)
+        yield
+    finally:
+        os.close(descriptor)
+
+
+def clear_abandoned(staging: Path) -> None:
+    """Remove the temporary folders that dead workers left, here or on other nodes. A folder whose lock is held is
+    being written (by a task of a job still running); one without a lock yet is being set up."""
+    # fcntl rather than filelock: a lock that is not there must not be created.
+    for folder in (staging / PARTITIONS).glob(".*.tmp-*"):
+        try:
+            descriptor = os.open(folder / WRITING, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(folder, ignore_errors=True)
+        except BlockingIOError:
+            pass
+        finally:
+            os.close(descriptor)
 
 
 class ShardedSplit:
@@ -196,11 +240,18 @@ def counted(units: list[Unit], documents: dict[int, int], data: DataConfig) -> I
 
 def write_partition(staging: Path, data: DataConfig, dtype: str, partition: int, units: list[Unit]) -> int:
     """Tokenize and shard one partition (in a process started by start_worker); returns the bytes of text read."""
-    end_of_document = _tokenizer.token_to_id(END_OF_DOCUMENT)
     final = partition_dir(staging, partition)
     work = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)  # left by a dead process that had this one's id
     work.mkdir(parents=True)
+    with being_written(work):
+        text_bytes = write_partition_files(work, data, dtype, partition, units)
+        publish_partition(staging, partition, work)
+    return text_bytes
+
+
+def write_partition_files(work: Path, data: DataConfig, dtype: str, partition: int, units: list[Unit]) -> int:
+    end_of_document = _tokenizer.token_to_id(END_OF_DOCUMENT)
     splits = {split: ShardedSplit(work, shard_pattern(split, partition), dtype, data.block_tokens, data.shard_bytes)
               for split in SPLITS}
     documents: dict[int, int] = {}
@@ -220,19 +271,34 @@ def write_partition(staging: Path, data: DataConfig, dtype: str, partition: int,
         "shards": {split: [asdict(shard) for shard in writer.shards] for split, writer in splits.items()},
         "tail_overlaps": {split: writer.samples > 0 for split, writer in splits.items()},
         "documents": documents,
-        "sizes": {path.name: path.stat().st_size for path in work.iterdir()},
+        "sizes": {path.name: path.stat().st_size for path in work.iterdir() if path.name != WRITING},
     }
     (work / RECORD).write_text(json.dumps(record) + "\n")
-    try:
-        publish_directory(work, final)
-    except OSError:  # another worker finished the same partition first: the same bytes
-        shutil.rmtree(work, ignore_errors=True)
     return text_bytes
 
 
+def publish_partition(staging: Path, partition: int, work: Path) -> None:
+    """Rename a written partition into place, over a copy there that is not whole (a file of it changed since it
+    was written); a whole one there (another worker's, with the same bytes) is kept and this one dropped."""
+    final = partition_dir(staging, partition)
+    damaged = work.with_name(f"{work.name}.damaged")
+    while not is_done(staging, partition):
+        try:
+            publish_directory(work, final)
+            return
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        with suppress(FileNotFoundError):  # another worker moved it away first
+            final.rename(damaged)
+        shutil.rmtree(damaged, ignore_errors=True)
+    shutil.rmtree(work)
+
+
 def merge(staging: Path, data: DataConfig, dtype: str) -> dict[str, list[Shard]]:
-    """Gather every partition's shards into `staging` and write the tails as each split's closing shards; returns
-    each split's shards in order. Every partition must be done."""
+    """Gather every partition's shards into `staging` and write the tails as each split's closing shards, durably;
+    returns each split's shards in order. Every partition must be done. The partitions are kept, so a merge killed
+    part way is finished by merging again."""
     records = [PartitionRecord.load(partition_dir(staging, p) / RECORD) for p in range(data.partitions)]
     for index, source in enumerate(data.sources):
         if not any(record.documents.get(index) for record in records):
@@ -247,11 +313,16 @@ def merge(staging: Path, data: DataConfig, dtype: str) -> dict[str, list[Shard]]
             # A tail that repeats its partition's last block's final token drops it: that token is stored already.
             closing.add(tail[1:] if record.tail_overlaps[split] else tail)
             for shard in record.shards[split]:
-                os.replace(partition_dir(staging, partition) / shard.name, staging / shard.name)
+                written = partition_dir(staging, partition) / shard.name
+                if written.exists():  # else gathered by a merge that was killed (is_done found it whole)
+                    os.replace(written, staging / shard.name)
         closing.close(write_rest=True)
+        for shard in closing.shards:  # on disk before the manifest that says the merge is done
+            with open(staging / shard.name, "rb") as file:
+                os.fsync(file.fileno())
         shards[split] = [shard for record in records for shard in record.shards[split]] + closing.shards
         if not shards[split]:
             raise DataError(f"the {split} split is empty; add sources or adjust data.val_fraction")
-    shutil.rmtree(staging / PARTITIONS)
+    fsync_directory(staging)  # the shards gathered into it
     return shards
 

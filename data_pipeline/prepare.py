@@ -10,9 +10,9 @@
 
 The work happens in `.<dir>.partial/`, renamed to `data.dir` once the manifest is written: a crash never leaves
 a half-written dataset where a run looks for one, and an existing dataset made from a different recipe is
-refused, never overwritten. What a killed preparation finished (the tokenizer, whole partitions) is kept there
-and reused by the next one of the same recipe. The shards depend on the recipe alone (see partitions.py), not
-on the number of workers.
+refused, never overwritten. What a killed preparation finished (the tokenizer, whole partitions, the merge) is
+kept there and reused by the next one of the same recipe, which finishes the rest. The shards depend on the recipe
+alone (see partitions.py), not on the number of workers.
 """
 
 from __future__ import annotations
@@ -36,7 +36,16 @@ from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST, Manifest
-from data_pipeline.partitions import PARTITIONS, Claims, is_done, merge, plan, start_worker, write_partition
+from data_pipeline.partitions import (
+    PARTITIONS,
+    Claims,
+    clear_abandoned,
+    is_done,
+    merge,
+    plan,
+    start_worker,
+    write_partition,
+)
 from data_pipeline.sources import all_documents, describe, is_validation
 from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, id_bound, load_tokenizer, train_bpe
 
@@ -118,6 +127,8 @@ def prepare_partitions(data: DataConfig, vocab_size: int, claims: Claims | None 
     """Write the partitions not done yet with data.workers processes: all of them, or (with `claims`, one task
     of a job array among others) each that this task claims first, one at a time as its workers free up."""
     staging = resumable_staging(data, vocab_size)
+    if (staging / MANIFEST).exists():  # merged already: the partitions are in the shards
+        return
     dtype = storage_dtype(load_tokenizer(staging / "tokenizer.json", vocab_size))
     units = plan(data)
     candidates = iter([p for p in range(data.partitions) if not is_done(staging, p)])
@@ -150,15 +161,28 @@ def prepare_partitions(data: DataConfig, vocab_size: int, claims: Claims | None 
 
 
 def finish_preparation(data: DataConfig, vocab_size: int, log=print) -> Manifest:
-    """The last step, once every partition is done: the closing shards and the manifest, then `data.dir`."""
+    """The last step, once every partition is done: the closing shards and the manifest, then `data.dir`. Killed
+    at any point, it is finished by running it again."""
     staging = resumable_staging(data, vocab_size)
-    missing = [p for p in range(data.partitions) if not is_done(staging, p)]
-    if missing:
-        raise DataError(f"{staging}: partitions {missing[:5]}{'...' if len(missing) > 5 else ''} of"
-                        f" {data.partitions} are not written yet; run the preparation again to write them")
-    tokenizer = load_tokenizer(staging / "tokenizer.json", vocab_size)
-    write_manifest(staging, data, recipe_fingerprint(data, vocab_size), tokenizer, storage_dtype(tokenizer), log)
+    if not (staging / MANIFEST).exists():  # written once every shard is in place
+        missing = [p for p in range(data.partitions) if not is_done(staging, p)]
+        if missing:
+            raise DataError(f"{staging}: partitions {missing[:5]}{'...' if len(missing) > 5 else ''} of"
+                            f" {data.partitions} are not written yet; run the preparation again to write them")
+        tokenizer = load_tokenizer(staging / "tokenizer.json", vocab_size)
+        write_manifest(staging, data, recipe_fingerprint(data, vocab_size), tokenizer, storage_dtype(tokenizer), log)
+    clear_scaffolding(staging)
     return Manifest.load(publish_directory(staging, Path(data.dir)))  # durable before anyone reads it, whole
+
+
+def clear_scaffolding(staging: Path) -> None:
+    """Remove what only the preparation needed: the partitions (in the shards now), the recipe (in the manifest)
+    and the partial files of writes that a kill interrupted (write_atomically's `.NAME.partial-PID`)."""
+    if (staging / PARTITIONS).exists():
+        shutil.rmtree(staging / PARTITIONS)
+    (staging / RECIPE).unlink(missing_ok=True)
+    for partial in staging.glob(".*.partial-*"):
+        partial.unlink()
 
 
 def resumable_staging(data: DataConfig, vocab_size: int) -> Path:
@@ -171,20 +195,22 @@ def resumable_staging(data: DataConfig, vocab_size: int) -> Path:
 
 
 def recorded_recipe(staging: Path) -> str | None:
-    """The recipe a staging folder is being prepared from, or None if it holds no readable record of one."""
-    try:
-        return json.loads((staging / RECIPE).read_text())["recipe"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The recipe a staging folder is being prepared from (its record, or the manifest once the record is
+    cleared), or None if it holds no readable record of one."""
+    for record in (RECIPE, MANIFEST):
+        try:
+            return json.loads((staging / record).read_text())["recipe"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def open_staging(directory: Path, recipe: str, log) -> Path:
     """The folder a preparation works in: one left by an interrupted preparation of the same recipe is resumed
-    (its unfinished partitions' temporary folders cleared); one of another recipe is cleared."""
+    (the temporary folders of its dead workers cleared); one of another recipe is cleared."""
     staging = staging_dir(directory)
     if recorded_recipe(staging) == recipe:
-        for orphan in (staging / PARTITIONS).glob(".*.tmp-*"):
-            shutil.rmtree(orphan, ignore_errors=True)
+        clear_abandoned(staging)
         log(f"preparing data in {directory}, resuming an interrupted preparation")
         return staging
     shutil.rmtree(staging, ignore_errors=True)
@@ -227,8 +253,7 @@ def write_manifest(staging: Path, data: DataConfig, recipe: str, tokenizer, dtyp
     }
     # The fingerprint covers the tokenizer, every shard's bytes and the mixture: it seeds the data order.
     meta["fingerprint"] = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-    (staging / RECIPE).unlink()
-    (staging / MANIFEST).write_text(json.dumps(meta, indent=2) + "\n")
+    write_atomically(staging / MANIFEST, json.dumps(meta, indent=2) + "\n")
     counts = {split: sum(s.tokens for s in split_shards) for split, split_shards in shards.items()}
     log(
         f"prepared {counts['train']:,} training and {counts['val']:,} validation tokens (stored) in"

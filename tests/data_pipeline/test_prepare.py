@@ -219,6 +219,7 @@ def test_two_preparations_of_one_directory_prepare_it_once_and_a_killed_ones_lef
     partial = tmp_path / ".data.partial"
     (partial / "partitions" / ".00000.tmp-elsewhere-4242").mkdir(parents=True)
     (partial / "partitions" / ".00000.tmp-elsewhere-4242" / "train-00000-000000.tar").write_bytes(b"half a shard")
+    (partial / "partitions" / ".00000.tmp-elsewhere-4242" / ".writing").touch()  # its lock, free since it died
     shutil.copy(reference / "tokenizer.json", partial / "tokenizer.json")
     (partial / "recipe.json").write_text(json.dumps({"recipe": Manifest.load(reference).recipe}))
     context = multiprocessing.get_context("spawn")
