@@ -113,12 +113,23 @@ class DataConfig(Section):
     shard_url: str | None = Field(
         None, description="read shards from here instead of data.dir: a prefix or a template with {shard}"
     )
-    fetch_timeout_seconds: float = Field(60, gt=0, description="a remote shard's connect and read timeout")
+    fetch_timeout_seconds: float = Field(
+        60, gt=0, description="a remote shard's connect and read timeout (a pipe: command's longest silence)"
+    )
+    fetch_deadline_seconds: float = Field(
+        3600, gt=0, description="the longest one try of a remote shard's transfer may take, however steadily bytes"
+        " arrive (a pipe: command is killed past it, with what it started); then it is tried again like a timeout",
+    )
     fetch_retries: int = Field(5, ge=0, description="further tries of a remote shard's transfer, with growing pauses")
     shard_cache: str | None = Field(
-        None, description="a directory to keep fetched remote shards in (none: temporary files, gone once read)"
+        None, description="a directory to keep fetched remote shards in (none: temporary files, gone once read);"
+        " ranks, workers and jobs may share one: a shard is hashed again whenever its file changed since it was"
+        " last checked (with verify: on_read, each time it is opened)",
     )
-    shard_cache_bytes: int = Field(100 * 2**30, ge=0, description="the most shard_cache holds; oldest out first")
+    shard_cache_bytes: int = Field(
+        100 * 2**30, ge=0, description="the most shard_cache holds, transfers under way included; least recently"
+        " used out first, and partial files of killed transfers deleted",
+    )
     verify: Literal["start", "on_read"] = Field(
         "start", description="start: check every shard's sha256 before training; on_read: as each shard is read"
     )

@@ -81,4 +81,9 @@ def checked_shard(manifest: Path, split: str, recorded: dict) -> Shard:
             f"{manifest}: shard name {shard.name!r} is not one `prepare` writes ({split}-PPPPP-NNNNNN.tar); the"
             " manifest was edited or damaged: prepare the data again"
         )
+    if not re.fullmatch(r"[0-9a-f]{64}", shard.sha256):
+        raise DataError(
+            f"{manifest}: shard {shard.name}'s sha256 {shard.sha256!r} is not 64 hexadecimal digits; the manifest was"
+            " edited or damaged: prepare the data again"
+        )
     return shard

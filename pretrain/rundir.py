@@ -75,8 +75,8 @@ def run_config(run_dir: Path) -> Config:
 # watched, evaluated, checkpointed and launched, and where and how its data is read.
 FREE_SETTINGS = ("logging", "launch", "eval", "train.checkpoint_every", "train.checkpoint_steps",
                  "train.keep_checkpoints", "train.resume", "train.data_order_change", "data.shard_url",
-                 "data.fetch_timeout_seconds", "data.fetch_retries", "data.shard_cache", "data.shard_cache_bytes",
-                 "data.loader_workers", "data.verify")
+                 "data.fetch_timeout_seconds", "data.fetch_deadline_seconds", "data.fetch_retries", "data.shard_cache",
+                 "data.shard_cache_bytes", "data.loader_workers", "data.verify")
 
 
 def dotted_settings(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -122,3 +122,55 @@ class FaultyProxy:
                         return
                     client.sendall(chunk)
                     sent += len(chunk)
+
+
+class UnrulyServer:
+    """An HTTP server for the files under `root` that announces no length (the connection's end ends the body)
+    and sends each file followed by `extra_bytes` of zeros, as a server holding another object than the manifest
+    describes would, `chunk_bytes` at a time with `pause_seconds` between chunks (a trickle). Counts the bytes it
+    got out to its clients."""
+
+    def __init__(self, root: Path, extra_bytes: int = 0, chunk_bytes: int = 65536, pause_seconds: float = 0.0):
+        self.root, self.extra_bytes = root, extra_bytes
+        self.chunk_bytes, self.pause_seconds = chunk_bytes, pause_seconds
+        self.port = free_port()
+        self.sent_bytes = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+
+    def __enter__(self) -> UnrulyServer:
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._listener.close()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        with client:
+            path = client.recv(65536).split(b" ")[1].decode().lstrip("/")
+            body = (self.root / path).read_bytes()
+            client.sendall(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+            zeros = bytes(self.chunk_bytes)
+            offset, total = 0, len(body) + self.extra_bytes
+            try:
+                while offset < total:
+                    chunk = body[offset:offset + self.chunk_bytes] or zeros[: total - offset]
+                    client.sendall(chunk)
+                    offset += len(chunk)
+                    with self._lock:
+                        self.sent_bytes += len(chunk)
+                    time.sleep(self.pause_seconds)
+            except OSError:  # the client hung up
+                pass

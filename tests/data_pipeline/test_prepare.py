@@ -210,6 +210,16 @@ def test_a_manifest_naming_a_shard_that_prepare_does_not_write_is_refused(tmp_pa
         Manifest.load(data)
 
 
+def test_a_manifest_whose_sha256_is_not_a_digest_is_refused_when_loaded(tmp_path, prepared):
+    data = tmp_path / "data"
+    shutil.copytree(prepared.dir, data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["splits"]["train"][0]["sha256"] = "../../x"  # would reach a cache's file name
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=re.escape(str(data / "manifest.json"))):
+        Manifest.load(data)
+
+
 def test_two_preparations_of_one_directory_prepare_it_once_and_a_killed_ones_leftovers_are_cleared(tmp_path):
     config = episodes_config(tmp_path / "data", workers=1)
     prepare(config, vocab_size=512, log=quiet)  # to learn what a whole preparation leaves

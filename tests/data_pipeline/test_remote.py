@@ -1,16 +1,20 @@
-"""Shards read over HTTP from a real nginx, through a proxy that drops, refuses and delays connections."""
+"""Shards read over HTTP from a real nginx, through a proxy that drops, refuses and delays connections, from a
+server that sends too much or too slowly, and from commands that never end."""
 
 import re
 import shutil
+import time
 
 import numpy as np
+import psutil
 import pytest
 
+from data_pipeline.config import DataConfig
 from data_pipeline.errors import DataError
 from data_pipeline.loader import Windows
 from data_pipeline.manifest import Manifest
 from data_pipeline.remote import Fetcher
-from tests.servers import FaultyProxy, Nginx
+from tests.servers import FaultyProxy, Nginx, UnrulyServer
 
 SEQ_LEN = 32
 PATIENT = Fetcher(timeout_seconds=5, retries=8)
@@ -62,15 +66,73 @@ def test_a_cache_keeps_fetched_shards_within_its_bound_and_serves_them_when_the_
     shutil.copytree(prepared.dir, root)
     shards = prepared.splits["val"]
     bound = sum(shard.bytes for shard in shards[:2])
-    cache = Fetcher(timeout_seconds=5, retries=0, cache_dir=tmp_path / "cache", cache_bytes=bound)
+    cache = Fetcher.from_config(DataConfig(fetch_timeout_seconds=5, fetch_retries=0,
+                                           shard_cache=str(tmp_path / "cache"), shard_cache_bytes=bound))
     with Nginx(root, tmp_path / "nginx") as nginx:
         windows = Windows(prepared, "val", SEQ_LEN, shard_url=nginx.url, fetcher=cache)
         everything = windows.read(np.arange(windows.count))
-    kept = sorted(path.name for path in (tmp_path / "cache").iterdir())
+    kept = sorted(path.name for path in (tmp_path / "cache").glob("*.tar"))
     assert sum((tmp_path / "cache" / name).stat().st_size for name in kept) <= bound and kept
     newest = Manifest.load(prepared.dir).splits["val"][-1]
     assert f"{newest.sha256}.tar" in kept
-    # The server is gone; what the cache holds is still read, and checked by its size.
+    # The server is gone; what the cache holds is still read.
     reread = Windows(prepared, "val", SEQ_LEN, shard_url=nginx.url, fetcher=cache)
     last_block_windows = np.arange(windows.count - reread.last_block_windows, windows.count)
     assert (reread.read(last_block_windows) == everything[last_block_windows]).all()
+
+
+def test_a_server_sending_more_than_the_manifests_size_is_cut_off_there_and_refused(prepared, tmp_path):
+    shard = prepared.splits["train"][0]
+    fetcher = Fetcher.from_config(DataConfig(fetch_timeout_seconds=5, fetch_retries=2,
+                                             shard_cache=str(tmp_path / "cache")))
+    with UnrulyServer(prepared.dir, extra_bytes=128 * 2**20) as server:
+        with pytest.raises(DataError, match=re.escape(f"{server.url}/{shard.name}: ")):
+            fetcher.open(f"{server.url}/{shard.name}", shard)
+    # Read no further than the manifest's size (and what the sockets' buffers held): not the 128 MiB on offer,
+    # which an endless stream would make a full disk. And not tried again: the server holds another object.
+    assert server.sent_bytes < shard.bytes + 32 * 2**20
+    assert not list((tmp_path / "cache").glob("*.tar")) and not list((tmp_path / "cache").glob(".*.part"))
+
+
+def test_an_http_transfer_trickling_past_the_deadline_is_given_up_in_time(prepared):
+    shard = prepared.splits["train"][0]
+    fetcher = Fetcher.from_config(DataConfig(fetch_timeout_seconds=5, fetch_retries=0, fetch_deadline_seconds=1))
+    # 512 bytes every 0.3 s never meet the read timeout; the whole shard would take 18 s.
+    with UnrulyServer(prepared.dir, chunk_bytes=512, pause_seconds=0.3) as server:
+        started = time.monotonic()
+        with pytest.raises(DataError, match=re.escape(f"{server.url}/{shard.name}: not fetched after 1 tries")):
+            fetcher.open(f"{server.url}/{shard.name}", shard)
+    assert time.monotonic() - started < 3
+
+
+def test_a_pipe_command_that_never_ends_is_killed_with_what_it_started_at_the_deadline(prepared, tmp_path):
+    shard = prepared.splits["train"][0]
+    fetcher = Fetcher.from_config(DataConfig(fetch_timeout_seconds=60, fetch_retries=0, fetch_deadline_seconds=1))
+    started_pid = tmp_path / "sleep.pid"
+    started = time.monotonic()
+    with pytest.raises(DataError, match=re.escape("pipe:sleep 1000")):
+        fetcher.open(f"pipe:sleep 1000 & echo $! > {started_pid}; wait", shard)
+    assert time.monotonic() - started < 5
+    sleeper = int(started_pid.read_text())
+    deadline = time.monotonic() + 5
+    while psutil.pid_exists(sleeper) and psutil.Process(sleeper).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the command's child outlived the fetch"
+        time.sleep(0.05)
+
+
+def test_a_failing_pipe_command_is_named_with_its_credentials_redacted(prepared):
+    shard = prepared.splits["train"][0]
+    fetcher = Fetcher.from_config(DataConfig(fetch_timeout_seconds=5, fetch_retries=0))
+    with pytest.raises(DataError) as refused:
+        fetcher.open("pipe:curl -sf -u alice:planted-pw-31 http://127.0.0.1:9/nothing", shard)
+    assert "pipe:curl -sf -u alice:" in str(refused.value) and "planted-pw-31" not in str(refused.value)
+
+
+def test_a_pipe_command_failing_part_way_is_run_again_from_the_start(prepared, tmp_path):
+    shard = prepared.splits["train"][0]
+    source, failed_once = prepared.dir / shard.name, tmp_path / "failed-once"
+    command = (f"pipe:if [ -e {failed_once} ]; then cat {source}; else touch {failed_once}; head -c 1000 {source};"
+               " exit 1; fi")
+    fetcher = Fetcher.from_config(DataConfig(fetch_retries=1, shard_cache=str(tmp_path / "cache")))
+    with fetcher.open(command, shard) as file:
+        assert file.read() == source.read_bytes()
