@@ -48,6 +48,7 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, deepspeed_config, load_config
 from pretrain.data import VERIFIED_DATA_VARIABLE, prepare_and_verify
 from pretrain.device import device_here, resolve_precision
+from pretrain.runlock import RunLock
 
 
 class _Parser(argparse.ArgumentParser):
@@ -200,6 +201,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.dry_run:
         print(script if args.backend == "slurm" else redact_text(show(commands)))
         return 0
+    if first_host and args.backend != "slurm":
+        # Another job training this run is refused here, before any work (rank 0 holds the lock for the run).
+        RunLock.take(config.run_dir).release()
     if first_host:  # the other hosts' rank 0 is elsewhere; it prepares what is missing, once
         manifest = prepare_and_verify(config, is_main=True, log=print)
         environment[VERIFIED_DATA_VARIABLE] = manifest.fingerprint

@@ -55,7 +55,7 @@ def torchrun_command(ranks_per_node: int, config_path: str | None, overrides: li
 
 # How often the ranks are told again after a stop signal: a rank told while still starting (before its handler is
 # installed, when the signal is ignored) hears it the next time.
-RETELL_SECONDS = 5.0
+RETELL_SECONDS = 2.0
 # torchrun acts on SIGTERM and SIGINT by itself (the ranks terminated, then killed 30 s later whatever a save needs);
 # told to handle neither (its --signals-to-handle option, read from PET_SIGNALS_TO_HANDLE; older versions read the
 # other name), it leaves the decision to the launcher.

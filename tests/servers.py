@@ -61,23 +61,15 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
 
-class FaultyProxy:
-    """A TCP proxy to `upstream_port` that, connection by connection in a fixed rotation, passes the exchange
-    through, answers 503 itself, resets the connection part-way through the response, or waits before passing
-    it through. Counts what it did, and the requests that asked for the rest of a file (an HTTP range)."""
+class ThreadedServer:
+    """A server on a free port of 127.0.0.1 that answers each connection in a thread of its own (`_serve`)."""
 
-    FAULTS = ("pass", "503", "reset", "delay")
-
-    def __init__(self, upstream_port: int, cut_after_bytes: int = 3000, delay_seconds: float = 0.3):
-        self.upstream_port, self.cut_after_bytes, self.delay_seconds = upstream_port, cut_after_bytes, delay_seconds
+    def __init__(self):
         self.port = free_port()
-        self.counts = dict.fromkeys(self.FAULTS, 0)
-        self.ranged_requests = 0
-        self._rotation = itertools.cycle(self.FAULTS)
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", self.port))
 
-    def __enter__(self) -> FaultyProxy:
+    def __enter__(self):
         threading.Thread(target=self._accept, daemon=True).start()
         return self
 
@@ -94,12 +86,30 @@ class FaultyProxy:
                 client, _ = self._listener.accept()
             except OSError:  # closed
                 return
-            with self._lock:
-                fault = next(self._rotation)
-                self.counts[fault] += 1
-            threading.Thread(target=self._serve, args=(client, fault), daemon=True).start()
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
-    def _serve(self, client: socket.socket, fault: str) -> None:
+    def _serve(self, client: socket.socket) -> None:
+        raise NotImplementedError
+
+
+class FaultyProxy(ThreadedServer):
+    """A TCP proxy to `upstream_port` that, connection by connection in a fixed rotation, passes the exchange
+    through, answers 503 itself, resets the connection part-way through the response, or waits before passing
+    it through. Counts what it did, and the requests that asked for the rest of a file (an HTTP range)."""
+
+    FAULTS = ("pass", "503", "reset", "delay")
+
+    def __init__(self, upstream_port: int, cut_after_bytes: int = 3000, delay_seconds: float = 0.3):
+        super().__init__()
+        self.upstream_port, self.cut_after_bytes, self.delay_seconds = upstream_port, cut_after_bytes, delay_seconds
+        self.counts = dict.fromkeys(self.FAULTS, 0)
+        self.ranged_requests = 0
+        self._rotation = itertools.cycle(self.FAULTS)
+
+    def _serve(self, client: socket.socket) -> None:
+        with self._lock:
+            fault = next(self._rotation)
+            self.counts[fault] += 1
         with client:
             request = client.recv(65536)
             if b"\r\nrange: bytes=" in request.lower():
@@ -124,38 +134,17 @@ class FaultyProxy:
                     sent += len(chunk)
 
 
-class UnrulyServer:
+class UnrulyServer(ThreadedServer):
     """An HTTP server for the files under `root` that announces no length (the connection's end ends the body)
     and sends each file followed by `extra_bytes` of zeros, as a server holding another object than the manifest
     describes would, `chunk_bytes` at a time with `pause_seconds` between chunks (a trickle). Counts the bytes it
     got out to its clients."""
 
     def __init__(self, root: Path, extra_bytes: int = 0, chunk_bytes: int = 65536, pause_seconds: float = 0.0):
+        super().__init__()
         self.root, self.extra_bytes = root, extra_bytes
         self.chunk_bytes, self.pause_seconds = chunk_bytes, pause_seconds
-        self.port = free_port()
         self.sent_bytes = 0
-        self._lock = threading.Lock()
-        self._listener = socket.create_server(("127.0.0.1", self.port))
-
-    def __enter__(self) -> UnrulyServer:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._listener.close()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:  # closed
-                return
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
         with client:

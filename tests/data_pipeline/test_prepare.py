@@ -122,11 +122,13 @@ def test_a_preparation_killed_mid_way_resumes_keeping_the_partitions_it_finished
         tmp_path / "data", sources, workers).model_dump(mode="json")}))
     job = subprocess.Popen([sys.executable, "-m", "launch", "prepare", "--config", str(config)], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    finished = tmp_path / ".data.partial" / "partitions" / "00001"
+    partitions = tmp_path / ".data.partial" / "partitions"
     deadline = time.monotonic() + 120
-    while not finished.exists():
+    # The first partition to be finished, whichever it is: the others are still to write.
+    while not (published := sorted(partitions.glob("[0-9]" * 5))):
         assert job.poll() is None and time.monotonic() < deadline, "the preparation ended before it could be killed"
         time.sleep(0.01)
+    finished = published[0]
     if one_worker:
         preparation_workers(job)[0].kill()
         assert job.wait(timeout=60) == 1

@@ -20,15 +20,6 @@ SEQ_LEN = 32
 PATIENT = Fetcher(timeout_seconds=5, retries=8)
 
 
-@pytest.fixture
-def served(prepared, tmp_path):
-    """A copy of the prepared shards, served by nginx."""
-    root = tmp_path / "served"
-    shutil.copytree(prepared.dir, root)
-    with Nginx(root, tmp_path / "nginx") as nginx:
-        yield root, nginx
-
-
 def test_shards_streamed_through_resets_503s_and_delays_read_as_the_local_ones(prepared, served):
     _root, nginx = served
     local = Windows(prepared, "train", SEQ_LEN)

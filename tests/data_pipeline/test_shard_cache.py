@@ -6,7 +6,6 @@ import hashlib
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import socket
 import time
@@ -19,7 +18,6 @@ from data_pipeline.errors import DataError
 from data_pipeline.manifest import Shard
 from data_pipeline.remote import Fetcher
 from data_pipeline.shard_cache import file_status
-from tests.servers import Nginx
 
 READERS = 8
 FORK = multiprocessing.get_context("fork")  # the readers start in milliseconds, torch and all already imported
@@ -42,15 +40,6 @@ def read_every_shard_three_times(reader, url, shards, cache, bound):
     for shard in order * 3:
         assert sha256_of(fetcher.open(f"{url}/{shard.name}", shard)) == shard.sha256, shard.name
     return len(order) * 3
-
-
-@pytest.fixture
-def served(prepared, tmp_path):
-    """A copy of the prepared shards, served by nginx."""
-    root = tmp_path / "served"
-    shutil.copytree(prepared.dir, root)
-    with Nginx(root, tmp_path / "nginx") as nginx:
-        yield root, nginx
 
 
 def test_eight_processes_reading_through_one_small_cache_all_read_the_right_bytes(prepared, served, tmp_path):

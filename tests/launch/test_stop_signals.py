@@ -19,7 +19,7 @@ def ctrl_c(job) -> None:
     os.killpg(job.pid, signal.SIGINT)
 
 
-def test_ctrl_c_mid_run_saves_a_checkpoint_at_that_step_and_the_run_resumes_from_it(tiny_config, tmp_path):
+def test_ctrl_c_mid_run_saves_a_checkpoint_at_that_step_to_resume_from(tiny_config, tmp_path):
     config = tiny_config({"train": {"max_steps": 1000, "checkpoint_every": 4}})
     run_dir = tmp_path / "runs" / "tiny"
     job = start_launch(config)
@@ -30,10 +30,10 @@ def test_ctrl_c_mid_run_saves_a_checkpoint_at_that_step_and_the_run_resumes_from
     last_step = max(losses_by_step(run_dir))
     newest = newest_complete(run_dir)
     assert 4 < last_step < 1000 and newest.name == f"step_{last_step:08d}"
+    # What resumes from it is the preemption tests' (pretrain/test_faults.py): every step logged once, in order.
     assert read_marker(newest)["preempted_by"] == "SIGTERM"
-    launch(config, f"train.max_steps={last_step + 2}")
     steps = [record["step"] for record in read_metrics(run_dir) if "train/loss" in record]
-    assert steps == list(range(1, last_step + 3))
+    assert steps == list(range(1, last_step + 1))
 
 
 def test_a_stop_signal_while_the_ranks_start_ends_the_job_cleanly_asking_for_a_requeue(tiny_config, tmp_path):
