@@ -122,7 +122,9 @@ class Checkpointer:
     def plan_resume(self, config: Config, warn: Callable[[str], None]) -> Resumption:
         """Choose what the run starts from: the newest candidate (checkpoint.starting_candidates) every rank reads
         whole, its position in the data and how it loads; the universal form is converted here (rank 0, once).
-        Raises CheckpointError for a checkpoint this run cannot continue (another ZeRO stage, another order)."""
+        Raises CheckpointError for a checkpoint this run cannot continue (another ZeRO stage, another order), and
+        ConfigError for train.resume=never over a run that has checkpoints."""
+        checkpoint.refuse_to_train_over_checkpoints(config)
         for candidate in checkpoint.starting_candidates(config, warn):
             problems = self.ranks.gather_problems(
                 checkpoint.unreadable(candidate, self.ranks.rank, self.ranks.world_size))
@@ -136,8 +138,9 @@ class Checkpointer:
             return Resumption(candidate, step, sequence, universal)
         return Resumption()
 
-    def resume(self, engine, resumption: Resumption) -> None:
-        """Load the engine from the planned checkpoint and give every registered component its saved state."""
+    def resume(self, engine, resumption: Resumption, say: Callable[[str], None] = print) -> None:
+        """Load the engine from the planned checkpoint, give every registered component its saved state, and `say`
+        where the run goes on from."""
         if resumption.checkpoint is None:
             return
         failure = None
@@ -154,6 +157,11 @@ class Checkpointer:
                 component.restore(loop_state)
         except UserError as error:
             raise type(error)(f"{resumption.checkpoint}: {error}") from None
+        own = resumption.checkpoint.parent.parent == self.run_dir
+        written_by = checkpoint.read_marker(resumption.checkpoint)["world_size"]
+        say(f"{'resumed from ' + resumption.checkpoint.name if own else f'branched from {resumption.checkpoint}'}"
+            f" (step {resumption.step})" + (
+                f", written by {written_by} ranks, through its universal form" if resumption.universal else ""))
 
     def due(self, step: int, preempted: bool = False) -> bool:
         return step % self.every == 0 or step == self.last_step or step in self.extra_steps or preempted

@@ -30,7 +30,6 @@ from data_pipeline.remote import Fetcher
 from data_pipeline.tokenizer import load_tokenizer
 from evals.fewshot import refuse_choices_longer_than
 from evals.tasks import load_tasks
-from pretrain import checkpoint
 from pretrain.checkpointer import Checkpointer, DataPosition, Ranks, Resumption
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
 from pretrain.data import DataOrder, prepare_and_verify
@@ -164,7 +163,6 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     least; then the components of the loop."""
     say = context.print
     run_dir = config.run_dir
-    checkpoint.refuse_to_train_over_checkpoints(config)
     ranks = Ranks(context.rank, context.world_size, functools.partial(on_main_first, context),
                   functools.partial(problems_across_ranks, context))
     checkpointer = Checkpointer.from_config(config, ranks)
@@ -204,13 +202,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     spikes = LossSpikes.from_config(config)
     checkpointer.register(data=DataPosition(data.fingerprint, DataOrder.of(config), train_batches.tokens_before),
                           non_finite_steps=guard, loss_spikes=spikes)
-    checkpointer.resume(setup.engine, resumption)
-    if resumption.checkpoint is not None:
-        written_by = checkpoint.read_marker(resumption.checkpoint)["world_size"]
-        own = resumption.checkpoint.parent.parent == run_dir
-        say(f"{'resumed from ' + resumption.checkpoint.name if own else f'branched from {resumption.checkpoint}'}"
-            f" (step {resumption.step})" + (
-                f", written by {written_by} ranks, through its universal form" if resumption.universal else ""))
+    checkpointer.resume(setup.engine, resumption, say)
     max_steps = config.train.max_steps
     return Run(
         setup, train_batches, masking, resumption,
