@@ -203,7 +203,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     if first_host and args.backend != "slurm":
         # Another job training this run is refused here, before any work (rank 0 holds the lock for the run).
-        RunLock.take(config.run_dir).release()
+        RunLock.refuse_if_held(config.run_dir)
     if first_host:  # the other hosts' rank 0 is elsewhere; it prepares what is missing, once
         manifest = prepare_and_verify(config, is_main=True, log=print)
         environment[VERIFIED_DATA_VARIABLE] = manifest.fingerprint

@@ -36,6 +36,19 @@ def describe_holder(content: str) -> str:
         return "a job that has not yet written its name"
 
 
+def _lock_or_refuse(descriptor: int, run_dir: Path) -> None:
+    """Lock the open lock file, or close it and raise RunInUse naming the job that holds it."""
+    try:
+        fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(descriptor, 4096, 0).decode(errors="replace")
+        os.close(descriptor)
+        raise RunInUse(
+            f"{run_dir}: another job is training this run ({describe_holder(holder)}); wait for it to end or"
+            " stop it (scancel, Ctrl-C), or give this run another name"
+        ) from None
+
+
 @dataclass
 class RunLock:
     """Held by rank 0 from start-up to exit; an inert one (`descriptor` None) on the other ranks."""
@@ -51,21 +64,23 @@ class RunLock:
             return cls(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.lockf(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(descriptor, 4096, 0).decode(errors="replace")
-            os.close(descriptor)
-            raise RunInUse(
-                f"{run_dir}: another job is training this run ({describe_holder(holder)}); wait for it to end or"
-                " stop it (scancel, Ctrl-C), or give this run another name"
-            ) from None
+        _lock_or_refuse(descriptor, run_dir)
         holder = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, (json.dumps(holder) + "\n").encode(), 0)
         os.fsync(descriptor)
         return cls(path, descriptor)
+
+    @staticmethod
+    def refuse_if_held(run_dir: Path) -> None:
+        """Raise RunInUse if a job holds `run_dir` now; create nothing (a launcher checks before any work)."""
+        try:
+            descriptor = os.open(Path(run_dir) / LOCK_FILE, os.O_RDWR)
+        except FileNotFoundError:
+            return  # never trained here
+        _lock_or_refuse(descriptor, run_dir)
+        os.close(descriptor)  # free: released at once
 
     def release(self) -> None:
         if self.descriptor is not None:

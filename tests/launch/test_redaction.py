@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from launch.__main__ import main as launch_main
-from tests.helpers import launch
 from tests.launch.test_slurm import ENDED, submit
 
 SIGNATURE, PASSWORD, INDEX_PASSWORD = "PLANTEDSECRET123", "PLANTEDPW456", "PLANTEDINDEX789"
@@ -67,20 +66,6 @@ def files_holding_a_planted_value(directory: Path) -> list[str]:
             for value in PLANTED if value.encode() in path.read_bytes()]
 
 
-def test_a_run_given_credentials_in_overrides_trains_with_them_and_no_file_it_writes_holds_them(
-        tiny_config, tmp_path, monkeypatch):
-    monkeypatch.setenv(EXPORTED_VARIABLE, EXPORTED_PASSWORD)
-    config = tiny_config({"logging": {"wandb_mode": "offline"}})
-    with SignedShardServer(tmp_path / "data") as server:
-        launch(config, f"data.shard_url={shard_url(server.server_port)}", *RUN, ranks=1)
-    run_dir = tmp_path / "runs" / "tiny"
-    assert (run_dir / "checkpoints" / "step_00000002" / "complete").exists()
-    assert server.served > 0 and server.refused == 0  # the ranks fetched with the real credentials
-    assert list((run_dir / "wandb").glob("offline-run-*/*.wandb")) and list((run_dir / "launches").glob("*.json"))
-    assert "<redacted>" in (run_dir / "config.yaml").read_text()
-    assert files_holding_a_planted_value(tmp_path) == []
-
-
 def test_a_job_given_credentials_in_overrides_trains_on_slurm_and_no_file_it_writes_holds_them(
         cluster, tiny_config, tmp_path, monkeypatch):
     monkeypatch.setenv(EXPORTED_VARIABLE, EXPORTED_PASSWORD)  # passed on by SLURM, as exported secrets are
@@ -95,6 +80,8 @@ def test_a_job_given_credentials_in_overrides_trains_on_slurm_and_no_file_it_wri
     assert (run_dir / "checkpoints" / "step_00000002" / "complete").exists()
     assert server.served > 0 and server.refused == 0
     assert "<redacted>" in (run_dir / "slurm" / f"job-{job_id}.sbatch").read_text()
+    assert "<redacted>" in (run_dir / "config.yaml").read_text()
+    assert list((run_dir / "wandb").glob("offline-run-*/*.wandb"))
     assert len(list((run_dir / "launches").glob("*-node.json"))) == 1
     assert files_holding_a_planted_value(tmp_path) == []
 

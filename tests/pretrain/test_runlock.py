@@ -30,13 +30,19 @@ def test_a_run_held_by_a_live_process_is_refused_naming_it_and_free_once_that_pr
         with pytest.raises(RunInUse) as refused:
             RunLock.take(tmp_path / "run")
         assert f"pid {holder.pid}" in str(refused.value) and socket.gethostname() in str(refused.value)
+        with pytest.raises(RunInUse):  # what a launcher asks before any work
+            RunLock.refuse_if_held(tmp_path / "run")
     finally:
         os.kill(holder.pid, signal.SIGKILL)  # as a crash ends it: no chance to release anything
         holder.join()
     with RunLock.take(tmp_path / "run") as lock:
         assert lock.descriptor is not None
     # Released on leaving: another holder may take it at once.
+    RunLock.refuse_if_held(tmp_path / "run")
     RunLock.take(tmp_path / "run").release()
+    # A run never trained has nothing to hold, and asking creates nothing.
+    RunLock.refuse_if_held(tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_second_launch_of_a_run_in_training_is_refused_and_the_first_trains_on_undisturbed(tmp_path):
