@@ -11,7 +11,7 @@ from data_pipeline.errors import REQUEUE_EXIT_CODE
 from launch.local import STOPPED_AT_ONCE_EXIT_CODE
 from pretrain.checkpoint import complete_tags, damage, newest_complete, read_marker
 from pretrain.rundir import read_metrics
-from tests.helpers import job_processes, launch, losses_by_step, rank_pid, start_launch, wait_for, wait_for_step
+from tests.helpers import job_processes, launch, losses_by_step, start_launch, wait_for, wait_for_step
 
 
 def ctrl_c(job) -> None:
@@ -40,14 +40,8 @@ def test_a_stop_signal_while_the_ranks_start_ends_the_job_cleanly_asking_for_a_r
     config = tiny_config({"train": {"max_steps": 6}})
     run_dir = tmp_path / "runs" / "tiny"
     job = start_launch(config)
-    deadline = time.monotonic() + 120
-    while True:  # until both ranks exist: they then import, prepare and verify the data, build the engine
-        try:
-            rank_pid(job, 0), rank_pid(job, 1)
-            break
-        except (AssertionError, ValueError, psutil.NoSuchProcess):
-            assert job.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
+    # Rank 0 writes the run's config once the ranks have met; verifying the data and building the engine follow.
+    wait_for(run_dir / "config.yaml", job, poll=0.01)
     os.kill(job.pid, signal.SIGTERM)  # as `kill` or a scheduler's preemption notice to the launcher
     assert job.wait(timeout=120) == REQUEUE_EXIT_CODE, job.log.read_text()[-3000:]
     # No rank crashed on its way out (torchrun's own report of ranks that exited non-zero aside).
