@@ -2,50 +2,42 @@
 logits. Nothing here knows how the model was trained, so the training loop calls it in-loop and the command
 line calls it on a checkpoint.
 
-The model is called as `model(tokens, positions=..., attention_mask=..., logits_at=...)`, the calling
-convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out. That lets
-the shared prompt of a multiple-choice item be computed once: one row holds the prompt followed by every
-choice's tokens, each choice at the positions it would have right after the prompt and attending only to the
-prompt and to itself. The log-likelihoods equal those of scoring prompt + choice separately, as
-lm-evaluation-harness does, at a fraction of the tokens.
+The model is called as `model(tokens, positions=..., attention_mask=..., logits_at=..., prefix=..., keep=...)`,
+the calling convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out.
+Each choice of each k-shot prompt is scored as lm-evaluation-harness scores it (the continuation's summed
+log-probabilities after the context, tokenised as it tokenises), but an item's prompts for every k are computed
+together in one packed row, and examples shared by the whole task once (evals/packing.py).
 
 Items are sharded across ranks (item i on rank i mod world size) when torch.distributed is initialised; every
-rank runs the same number of forward passes (ZeRO-3 gathers parameters collectively in each), and the
-per-item results are gathered so every rank returns the whole table.
+rank makes the same number of model calls (ZeRO-3 gathers parameters collectively in each), and the per-item
+results are gathered so every rank returns the whole table.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.distributed as dist
 from tokenizers import Tokenizer
+from tqdm import tqdm
 
-from evals.tasks import MULTIPLE_CHOICE, Item, Task, TaskError
-
-PROMPT, PADDING = 0, -1  # segment ids of a packed row; choice i is segment i + 1
-
-
-@dataclass
-class Prompt:
-    """The token ids of one item's k-shot prompt, after dropping the oldest examples that did not fit."""
-
-    context: list[int]
-    continuations: list[list[int]]  # one per choice (multiple choice), or none (generation)
-    dropped_examples: int
-    truncated: bool  # even with no examples the context had to lose its oldest tokens
+from evals.packing import Prompt, Request, Row, row_tensors, tree_row
+from evals.tasks import MULTIPLE_CHOICE, PER_ITEM, SHARED, Item, Task, TaskError
 
 
 @dataclass
 class ItemResult:
     index: int
     correct: float
-    correct_norm: float  # acc_norm; equals `correct` for generation tasks
+    correct_norm: float  # acc_norm; equals `correct` for generation and greedy-match tasks
     dropped_examples: int
     truncated: bool
+    log_likelihoods: list[float] = field(default_factory=list)  # per choice; none for generation tasks
+    bits_per_byte: float | None = None  # of the gold continuation: the task loss; None for generation tasks
 
 
 @dataclass
@@ -61,9 +53,12 @@ class Score:
     items: int
     dropped_examples: int  # examples left out of prompts to fit the context, summed over items
     truncated_items: int
+    bits_per_byte: float | None = None  # the task loss: mean bits per byte of the gold continuation given the prompt
+    seconds: float = 0.0  # the task's whole evaluation, every k together
+    results: list[ItemResult] = field(default_factory=list, repr=False)  # per item, for comparisons
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "results"}
 
 
 def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -76,84 +71,34 @@ def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
+def encode_request(tokenizer: Tokenizer, context: str, continuation: str, end_of_document_id: int) -> Request:
+    """As lm-evaluation-harness: the context's trailing spaces move to the continuation, whose tokens are those
+    of context + continuation after the context's own; an empty context is the end-of-document token."""
+    if not context:
+        return Request([end_of_document_id], tokenizer.encode(continuation).ids, len(continuation.encode()))
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    context_ids, whole = (encoding.ids for encoding in tokenizer.encode_batch([context, context + continuation]))
+    return Request(context_ids, whole[len(context_ids):], len(continuation.encode()))
+
+
 def encode_prompt(
     task: Task, item: Item, shots: list[Item], tokenizer: Tokenizer, max_tokens: int, end_of_document_id: int
 ) -> Prompt:
-    """Tokenise the prompt and its continuations the way lm-evaluation-harness does: the continuation's tokens
-    are those of context + continuation after the context's own tokens; an empty context is the end-of-document
-    token. The oldest examples are dropped while the prompt and its longest continuation exceed `max_tokens`."""
-    answers = [task.target_delimiter + choice for choice in item.choices]
+    """Every choice of the k-shot prompt (k = len(shots)), tokenised. The oldest examples are dropped while a
+    choice's context and continuation exceed `max_tokens`; with none left, contexts lose their oldest tokens,
+    each as lm-evaluation-harness truncates it."""
     for dropped in range(len(shots) + 1):
-        text = task.prompt(item, shots[dropped:])
-        context = tokenizer.encode(text).ids if text else [end_of_document_id]
-        continuations = []
-        for answer in answers:
-            whole = tokenizer.encode(text + answer).ids
-            continuations.append(whole[len(context) :] if text else tokenizer.encode(answer).ids)
+        pairs = task.requests(item, shots[dropped:]) if item.choices else [(task.prompt(item, shots[dropped:]), "")]
+        requests = [encode_request(tokenizer, context, continuation, end_of_document_id)
+                    for context, continuation in pairs]
         # The last continuation token is predicted, never fed in, hence the - 1.
-        longest = max((len(c) for c in continuations), default=1)
-        if len(context) + longest - 1 <= max_tokens:
-            return Prompt(context, continuations, dropped, truncated=False)
-    keep = max_tokens - longest + 1
-    return Prompt(context[-keep:], continuations, len(shots), truncated=True)
-
-
-def packed_row(prompt: Prompt) -> tuple[list[int], list[int], list[int]]:
-    """(tokens, positions, segments) of the prompt followed by every continuation but its last token."""
-    tokens, segments = list(prompt.context), [PROMPT] * len(prompt.context)
-    positions = list(range(len(tokens)))
-    for number, continuation in enumerate(prompt.continuations, start=1):
-        fed = continuation[:-1]
-        tokens += fed
-        positions += range(len(prompt.context), len(prompt.context) + len(fed))
-        segments += [number] * len(fed)
-    return tokens, positions, segments
-
-
-def scored_positions(prompt: Prompt) -> tuple[list[int], list[int]]:
-    """Where in the packed row each continuation token is predicted, and the token: token 0 of every
-    continuation at the prompt's last position, token j > 0 right after the continuation's token j - 1."""
-    positions, tokens, start = [], [], len(prompt.context)
-    for continuation in prompt.continuations:
-        positions += [len(prompt.context) - 1] + list(range(start, start + len(continuation) - 1))
-        tokens += continuation
-        start += len(continuation) - 1
-    return positions, tokens
-
-
-def choice_log_likelihoods(prompt: Prompt, tokens: list[int], log_probs: torch.Tensor) -> list[float]:
-    """Summed log-probabilities of each continuation; `tokens` and log_probs (n, vocab) as scored_positions
-    lists them."""
-    token_log_probs = log_probs[torch.arange(len(tokens)), tokens].tolist()
-    totals, start = [], 0
-    for continuation in prompt.continuations:
-        totals.append(sum(token_log_probs[start : start + len(continuation)]))
-        start += len(continuation)
-    return totals
-
-
-def gather_index(positions: list[list[int]], device: torch.device) -> torch.Tensor:
-    """(rows, most positions) time indices, each row padded by repeating its first."""
-    width = max(len(row) for row in positions)
-    return torch.tensor([row + row[:1] * (width - len(row)) for row in positions], device=device)
-
-
-def padded(rows: list[list[int]], fill: int) -> torch.Tensor:
-    """The rows right-padded with `fill` to the longest, as one (rows, longest) tensor."""
-    length = max(len(row) for row in rows)
-    return torch.tensor([row + [fill] * (length - len(row)) for row in rows], dtype=torch.long)
-
-
-def batch_tensors(rows: list[tuple[list[int], list[int], list[int]]], device: torch.device):
-    """Token ids, positions and the attention mask (batch, time, time) of packed rows."""
-    tokens, positions, segments = (padded([row[part] for row in rows], fill) for part, fill in
-                                   ((0, 0), (1, 0), (2, PADDING)))
-    length = tokens.shape[1]
-    earlier = torch.ones(length, length, dtype=torch.bool).tril()
-    query, key = segments[:, :, None], segments[:, None, :]
-    mask = earlier & ((key == PROMPT) | (key == query)) & (key != PADDING)
-    mask |= torch.eye(length, dtype=torch.bool) & (query == PADDING)  # padding sees itself: no empty softmax rows
-    return tokens.to(device), positions.to(device), mask.to(device)
+        if all(len(r.context) + max(len(r.continuation) - 1, 0) <= max_tokens for r in requests):
+            return Prompt(len(shots), requests, dropped, truncated=False)
+    for request in requests:
+        request.context = request.context[-(max_tokens + 1 - len(request.continuation)):]
+    return Prompt(len(shots), requests, len(shots), truncated=True)
 
 
 def _world() -> tuple[int, int]:
@@ -162,7 +107,7 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _batches_on_every_rank(count: int, device: torch.device) -> int:
+def _most_on_any_rank(count: int, device: torch.device) -> int:
     if _world()[1] == 1:
         return count
     most = torch.tensor([count], device=device)
@@ -183,39 +128,97 @@ def _model_device(model: Callable) -> torch.device:
     return next(parameters()).device if parameters else torch.device("cpu")
 
 
+def item_rows(prompts: list[Prompt], shared_trunk: Callable[[int, int], tuple[int, ...]] | None) -> list[Row]:
+    """An item's prompts as rows: one per number of dropped examples (prompts that dropped different examples
+    share no prefix). shared_trunk(dropped, k): the tokens of the task's shared examples, for SHARED draws."""
+    rows = []
+    for dropped in sorted({prompt.dropped_examples for prompt in prompts}):
+        group = [prompt for prompt in prompts if prompt.dropped_examples == dropped]
+        trunk = shared_trunk(dropped, max(p.k for p in group)) if shared_trunk and not group[0].truncated else ()
+        rows.append(tree_row(group, trunk))
+    return rows
+
+
+def batches_of(rows: list[tuple[int, Row]], batch_size: int, context_length: int) -> list[list[tuple[int, Row]]]:
+    """Rows of one shared trunk per batch, longest first, each batch within the tokens and the attention area of
+    `batch_size` rows of the full context (so memory stays what batch_size promises, whatever the packing)."""
+    rows = sorted(rows, key=lambda entry: (entry[1].shared_trunk, -len(entry[1].tokens)))
+    batches: list[list[tuple[int, Row]]] = []
+    for entry in rows:
+        row = entry[1]
+        if batches and batches[-1][0][1].shared_trunk == row.shared_trunk:
+            count, longest = len(batches[-1]) + 1, len(batches[-1][0][1].tokens)
+            attended = len(row.shared_trunk) + longest
+            if count * longest <= batch_size * context_length and count * longest * attended <= (
+                    batch_size * context_length * context_length):
+                batches[-1].append(entry)
+                continue
+        batches.append([entry])
+    return batches
+
+
 @torch.no_grad()
-def score_multiple_choice(model, prompts: list[tuple[int, Item, Prompt]], batch_size: int) -> list[ItemResult]:
+def score_multiple_choice(
+    model, task: Task, prompts: dict[int, list[Prompt]], rows: list[tuple[int, Row]], batch_size: int,
+    context_length: int, progress: tqdm,
+) -> dict[int, list[ItemResult]]:
+    """Every prompt's results, by k; `rows` hold the prompts packed (item index, row)."""
     device = _model_device(model)
-    packed = [(entry, packed_row(entry[2]), scored_positions(entry[2])) for entry in prompts]
-    # Longest first, so the padding in each batch is small and a batch too big for memory fails at once.
-    packed.sort(key=lambda row: -len(row[1][0]))
-    batches = [packed[start : start + batch_size] for start in range(0, len(packed), batch_size)]
-    results = []
-    for number in range(_batches_on_every_rank(len(batches), device)):
-        batch = batches[number] if number < len(batches) else []
-        rows = [row for _, row, _ in batch] or [([0], [0], [PROMPT])]  # an idle rank's filler
-        logits_at = gather_index([scored[0] for _, _, scored in batch] or [[0]], device)
-        if all(segment == PROMPT for _, _, segments in rows for segment in segments):
-            # Only prompts (every choice a single token): right-padded causal rows need no mask, which lets
-            # attention take its fastest kernel.
-            logits = model(padded([tokens for tokens, _, _ in rows], 0).to(device), logits_at=logits_at)
-        else:
-            tokens, positions, mask = batch_tensors(rows, device)
-            logits = model(tokens, positions=positions, attention_mask=mask, logits_at=logits_at)
-        log_probs = logits.float().log_softmax(-1).cpu()
-        for row, ((index, item, prompt), _, (_, scored_tokens)) in enumerate(batch):
-            likelihoods = choice_log_likelihoods(prompt, scored_tokens, log_probs[row])
-            normalised = [ll / max(len(choice), 1) for ll, choice in zip(likelihoods, item.choices)]
-            results.append(
-                ItemResult(
-                    index,
-                    float(_argmax(likelihoods) == item.gold),
-                    float(_argmax(normalised) == item.gold),
-                    prompt.dropped_examples,
-                    prompt.truncated,
-                )
-            )
-    return results
+    batches = batches_of(rows, batch_size, context_length)
+    trunks = len({batch[0][1].shared_trunk for batch in batches} - {()})
+    calls = _most_on_any_rank(len(batches) + trunks, device)
+    progress.reset(total=calls)
+    likelihoods: dict[tuple[int, int, int], tuple[float, bool]] = {}  # (index, k, choice): (ll, greedy)
+    prefix, prefix_tokens, made = None, (), 0
+    for batch in batches:
+        row_trunk = batch[0][1].shared_trunk
+        if row_trunk and row_trunk != prefix_tokens:
+            prefix, prefix_tokens = [], row_trunk
+            model(torch.tensor([row_trunk], device=device), logits_at=torch.zeros(1, 1, dtype=torch.long,
+                                                                                   device=device), keep=prefix)
+            made += 1
+            progress.update()
+        tokens, positions, mask = row_tensors([row for _, row in batch], len(row_trunk), device)
+        at = [[i for scored in row.scored for i in scored.at] for _, row in batch]
+        width = max(len(indices) for indices in at)
+        logits_at = torch.tensor([indices + indices[:1] * (width - len(indices)) for indices in at], device=device)
+        targets = torch.tensor([[t for scored in row.scored for t in scored.tokens] + [0] * (width - len(indices))
+                                for (_, row), indices in zip(batch, at)], device=device)
+        logits = model(tokens, positions=positions, attention_mask=mask, logits_at=logits_at,
+                       prefix=prefix if row_trunk else None).float()
+        token_log_probs = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].tolist()
+        greedy = (logits.argmax(-1) == targets).tolist()
+        made += 1
+        progress.update()
+        for number, (index, row) in enumerate(batch):
+            start = 0
+            for scored in row.scored:
+                end = start + len(scored.tokens)
+                likelihoods[index, scored.k, scored.choice] = (
+                    sum(token_log_probs[number][start:end]), all(greedy[number][start:end]))
+                start = end
+    for _ in range(made, calls):  # an idle rank's share of the collective calls
+        model(torch.zeros(1, 1, dtype=torch.long, device=device), logits_at=torch.zeros(1, 1, dtype=torch.long,
+                                                                                          device=device))
+        progress.update()
+    return {index: [_choice_result(task, index, prompt, likelihoods) for prompt in item_prompts]
+            for index, item_prompts in prompts.items()}
+
+
+def _choice_result(task: Task, index: int, prompt: Prompt, likelihoods: dict) -> ItemResult:
+    item = task.items[index]
+    found = [likelihoods[index, prompt.k, choice] for choice in range(len(prompt.requests))]
+    log_likelihoods = [ll for ll, _ in found]
+    gold = prompt.requests[item.gold]
+    bits_per_byte = -log_likelihoods[item.gold] / math.log(2) / max(gold.continuation_bytes, 1)
+    if task.greedy_match:
+        correct = correct_norm = float(found[item.gold][1])
+    else:
+        # acc_norm divides by the choice's length in characters, as lm-evaluation-harness does.
+        normalised = [ll / max(len(choice), 1) for ll, choice in zip(log_likelihoods, item.choices)]
+        correct, correct_norm = float(_argmax(log_likelihoods) == item.gold), float(_argmax(normalised) == item.gold)
+    return ItemResult(index, correct, correct_norm, prompt.dropped_examples, prompt.truncated, log_likelihoods,
+                      bits_per_byte)
 
 
 def _argmax(values: list[float]) -> int:
@@ -232,26 +235,34 @@ def generated_answer(text: str, task: Task) -> str:
 
 @torch.no_grad()
 def score_generation(
-    model, task: Task, prompts: list[tuple[int, Item, Prompt]], tokenizer: Tokenizer, new_tokens: int, batch_size: int
-) -> list[ItemResult]:
-    """Greedy decoding for a fixed number of tokens (the same on every rank), then exact match."""
+    model, task: Task, prompts: dict[int, list[Prompt]], tokenizer: Tokenizer, new_tokens: int, batch_size: int,
+    progress: tqdm,
+) -> dict[int, list[ItemResult]]:
+    """Greedy decoding for a fixed number of tokens (the same calls on every rank), then exact match."""
     device = _model_device(model)
-    batches = [prompts[start : start + batch_size] for start in range(0, len(prompts), batch_size)]
-    results = []
-    for number in range(_batches_on_every_rank(len(batches), device)):
+    entries = [(index, prompt) for index, item_prompts in prompts.items() for prompt in item_prompts]
+    batches = [entries[start : start + batch_size] for start in range(0, len(entries), batch_size)]
+    count = _most_on_any_rank(len(batches), device)
+    progress.reset(total=count * new_tokens)
+    results: dict[int, list[ItemResult]] = {index: [] for index in prompts}
+    for number in range(count):
         batch = batches[number] if number < len(batches) else []
-        sequences = [list(prompt.context) for _, _, prompt in batch] or [[0]]
+        sequences = [list(prompt.requests[0].context) for _, prompt in batch] or [[0]]
         starts = [len(sequence) for sequence in sequences]
         for _ in range(new_tokens):
             # Right-padded and causal: a row's own tokens never see the padding after them.
-            tokens = padded(sequences, 0).to(device)
-            last = gather_index([[len(sequence) - 1] for sequence in sequences], device)
+            length = max(len(sequence) for sequence in sequences)
+            tokens = torch.tensor([sequence + [0] * (length - len(sequence)) for sequence in sequences],
+                                  device=device)
+            last = torch.tensor([[len(sequence) - 1] for sequence in sequences], device=device)
             chosen = model(tokens, logits_at=last)[:, 0].argmax(-1).tolist()
             for sequence, token in zip(sequences, chosen):
                 sequence.append(token)
-        for (index, item, prompt), sequence, start in zip(batch, sequences, starts):
-            correct = float(generated_answer(tokenizer.decode(sequence[start:]), task) == item.target.strip())
-            results.append(ItemResult(index, correct, correct, prompt.dropped_examples, prompt.truncated))
+            progress.update()
+        for (index, prompt), sequence, start in zip(batch, sequences, starts):
+            answer = generated_answer(tokenizer.decode(sequence[start:]), task)
+            correct = float(answer == task.items[index].target.strip())
+            results[index].append(ItemResult(index, correct, correct, prompt.dropped_examples, prompt.truncated))
     return results
 
 
@@ -266,10 +277,13 @@ def evaluate(
     seed: int = 0,
     batch_size: int = 32,
     max_new_tokens: int = 16,
+    examples: str = PER_ITEM,
+    show_progress: bool = True,
 ) -> list[Score]:
-    """Score every task at every k; every rank returns the same list. A choice that cannot fit in the context
-    is a TaskError on every rank alike, before any scoring."""
-    refuse_choices_longer_than(tasks, tokenizer, context_length)
+    """Score every task at every k; every rank returns the same list. A choice that cannot fit in the context,
+    or a k beyond an item's examples, is a TaskError on every rank alike, before any scoring. examples:
+    PER_ITEM draws each item's examples, SHARED one set for the whole task (Task.shots)."""
+    refuse_what_cannot_be_scored(tasks, shots, tokenizer, context_length)
     rank, world = _world()
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
@@ -277,38 +291,72 @@ def evaluate(
     scores = []
     try:
         for task in tasks:
+            started = time.perf_counter()
             mine = range(rank, len(task.items), world)
-            drawn = {index: task.shots(index, max(shots), seed) for index in mine}
             new_tokens = 0
             if task.kind != MULTIPLE_CHOICE:  # enough for the longest target and the start of what follows it
                 longest = max(len(tokenizer.encode(task.target_delimiter + item.target).ids) for item in task.items)
                 new_tokens = min(max_new_tokens, longest + 1)
-            for k in shots:
-                room = context_length if task.kind == MULTIPLE_CHOICE else context_length - new_tokens + 1
-                prompts = [
-                    (index, task.items[index], encode_prompt(
-                        task, task.items[index], drawn[index][:k], tokenizer, room, end_of_document_id
-                    ))
-                    for index in mine
-                ]
+            room = context_length - new_tokens + 1 if new_tokens else context_length
+            drawn = {index: task.shots(index, max(shots), seed, examples) for index in mine}
+            prompts = {index: [encode_prompt(task, task.items[index], drawn[index][:k], tokenizer, room,
+                                             end_of_document_id) for k in shots] for index in mine}
+            with tqdm(desc=f"few-shot {task.name}", unit="call", delay=5, leave=False,
+                      disable=rank != 0 or not show_progress) as progress:
                 if task.kind == MULTIPLE_CHOICE:
-                    results = score_multiple_choice(model, prompts, batch_size)
+                    trunks = SharedTrunks(task, tokenizer, max(shots), seed, context_length) if (
+                        examples == SHARED) else None
+                    rows = [(index, row) for index in mine for row in item_rows(
+                        prompts[index], trunks.tokens if trunks and trunks.used_by(drawn[index]) else None)]
+                    results = score_multiple_choice(model, task, prompts, rows, batch_size, context_length,
+                                                    progress)
                 else:
-                    results = score_generation(model, task, prompts, tokenizer, new_tokens, batch_size)
-                scores.append(_score(task.name, k, _gather(results)))
+                    results = score_generation(model, task, prompts, tokenizer, new_tokens, batch_size, progress)
+            for number, k in enumerate(shots):
+                scores.append(_score(task.name, k, _gather([results[index][number] for index in mine])))
+            seconds = time.perf_counter() - started
+            for score in scores[-len(shots):]:
+                score.seconds = seconds
     finally:
         if was_training:
             model.train()
     return scores
 
 
-def refuse_choices_longer_than(tasks: list[Task], tokenizer: Tokenizer, context_length: int) -> None:
+class SharedTrunks:
+    """The tokens of a task's shared examples (examples=SHARED), from the `dropped`-th to the k-th, as the trunk
+    whose keys and values are computed once for every item that shows them."""
+
+    def __init__(self, task: Task, tokenizer: Tokenizer, max_shots: int, seed: int, context_length: int):
+        self.task, self.tokenizer, self.context_length = task, tokenizer, context_length
+        self.shots = task.shared_shots(max_shots, seed)
+        self.made: dict[tuple[int, int], tuple[int, ...]] = {}
+
+    def used_by(self, drawn: list[Item]) -> bool:
+        return len(drawn) == len(self.shots) and all(a is b for a, b in zip(drawn, self.shots))
+
+    def tokens(self, dropped: int, k: int) -> tuple[int, ...]:
+        if (dropped, k) not in self.made:
+            text = self.task.prompt(Item(""), self.shots[dropped:k]) if k > dropped else ""
+            # Positions must stay inside the model; the rows only ever see what their own contexts share.
+            self.made[dropped, k] = tuple(self.tokenizer.encode(text).ids[: self.context_length - 1]) if text else ()
+        return self.made[dropped, k]
+
+
+def refuse_what_cannot_be_scored(tasks: list[Task], shots: list[int], tokenizer: Tokenizer,
+                                 context_length: int) -> None:
     """Every item is checked on every rank (not only a rank's share), so that all raise together rather than
     one rank failing while the others wait for it in a collective."""
     for task in tasks:
         for number, item in enumerate(task.items, start=1):
-            for choice in item.choices:
-                tokens = len(tokenizer.encode(task.target_delimiter + choice).ids)
+            pool = task.pool_size(number - 1)
+            if max(shots) > pool:
+                raise TaskError(
+                    f"{task.name}: k={max(shots)} examples asked for, but item {number} has {pool} to draw from;"
+                    f" ask for at most {pool}, or give the task more examples"
+                )
+            for _, continuation in item.requests(task.target_delimiter):
+                tokens = len(tokenizer.encode(continuation).ids)
                 if tokens >= context_length:  # at least one context token must come before it
                     raise TaskError(
                         f"{task.name}: item {number} has a choice of {tokens} tokens, which leaves no room for its"
@@ -317,16 +365,11 @@ def refuse_choices_longer_than(tasks: list[Task], tokenizer: Tokenizer, context_
 
 
 def _score(task: str, k: int, results: list[ItemResult]) -> Score:
+    losses = [r.bits_per_byte for r in results if r.bits_per_byte is not None]
     acc, acc_stderr = mean_and_stderr([r.correct for r in results])
     acc_norm, acc_norm_stderr = mean_and_stderr([r.correct_norm for r in results])
     return Score(
-        task,
-        k,
-        acc,
-        acc_stderr,
-        acc_norm,
-        acc_norm_stderr,
-        len(results),
-        sum(r.dropped_examples for r in results),
-        sum(r.truncated for r in results),
+        task, k, acc, acc_stderr, acc_norm, acc_norm_stderr, len(results),
+        dropped_examples=sum(r.dropped_examples for r in results), truncated_items=sum(r.truncated for r in results),
+        bits_per_byte=sum(losses) / len(losses) if losses else None, results=results,
     )

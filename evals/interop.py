@@ -5,7 +5,10 @@
   when positions are learned (GPT2LMHeadModel) and GPT-NeoX's, sequential residual, when they are rotary
   (GPTNeoXForCausalLM); biases the project leaves out are exported as zeros, which changes nothing. The
   Llama-style block is Llama's (LlamaForCausalLM), whose rotary layout (each head's first half against its
-  second) is the project's, so its weights are copied as they are.
+  second) is the project's, so its weights are copied as they are. With QK-norm (a norm on each head's
+  queries and keys, before rotary), the GPT-2 block with rotary positions is Persimmon's (PersimmonForCausalLM:
+  per-head LayerNorms, NeoX's fused head-by-head projection, the same exact-erf GELU and rotary layout), and
+  the Llama-style block is Qwen3's (Qwen3ForCausalLM: per-head RMSNorms, otherwise Llama's names).
 - `write_lm_eval_tasks`: few-shot tasks as lm-evaluation-harness local tasks, one per task and k, whose
   documents hold the project's own k-shot prompts (same examples, same order, same delimiters), so both
   tools score exactly the same text. Run them with `--num_fewshot 0`.
@@ -76,26 +79,50 @@ def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
-def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """GPTNeoXForCausalLM's names. NeoX lays the fused projection out head by head ([q, k, v] of head 0, then
-    of head 1, ...) where the project has all queries, then all keys, then all values."""
+PERSIMMON_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "attn.qkv": "self_attn.query_key_value", "attn.proj": "self_attn.dense",
+    "attn.q_norm": "self_attn.q_layernorm", "attn.k_norm": "self_attn.k_layernorm",
+    "mlp_norm": "post_attention_layernorm", "mlp.fc": "mlp.dense_h_to_4h", "mlp.proj": "mlp.dense_4h_to_h",
+}
+
+
+def _qkv_head_by_head(model: GPT) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """GPT-NeoX and Persimmon lay the fused projection out head by head ([q, k, v] of head 0, then of head 1,
+    ...) where the project has all queries, then all keys, then all values."""
     width, heads = model.config.d_model, model.config.n_head
 
-    def qkv_per_head(ours: str, tensor: torch.Tensor) -> torch.Tensor:
+    def convert(ours: str, tensor: torch.Tensor) -> torch.Tensor:
         if ours != "attn.qkv":
             return tensor
         return tensor.reshape(3, heads, width // heads, *tensor.shape[1:]).transpose(0, 1).reshape(tensor.shape)
 
+    return convert
+
+
+def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """GPTNeoXForCausalLM's names."""
     return {
         "gpt_neox.embed_in.weight": model.token_embedding.weight,
         **_weights(model.final_norm, "gpt_neox.final_layer_norm", lambda tensor: tensor),
         "lm_head.weight": model.head.weight,
-        **_block_weights(model, "gpt_neox.layers.", NEOX_BLOCK_NAMES, qkv_per_head),
+        **_block_weights(model, "gpt_neox.layers.", NEOX_BLOCK_NAMES, _qkv_head_by_head(model)),
+    }
+
+
+def persimmon_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """PersimmonForCausalLM's names: NeoX's block with a LayerNorm (weight and bias) on each head's queries and
+    keys."""
+    return {
+        "model.embed_tokens.weight": model.token_embedding.weight,
+        **_weights(model.final_norm, "model.final_layernorm", lambda tensor: tensor),
+        "lm_head.weight": model.head.weight,
+        **_block_weights(model, "model.layers.", PERSIMMON_BLOCK_NAMES, _qkv_head_by_head(model)),
     }
 
 
 def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
-    """LlamaForCausalLM's names; its query, key and value projections are separate matrices."""
+    """LlamaForCausalLM's names, and Qwen3ForCausalLM's with QK-norm (each head's RMSNorm weights added); their
+    query, key and value projections are separate matrices."""
     config = model.config
     kv_width = config.kv_heads * (config.d_model // config.n_head)
     weights = {"model.embed_tokens.weight": model.token_embedding.weight, "model.norm.weight": model.final_norm.weight,
@@ -111,16 +138,23 @@ def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
                         f"{prefix}self_attn.v_proj.{kind}": v}
         weights |= {f"{prefix}input_layernorm.weight": block.attn_norm.weight,
                     f"{prefix}post_attention_layernorm.weight": block.mlp_norm.weight}
+        if config.qk_norm:
+            weights |= {f"{prefix}self_attn.q_norm.weight": block.attn.q_norm.weight,
+                        f"{prefix}self_attn.k_norm.weight": block.attn.k_norm.weight}
     return weights
 
 
 def refuse_what_transformers_lacks(config) -> None:
-    if config.qk_norm:
-        raise ExportError("model.qk_norm: no transformers class of this family normalizes queries and keys; export"
-                          " a model trained without it")
     if config.block == "gpt2" and config.kv_heads != config.n_head:
-        raise ExportError("model.n_kv_head: GPT-2 and GPT-NeoX have no grouped-query attention; export a"
+        raise ExportError("model.n_kv_head: GPT-2, GPT-NeoX and Persimmon have no grouped-query attention; export a"
                           " grouped-query model with block: llama")
+    if config.block == "gpt2" and config.qk_norm and config.position == "learned":
+        raise ExportError("model.qk_norm: no transformers class with learned positions normalizes queries and keys;"
+                          " a QK-norm model of the gpt2 block exports with position: rotary (as Persimmon), or train"
+                          " without qk_norm")
+    if config.block == "llama" and config.qk_norm and config.bias:
+        raise ExportError("model.bias: Qwen3, the Llama-style family that normalizes queries and keys, has no MLP"
+                          " biases; export a QK-norm model trained with bias: false, or a biased one without qk_norm")
 
 
 def to_hf(model: GPT, end_of_document_id: int):
@@ -132,6 +166,10 @@ def to_hf(model: GPT, end_of_document_id: int):
         GPTNeoXForCausalLM,
         LlamaConfig,
         LlamaForCausalLM,
+        PersimmonConfig,
+        PersimmonForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     config = model.config
@@ -139,13 +177,17 @@ def to_hf(model: GPT, end_of_document_id: int):
     common = {"vocab_size": config.vocab_size, "bos_token_id": end_of_document_id,
               "eos_token_id": end_of_document_id, "tie_word_embeddings": config.tie_embeddings}
     if config.block == "llama":
-        hf_config = LlamaConfig(
+        llama_like = dict(
             hidden_size=config.d_model, intermediate_size=mlp_width(config), num_hidden_layers=config.n_layer,
             num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads, hidden_act="silu",
             max_position_embeddings=config.seq_len, rms_norm_eps=NORM_EPS, attention_bias=config.bias,
-            mlp_bias=config.bias, attention_dropout=0.0, rope_theta=config.rotary_base, **common,
+            attention_dropout=0.0, rope_theta=config.rotary_base, **common,
         )
-        hf_model, weights = LlamaForCausalLM(hf_config), llama_state_dict(model)
+        if config.qk_norm:
+            hf_model = Qwen3ForCausalLM(Qwen3Config(head_dim=config.d_model // config.n_head, **llama_like))
+        else:
+            hf_model = LlamaForCausalLM(LlamaConfig(mlp_bias=config.bias, **llama_like))
+        weights = llama_state_dict(model)
     elif config.position == "learned":
         hf_config = GPT2Config(
             n_positions=config.seq_len, n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
@@ -154,13 +196,21 @@ def to_hf(model: GPT, end_of_document_id: int):
         )
         hf_model, weights = GPT2LMHeadModel(hf_config), gpt2_state_dict(model)
     else:
-        hf_config = GPTNeoXConfig(
+        # "gelu" is transformers' exact (erf) GELU, the project's F.gelu.
+        neox_like = dict(
             hidden_size=config.d_model, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-            intermediate_size=mlp_width(config), hidden_act="gelu", rotary_pct=1.0,
-            rotary_emb_base=config.rotary_base, max_position_embeddings=config.seq_len, layer_norm_eps=NORM_EPS,
-            use_parallel_residual=False, attention_bias=True, attention_dropout=0.0, hidden_dropout=0.0, **common,
+            intermediate_size=mlp_width(config), hidden_act="gelu", max_position_embeddings=config.seq_len,
+            layer_norm_eps=NORM_EPS, attention_dropout=0.0, hidden_dropout=0.0, **common,
         )
-        hf_model, weights = GPTNeoXForCausalLM(hf_config), neox_state_dict(model)
+        if config.qk_norm:  # Persimmon rotates half of each head unless told otherwise; the project all of it
+            hf_model = PersimmonForCausalLM(PersimmonConfig(
+                qk_layernorm=True, rope_theta=config.rotary_base, partial_rotary_factor=1.0, **neox_like))
+            weights = persimmon_state_dict(model)
+        else:
+            hf_model = GPTNeoXForCausalLM(GPTNeoXConfig(
+                rotary_pct=1.0, rotary_emb_base=config.rotary_base, use_parallel_residual=False,
+                attention_bias=True, **neox_like))
+            weights = neox_state_dict(model)
     missing, unexpected = hf_model.load_state_dict({k: v.detach().float() for k, v in weights.items()}, strict=False)
     # Buffers transformers derives itself (causal masks, rotary frequencies) are the only names left out.
     missing = [name for name in missing if not name.endswith(("attn.bias", "attn.masked_bias", "inv_freq"))]

@@ -17,7 +17,7 @@ and the answer (a choice, or the generated text) follows after `target_delimiter
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from data_pipeline.sources import jsonl_records
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
+PER_ITEM, SHARED = "per_item", "shared"  # how examples are drawn: for each item, or once for the whole task
 
 
 class TaskError(UserError):
@@ -40,14 +41,27 @@ class Item:
     gold: int = -1  # ... and the index of the right one
     target: str = ""  # generation: the expected text
     examples: tuple[Item, ...] = ()  # this item's own few-shot examples, if it has any
+    # lm-evaluation-harness's "multiple input" (WinoGrande's partial scoring): each choice completes the context
+    # and is followed by the same `target`, whose likelihood after each choice decides.
+    choices_complete_context: bool = False
 
     @property
     def kind(self) -> str:
         return MULTIPLE_CHOICE if self.choices else GENERATION
 
-    @property
-    def answer(self) -> str:
-        return self.choices[self.gold] if self.choices else self.target
+    def requests(self, target_delimiter: str) -> list[tuple[str, str]]:
+        """(context, continuation) of each choice, as lm-evaluation-harness scores them: the continuation's
+        log-likelihood after the context."""
+        if self.choices_complete_context:
+            return [(self.context + choice, target_delimiter + self.target) for choice in self.choices]
+        return [(self.context, target_delimiter + choice) for choice in self.choices]
+
+    def demonstration(self, target_delimiter: str) -> str:
+        """The item as a solved example in another item's prompt: its context and its right answer."""
+        if not self.choices:
+            return self.context + target_delimiter + self.target
+        context, continuation = self.requests(target_delimiter)[self.gold]
+        return context + continuation
 
 
 @dataclass(frozen=True)
@@ -58,6 +72,10 @@ class Task:
     examples: tuple[Item, ...] | None  # the example split; None: draw from the other items
     example_delimiter: str
     target_delimiter: str
+    description: str = ""  # before the examples, e.g. MMLU's "The following are multiple choice questions ..."
+    # acc is whether greedy decoding gives the one choice, token by token (LAMBADA's last word), rather than
+    # whether the gold choice is the most likely one
+    greedy_match: bool = False
 
     def example_pool(self, index: int) -> tuple[Item, ...]:
         item = self.items[index]
@@ -67,18 +85,56 @@ class Task:
             return self.examples
         return self.items[:index] + self.items[index + 1 :]
 
-    def shots(self, index: int, max_shots: int, seed: int) -> list[Item]:
+    def pool_size(self, index: int) -> int:
+        """len(example_pool(index)), without building it (a task of 10,000 items asks 10,000 times)."""
+        item = self.items[index]
+        if item.examples:
+            return len(item.examples)
+        return len(self.examples) if self.examples is not None else len(self.items) - 1
+
+    def shots(self, index: int, max_shots: int, seed: int, examples: str = PER_ITEM) -> list[Item]:
         """The few-shot examples of item `index`, as many as the pool has up to `max_shots`. The k-shot prompt
         uses the first k of them, so prompts are nested across k; the draw depends only on (seed, task, index),
-        never on the rank or the process, so every run and every rank builds the same prompts."""
-        pool = self.example_pool(index)
-        order = list(range(len(pool)))
-        random.Random(f"{seed}/{self.name}/{index}").shuffle(order)  # one whole order: every k takes a prefix
-        return [pool[i] for i in order[:max_shots]]
+        never on the rank or the process, so every run and every rank builds the same prompts.
+
+        examples=SHARED: one draw for the whole task, so every item's k-shot prompt starts with the same k
+        examples (OLMES's fixed examples). An item that is itself among them (when the pool is the task's other
+        items) keeps its own draw rather than being shown its own answer."""
+        item = self.items[index]
+        if examples == SHARED and not item.examples:
+            drawn = self.shared_shots(max_shots, seed)
+            if all(example is not item for example in drawn):
+                return drawn
+        if item.examples or self.examples is not None:
+            return _drawn(self.example_pool(index), max_shots, f"{seed}/{self.name}/{index}")
+        # The other items: draw among all positions but one, then step over the item itself.
+        others = _drawn(range(len(self.items) - 1), max_shots, f"{seed}/{self.name}/{index}")
+        return [self.items[other + (other >= index)] for other in others]
+
+    def shared_shots(self, max_shots: int, seed: int) -> list[Item]:
+        """The one draw of examples=SHARED: from the example split, or else from all the task's items."""
+        return _drawn(self.examples if self.examples is not None else self.items, max_shots,
+                      f"{seed}/{self.name}/shared")
 
     def prompt(self, item: Item, shots: list[Item]) -> str:
-        demonstrations = [f"{shot.context}{self.target_delimiter}{shot.answer}" for shot in shots]
-        return self.example_delimiter.join([*demonstrations, item.context])
+        """The context before the item's answer (for WinoGrande-style items, before each choice)."""
+        demonstrations = [shot.demonstration(self.target_delimiter) for shot in shots]
+        return self.description + self.example_delimiter.join([*demonstrations, item.context])
+
+    def requests(self, item: Item, shots: list[Item]) -> list[tuple[str, str]]:
+        """(context, continuation) of each choice of `item` after `shots`, the strings that are scored."""
+        prompt = self.prompt(item, shots)
+        return [(prompt + context[len(item.context):], continuation)
+                for context, continuation in item.requests(self.target_delimiter)]
+
+
+def _drawn(pool: Sequence, count: int, stream: str) -> list:
+    """`count` of the pool in a random order (all of it if smaller). Drawn one at a time, so a smaller count
+    draws a prefix of a larger one's: prompts nest across k. O(count), whatever the pool's size."""
+    rng, chosen = random.Random(stream), {}
+    while len(chosen) < min(count, len(pool)):
+        chosen.setdefault(rng.randrange(len(pool)), None)
+    return [pool[index] for index in chosen]
 
 
 # Built-in tasks: the embedded in-context-learning source's episodes with mappings drawn from a stream of their

@@ -74,7 +74,10 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = norm(config, self.head_dim) if config.qk_norm else None
         self.math_kernel = config.attention_kernel == "math"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None = None, keep: list | None = None,
+    ) -> torch.Tensor:
         batch, length, width = x.shape
         q, k, v = (part.view(batch, length, -1, self.head_dim).transpose(1, 2) for part in self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1))
@@ -82,6 +85,11 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rotary is not None:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
+        if keep is not None:
+            keep.append((k, v))
+        if prefix is not None:  # keys and values computed earlier, shared by every row of the batch
+            k = torch.cat((prefix[0].expand(batch, -1, -1, -1), k), dim=2)
+            v = torch.cat((prefix[1].expand(batch, -1, -1, -1), v), dim=2)
         dropout = self.dropout if self.training else 0.0
         # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel, unless the config asks for math.
         with sdpa_kernel(SDPBackend.MATH) if self.math_kernel else contextlib.nullcontext():
@@ -125,8 +133,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.block == "llama" else MLP(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), mask, positions))
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor, prefix=None,
+                keep: list | None = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), mask, positions, prefix, keep))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -170,6 +179,8 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        keep: list | None = None,
     ) -> torch.Tensor:
         """tokens: (batch, time) int64, time <= seq_len. Returns logits (batch, time, vocab_size), or with
         logits_at (batch, n) the logits at those time indices only (batch, n, vocab_size): the output head is
@@ -180,7 +191,12 @@ class GPT(nn.Module):
           packed into one window do not see each other;
         - positions (batch, time) and attention_mask (batch, time, time), True where a token may attend: any
           layout, e.g. several continuations packed after one shared prompt, each at the positions it would
-          have right after the prompt and seeing only the prompt and itself (the few-shot scorer's trick).
+          have right after the prompt and seeing only the prompt and itself (the few-shot scorer's trick);
+        - prefix: each layer's (keys, values), (1, kv_heads, prefix, head_dim) after QK-norm and rotation, of
+          tokens run before (`keep` of an earlier call), attended to by every row as if they came first;
+          attention_mask is then (batch, time, prefix + time). The few-shot scorer runs examples shared by many
+          prompts once this way.
+        - keep: an empty list, filled with this call's (keys, values) per layer.
         """
         length = tokens.shape[1]
         if positions is None:
@@ -199,11 +215,11 @@ class GPT(nn.Module):
         if document_ids is not None:
             causal = torch.ones(length, length, dtype=torch.bool, device=tokens.device).tril()
             mask = (causal & (document_ids[:, :, None] == document_ids[:, None, :]))[:, None]
-        for block in self.blocks:
+        for number, block in enumerate(self.blocks):
             if self.checkpoint_blocks and self.training:
                 x = self.checkpoint_blocks(block, x, mask, positions)
             else:
-                x = block(x, mask, positions)
+                x = block(x, mask, positions, prefix[number] if prefix else None, keep)
         if logits_at is not None:
             x = x.gather(1, logits_at[..., None].expand(-1, -1, x.shape[-1]))
         return self.head(self.final_norm(x))

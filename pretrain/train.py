@@ -28,7 +28,7 @@ from data_pipeline.files import write_atomically
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
 from data_pipeline.remote import Fetcher
 from data_pipeline.tokenizer import load_tokenizer
-from evals.fewshot import refuse_choices_longer_than
+from evals.fewshot import refuse_what_cannot_be_scored
 from evals.tasks import load_tasks
 from pretrain.checkpointer import Checkpointer, DataPosition, Ranks, Resumption
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
@@ -192,7 +192,7 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     ) if fewshot.interval else []
     tokenizer = load_tokenizer(data.tokenizer_path, config.model.vocab_size) if fewshot_tasks else None
     if fewshot_tasks:
-        refuse_choices_longer_than(fewshot_tasks, tokenizer, config.model.seq_len)
+        refuse_what_cannot_be_scored(fewshot_tasks, fewshot.shots, tokenizer, config.model.seq_len)
 
     setup = build_engine(config, layout, context, load_universal=resumption.universal)
     if context.is_main:
