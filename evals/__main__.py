@@ -1,6 +1,8 @@
 """Evaluate trained models and hand them to other tools.
 
     python -m evals fewshot --checkpoint runs/quickstart --tasks word_labels --shots 0,1,2,4,8,16
+    python -m evals fewshot --checkpoint runs/my-run --tasks hellaswag,arc_easy,mmlu --shots 0,1,5,25 --examples shared
+    python -m evals benchmarks                 # the built-in benchmarks, their items and where they are read from
     python -m evals export-hf --checkpoint runs/quickstart --out runs/quickstart/hf
     python -m evals lm-eval-tasks --tasks word_labels --shots 8 --out runs/quickstart/lm_eval_tasks
     python -m evals scaling --runs runs/my-sweep --target-flops 1e21 --out runs/my-sweep/scaling
@@ -21,11 +23,11 @@ from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.config import validated
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals import report
+from evals.benchmarks import benchmark_groups, benchmark_listing, load_evaluation_tasks
 from evals.config import FewShotConfig
 from evals.fewshot import Score, evaluate
 from evals.fit_runs import FitSettings, WandbTarget, fit_runs
 from evals.interop import export_hf, write_lm_eval_tasks
-from evals.tasks import load_tasks
 from pretrain.checkpoint import tag_for_step
 from pretrain.config import Config
 from pretrain.distributed import init_distributed, shutdown
@@ -55,13 +57,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     fewshot = commands.add_parser("fewshot", help="accuracy against the number of in-context examples")
     fewshot.add_argument("--checkpoint", type=Path, required=True, help="a run directory (output_dir/name)")
     fewshot.add_argument("--step", type=int, help="the checkpoint's step; default: the newest complete one")
-    fewshot.add_argument("--tasks", type=_comma_list, help="built-in names or .jsonl files, comma-separated")
+    fewshot.add_argument("--tasks", type=_comma_list,
+                         help="benchmarks (see: python -m evals benchmarks), built-in tasks or .jsonl files")
     fewshot.add_argument("--shots", type=_shots, help="numbers of examples, comma-separated")
-    fewshot.add_argument("--items", type=int, help="items per task")
+    fewshot.add_argument("--items", type=int, help="items per task: the first N in the file's order (all if fewer)")
+    fewshot.add_argument("--examples", choices=("per_item", "shared"),
+                         help="per_item: each item draws its examples; shared: one draw for the whole task")
+    fewshot.add_argument("--benchmarks-dir", help="a folder of <benchmark>/ folders of your own; default: the"
+                         " installed files (make benchmarks)")
     fewshot.add_argument("--seed", type=int, help="draws the examples of each item")
     fewshot.add_argument("--batch-size", type=int)
     fewshot.add_argument("--out", type=Path, help="default: RUN_DIR/fewshot/step_<N>")
     fewshot.add_argument("--no-wandb", action="store_true", help="do not log to W&B even if the run does")
+
+    listing = commands.add_parser("benchmarks", help="the built-in benchmarks: items, choices, metrics, files")
+    listing.add_argument("--benchmarks-dir", help="list a folder of your own instead of the installed files")
 
     export_hf = commands.add_parser("export-hf", help="a Hugging Face transformers model directory")
     export_hf.add_argument("--checkpoint", type=Path, required=True, help="a run directory (output_dir/name)")
@@ -119,15 +129,19 @@ def run_fewshot(args: argparse.Namespace) -> int:
     config = run_config(args.checkpoint)
     overrides = {
         "tasks": args.tasks, "shots": args.shots, "items": args.items, "seed": args.seed,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size, "examples": args.examples, "benchmarks_dir": args.benchmarks_dir,
     }
     settings = validated(FewShotConfig, {
         **config.eval.fewshot.model_dump(), **{key: value for key, value in overrides.items() if value is not None}
     })
-    tasks = load_tasks(
-        settings.tasks, items=settings.items, example_delimiter=settings.example_delimiter,
-        target_delimiter=settings.target_delimiter,
+    tasks = load_evaluation_tasks(
+        settings.tasks, items=settings.items, benchmarks_dir=settings.benchmarks_dir,
+        example_delimiter=settings.example_delimiter, target_delimiter=settings.target_delimiter,
     )
+    for task in tasks:
+        if settings.items and len(task.items) < settings.items:
+            print(f"{task.name}: holds {len(task.items)} items, fewer than --items {settings.items}; scoring all of"
+                  " them, in the file's order")
     tokenizer = run_tokenizer(config)
     trained = load_checkpoint(args.checkpoint, args.step)
     model, step = trained.model, trained.step
@@ -139,7 +153,8 @@ def run_fewshot(args: argparse.Namespace) -> int:
         scores = evaluate(
             model, tokenizer, tasks, settings.shots, context_length=config.model.seq_len,
             end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT), seed=settings.seed,
-            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens,
+            batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, examples=settings.examples,
+            groups=benchmark_groups(),
         )
     finally:
         shutdown()
@@ -148,6 +163,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     out = args.out or args.checkpoint / "fewshot" / tag_for_step(step)
     about = {
         "run": str(args.checkpoint), "step": step, "seed": settings.seed, "tasks": settings.tasks,
+        "examples": settings.examples,
         "title": f"{config.name} at step {step}",
     }
     print(report.table(scores))
@@ -178,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_fewshot(args)
     if args.command == "scaling":
         return run_scaling(args)
+    if args.command == "benchmarks":
+        print(benchmark_listing(args.benchmarks_dir and Path(args.benchmarks_dir)))
+        return 0
     if args.command == "export-hf":
         print(f"exported {export_hf(args.checkpoint, args.step, args.out)}")
         return 0

@@ -25,7 +25,7 @@ from evals.benchmark_files import (
     installed_lambada_rows,
     read_split,
 )
-from evals.tasks import MULTIPLE_CHOICE, Item, Task, TaskError
+from evals.tasks import BUILTIN_TASKS, MULTIPLE_CHOICE, Item, Task, TaskError, load_task
 
 EXAMPLE_DELIMITER, TARGET_DELIMITER = "\n\n", " "  # lm-evaluation-harness's fewshot and target delimiters
 
@@ -203,6 +203,27 @@ def load_benchmark(name: str, items: int | None = None, benchmarks_dir: Path | N
     if definition.name == "lambada" and benchmarks_dir is None:
         return [_task(definition, definition.name, lambda split: installed_lambada_rows()[0], items)]
     return [_task(definition, definition.name, _rows_reader(definition, folder), items)]
+
+
+def load_evaluation_tasks(
+    specs: list[str], items: int | None = None, benchmarks_dir: Path | None = None,
+    example_delimiter: str | None = None, target_delimiter: str | None = None,
+) -> list[Task]:
+    """Benchmarks by name (MMLU: its subjects), built-in tasks by name, or .jsonl task files. The delimiters
+    apply to the built-in tasks and files; benchmarks keep lm-evaluation-harness's."""
+    tasks = []
+    for spec in specs:
+        if is_benchmark(spec):
+            tasks += load_benchmark(spec, items, benchmarks_dir)
+        elif spec in BUILTIN_TASKS or spec.endswith(".jsonl"):
+            tasks.append(load_task(spec, items, example_delimiter, target_delimiter))
+        else:
+            raise TaskError(f"{spec}: not a benchmark ({', '.join(BENCHMARKS)}), a built-in task"
+                            f" ({', '.join(BUILTIN_TASKS)}) nor a .jsonl task file")
+    names = [task.name for task in tasks]
+    if len(set(names)) != len(names):
+        raise TaskError(f"tasks {', '.join(names)}: two share a name; rename one file")
+    return tasks
 
 
 def _rows_reader(definition: Benchmark, folder: Path) -> Callable[[str], list[dict]]:

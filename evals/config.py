@@ -3,6 +3,8 @@ the defaults of `python -m evals fewshot`)."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 
 from data_pipeline.config import Section
@@ -13,7 +15,16 @@ class FewShotConfig(Section):
 
     tasks: list[str] = Field(
         default_factory=lambda: ["word_labels"], min_length=1,
-        description="built-in task names (word_labels, word_labels_generate) or .jsonl task files",
+        description="benchmarks (hellaswag, arc_easy, ..., mmlu, lambada: `python -m evals benchmarks`), built-in"
+        " tasks (word_labels, word_labels_generate) or .jsonl task files",
+    )
+    examples: Literal["per_item", "shared"] = Field(
+        "per_item", description="per_item: each item draws its own examples; shared: one draw for the whole task,"
+        " whose examples are then computed once per k for all items",
+    )
+    benchmarks_dir: str | None = Field(
+        None, description="a folder holding <benchmark>/ folders of your own (a datasets folder, parquet or jsonl"
+        " with the original columns); None: the files `make benchmarks` installs",
     )
     shots: list[int] = Field(default_factory=lambda: [0, 1, 2, 4, 8, 16], min_length=1)
     items: int | None = Field(1000, ge=1, description="items per task (the first N); None: all of a file's")

@@ -278,11 +278,14 @@ def evaluate(
     batch_size: int = 32,
     max_new_tokens: int = 16,
     examples: str = PER_ITEM,
+    groups: dict[str, list[str]] | None = None,
     show_progress: bool = True,
 ) -> list[Score]:
     """Score every task at every k; every rank returns the same list. A choice that cannot fit in the context,
     or a k beyond an item's examples, is a TaskError on every rank alike, before any scoring. examples:
-    PER_ITEM draws each item's examples, SHARED one set for the whole task (Task.shots)."""
+    PER_ITEM draws each item's examples, SHARED one set for the whole task (Task.shots). groups: a score for
+    each group whose tasks were all scored (MMLU from its subjects), over their items pooled, as
+    lm-evaluation-harness weighs a group's tasks by size."""
     refuse_what_cannot_be_scored(tasks, shots, tokenizer, context_length)
     rank, world = _world()
     was_training = getattr(model, "training", False)
@@ -320,7 +323,20 @@ def evaluate(
     finally:
         if was_training:
             model.train()
-    return scores
+    return scores + group_scores(scores, groups or {}, shots)
+
+
+def group_scores(scores: list[Score], groups: dict[str, list[str]], shots: list[int]) -> list[Score]:
+    scored = {score.task for score in scores}
+    pooled = []
+    for group, members in groups.items():
+        if not set(members) <= scored:
+            continue
+        for k in shots:
+            parts = [score for score in scores if score.task in members and score.k == k]
+            pooled.append(_score(group, k, [result for part in parts for result in part.results]))
+            pooled[-1].seconds = sum(part.seconds for part in parts)
+    return pooled
 
 
 class SharedTrunks:

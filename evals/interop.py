@@ -29,7 +29,8 @@ from torch import nn
 from data_pipeline.errors import UserError
 from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
-from evals.tasks import MULTIPLE_CHOICE, TaskError, load_tasks
+from evals.benchmarks import load_evaluation_tasks
+from evals.tasks import MULTIPLE_CHOICE, TaskError
 from pretrain.checkpoint import tag_for_step
 from pretrain.model import GPT, NORM_EPS, mlp_width
 from pretrain.rundir import load_checkpoint, run_tokenizer
@@ -256,7 +257,7 @@ def refuse_to_replace(out: Path) -> None:
 def write_lm_eval_tasks(specs: list[str], shots: list[int], items: int, seed: int, out: Path) -> list[Path]:
     """For each task and k: `<task>_<k>shot.jsonl` (context = the k-shot prompt, choices, gold) and a YAML
     lm-evaluation-harness reads with `--include_path OUT --tasks <task>_<k>shot --num_fewshot 0`."""
-    tasks = load_tasks(specs, items=items)
+    tasks = load_evaluation_tasks(specs, items=items)
     generation = [task.name for task in tasks if task.kind != MULTIPLE_CHOICE]
     if generation:
         raise TaskError(f"{', '.join(generation)}: only multiple-choice tasks are written for lm-evaluation-harness")

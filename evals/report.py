@@ -12,7 +12,7 @@ from pathlib import Path
 from data_pipeline.files import write_atomically
 from evals.fewshot import Score
 
-CSV_COLUMNS = list(Score.__dataclass_fields__)
+CSV_COLUMNS = [name for name in Score.__dataclass_fields__ if name != "results"]
 
 
 def table(scores: list[Score]) -> str:
@@ -101,8 +101,16 @@ def log_to_wandb(scores: list[Score], run) -> None:
 
 
 def metrics_for_logging(scores: list[Score]) -> dict[str, float]:
-    """`eval/fewshot/<task>/k=<k>` -> accuracy, the names the training loop logs at each evaluation."""
-    return {f"eval/fewshot/{score.task}/k={score.k}": score.acc for score in scores}
+    """The names the training loop logs at each evaluation: `eval/fewshot/<task>/k=<k>` -> accuracy, beside it
+    `.../acc_norm` and `.../bits_per_byte` (the task loss), and `eval/fewshot/<task>/seconds` the task took."""
+    metrics = {}
+    for score in scores:
+        name = f"eval/fewshot/{score.task}/k={score.k}"
+        metrics |= {name: score.acc, f"{name}/acc_norm": score.acc_norm,
+                    f"eval/fewshot/{score.task}/seconds": score.seconds}
+        if score.bits_per_byte is not None:
+            metrics[f"{name}/bits_per_byte"] = score.bits_per_byte
+    return metrics
 
 
 FEWSHOT_METRIC = re.compile(r"^eval/fewshot/(?P<task>.+)/k=(?P<k>\d+)$")

@@ -17,7 +17,7 @@ and the answer (a choice, or the generated text) follows after `target_delimiter
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -232,11 +232,3 @@ def load_task(
         example_delimiter=defaults[0] if example_delimiter is None else example_delimiter,
         target_delimiter=defaults[1] if target_delimiter is None else target_delimiter,
     )
-
-
-def load_tasks(specs: Iterable[str], **options) -> list[Task]:
-    tasks = [load_task(spec, **options) for spec in specs]
-    names = [task.name for task in tasks]
-    if len(set(names)) != len(names):
-        raise TaskError(f"tasks {', '.join(names)}: two share a name; rename one file")
-    return tasks

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from evals.benchmarks import benchmark_groups
 from evals.config import FewShotConfig
 from evals.fewshot import Score
 from evals.fewshot import evaluate as evaluate_fewshot
@@ -69,9 +70,9 @@ class FewShotEvaluator:
         scores = self.score(
             model, self.tokenizer, self.tasks, settings.shots, context_length=self.context_length,
             end_of_document_id=self.end_of_document_id, seed=settings.seed, batch_size=settings.batch_size,
-            max_new_tokens=settings.max_new_tokens,
+            max_new_tokens=settings.max_new_tokens, examples=settings.examples, groups=benchmark_groups(),
         )
-        for task in self.tasks:
-            curve = ", ".join(f"k={score.k} {score.acc:.2f}" for score in scores if score.task == task.name)
-            self.say(f"step {step} few-shot {task.name}: {curve}")
+        for task in dict.fromkeys(score.task for score in scores):
+            curve = ", ".join(f"k={score.k} {score.acc:.2f}" for score in scores if score.task == task)
+            self.say(f"step {step} few-shot {task}: {curve}")
         return metrics_for_logging(scores)

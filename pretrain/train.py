@@ -28,8 +28,8 @@ from data_pipeline.files import write_atomically
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
 from data_pipeline.remote import Fetcher
 from data_pipeline.tokenizer import load_tokenizer
+from evals.benchmarks import load_evaluation_tasks
 from evals.fewshot import refuse_what_cannot_be_scored
-from evals.tasks import load_tasks
 from pretrain.checkpointer import Checkpointer, DataPosition, Ranks, Resumption
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
 from pretrain.data import DataOrder, prepare_and_verify
@@ -186,9 +186,9 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     masking = data.end_of_document_id if config.data.document_masking else None
     fewshot = config.eval.fewshot
     # Loaded before the engine is built, so a bad task file stops the run before any work is spent.
-    fewshot_tasks = load_tasks(
-        fewshot.tasks, items=fewshot.items_in_loop or fewshot.items, example_delimiter=fewshot.example_delimiter,
-        target_delimiter=fewshot.target_delimiter,
+    fewshot_tasks = load_evaluation_tasks(
+        fewshot.tasks, items=fewshot.items_in_loop or fewshot.items, benchmarks_dir=fewshot.benchmarks_dir,
+        example_delimiter=fewshot.example_delimiter, target_delimiter=fewshot.target_delimiter,
     ) if fewshot.interval else []
     tokenizer = load_tokenizer(data.tokenizer_path, config.model.vocab_size) if fewshot_tasks else None
     if fewshot_tasks:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from evals.benchmarks import load_evaluation_tasks
 from pretrain.config import load_config
 from pretrain.model import GPT
 
@@ -30,3 +31,12 @@ def test_the_presets_take_their_shape_and_recipe_from_the_files_they_include():
     assert preset.model == shape.model and preset.train.lr == shape.train.lr == 6.0e-4
     assert preset.data == load_config(CONFIGS / "data" / "parquet-corpus.yaml").data
     assert preset.train.max_steps == 19073  # its own setting, on top of what it includes
+
+
+def test_the_presets_evaluate_benchmarks_in_the_loop_that_load():
+    for preset in ("gpt2-124m-parquet.yaml", "llama-1b-parquet.yaml"):
+        fewshot = load_config(CONFIGS / "presets" / preset).eval.fewshot
+        tasks = load_evaluation_tasks(fewshot.tasks, items=fewshot.items_in_loop)
+        assert fewshot.interval > 0 and [task.name for task in tasks] == ["hellaswag", "arc_easy", "piqa"]
+        assert all(len(task.items) == min(500, len(task.items)) and task.pool_size(0) >= max(fewshot.shots)
+                   for task in tasks)

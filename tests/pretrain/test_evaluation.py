@@ -3,12 +3,13 @@
 import pytest
 import torch
 
+from data_pipeline.tokenizer import END_OF_DOCUMENT
+from evals.benchmarks import benchmark_groups, load_evaluation_tasks
 from evals.config import FewShotConfig
 from evals.fewshot import Score
-from evals.tasks import load_tasks
 from pretrain.evaluation import FewShotEvaluator, Validator
 from pretrain.loss import next_token_loss
-from tests.helpers import tiny_model
+from tests.helpers import tiny_model, tiny_tokenizer
 
 
 def validator(batches=(), interval: int = 4, last_step: int = 10, mean=lambda value: value) -> Validator:
@@ -52,16 +53,36 @@ def fewshot_evaluator(interval: int, tasks: list, said: list, score) -> FewShotE
 
 
 def test_the_fewshot_evaluator_runs_every_interval_and_at_the_last_step_and_never_without_tasks():
-    tasks = load_tasks(["word_labels"], items=4)
+    tasks = load_evaluation_tasks(["word_labels"], items=4)
     assert [step for step in range(1, 11) if fewshot_evaluator(3, tasks, [], Scores()).due(step)] == [3, 6, 9, 10]
     assert not any(fewshot_evaluator(3, [], [], Scores()).due(step) for step in range(1, 11))
 
 
 def test_the_fewshot_evaluator_returns_each_tasks_accuracy_at_each_k_and_prints_its_curve():
-    tasks, said, scores = load_tasks(["word_labels"], items=4), [], Scores()
+    tasks, said, scores = load_evaluation_tasks(["word_labels"], items=4), [], Scores()
     metrics = fewshot_evaluator(3, tasks, said, scores).evaluate("model", step=6)
-    assert metrics == {"eval/fewshot/word_labels/k=0": 0.25, "eval/fewshot/word_labels/k=2": 0.75}
+    assert {name: value for name, value in metrics.items() if "/k=" in name and name.count("/") == 3} == {
+        "eval/fewshot/word_labels/k=0": 0.25, "eval/fewshot/word_labels/k=2": 0.75}
     (call,) = scores.calls
     assert call == {"model": "model", "shots": [0, 2], "context_length": 64, "end_of_document_id": 0, "seed": 3,
-                    "batch_size": 5, "max_new_tokens": 16}
+                    "batch_size": 5, "max_new_tokens": 16, "examples": "per_item", "groups": benchmark_groups()}
     assert len(said) == 1 and "0.25" in said[0] and "0.75" in said[0]
+
+
+def test_a_benchmark_in_the_loop_logs_accuracy_with_acc_norm_task_loss_and_seconds_beside_it():
+    tokenizer = tiny_tokenizer()
+    tasks = load_evaluation_tasks(["hellaswag", "word_labels"], items=6)
+    settings = FewShotConfig(tasks=["hellaswag", "word_labels"], shots=[0, 1], interval=5, examples="shared")
+    said = []
+    evaluator = FewShotEvaluator(tasks, tokenizer, settings, context_length=512,
+                                 end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT), last_step=10,
+                                 say=said.append)
+    metrics = evaluator.evaluate(tiny_model(tokenizer.get_vocab_size(), seq_len=512).train(), step=5)
+    for task in ("hellaswag", "word_labels"):
+        for k in (0, 1):
+            name = f"eval/fewshot/{task}/k={k}"
+            fractions = {i / 6 for i in range(7)}  # of 6 items
+            assert metrics[name] in fractions and metrics[f"{name}/acc_norm"] in fractions
+            assert 0 < metrics[f"{name}/bits_per_byte"] < 100
+        assert metrics[f"eval/fewshot/{task}/seconds"] > 0
+    assert [line.split(":")[0] for line in said] == ["step 5 few-shot hellaswag", "step 5 few-shot word_labels"]
