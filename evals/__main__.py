@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported {export_hf(args.checkpoint, args.step, args.out)}")
         return 0
     at_least_one("items", args.items)
-    for path in write_lm_eval_tasks(args.tasks, args.shots, args.items, args.seed, args.out):
+    for path in write_lm_eval_tasks(load_evaluation_tasks(args.tasks, items=args.items), args.shots, args.seed,
+                                    args.out):
         print(f"wrote {path}")
     return 0
 

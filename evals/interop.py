@@ -29,8 +29,7 @@ from torch import nn
 from data_pipeline.errors import UserError
 from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
-from evals.benchmarks import load_evaluation_tasks
-from evals.tasks import MULTIPLE_CHOICE, TaskError
+from evals.tasks import MULTIPLE_CHOICE, PER_ITEM, Item, Task, TaskError
 from pretrain.checkpoint import tag_for_step
 from pretrain.model import GPT, NORM_EPS, mlp_width
 from pretrain.rundir import load_checkpoint, run_tokenizer
@@ -254,22 +253,28 @@ def refuse_to_replace(out: Path) -> None:
         )
 
 
-def write_lm_eval_tasks(specs: list[str], shots: list[int], items: int, seed: int, out: Path) -> list[Path]:
+def write_lm_eval_tasks(
+    tasks: list[Task], shots: list[int], seed: int, out: Path, examples: str = PER_ITEM,
+    kept: Callable[[Task, Item, list[Item]], list[Item]] = lambda task, item, shots: shots,
+) -> list[Path]:
     """For each task and k: `<task>_<k>shot.jsonl` (context = the k-shot prompt, choices, gold) and a YAML
-    lm-evaluation-harness reads with `--include_path OUT --tasks <task>_<k>shot --num_fewshot 0`."""
-    tasks = load_evaluation_tasks(specs, items=items)
-    generation = [task.name for task in tasks if task.kind != MULTIPLE_CHOICE]
-    if generation:
-        raise TaskError(f"{', '.join(generation)}: only multiple-choice tasks are written for lm-evaluation-harness")
+    lm-evaluation-harness reads with `--include_path OUT --tasks <task>_<k>shot --num_fewshot 0`. kept(task,
+    item, shots): the examples the prompt keeps (the project's scorer drops the oldest of a prompt too long)."""
+    refused = [task.name for task in tasks if task.kind != MULTIPLE_CHOICE or any(
+        item.choices_complete_context for item in task.items)]
+    if refused:
+        raise TaskError(f"{', '.join(refused)}: only multiple-choice tasks whose choices follow one context are"
+                        " written for lm-evaluation-harness")
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for task in tasks:
+        drawn = [task.shots(index, max(shots), seed, examples) for index in range(len(task.items))]
         for k in shots:
             name = f"{task.name}_{k}shot"
             documents = out / f"{name}.jsonl"
             write_atomically(documents, "".join(
-                json.dumps({"context": task.prompt(item, task.shots(index, k, seed)), "choices": list(item.choices),
-                            "gold": item.gold}) + "\n"
+                json.dumps({"context": task.prompt(item, kept(task, item, drawn[index][:k])),
+                            "choices": list(item.choices), "gold": item.gold}) + "\n"
                 for index, item in enumerate(task.items)))
             spec = out / f"{name}.yaml"
             write_atomically(spec, yaml.safe_dump({

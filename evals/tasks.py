@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from data_pipeline.embedded import episode_inventories
-from data_pipeline.errors import UserError
+from data_pipeline.errors import CONFIG_ERROR_EXIT_CODE, UserError
 from data_pipeline.sources import jsonl_records
 
 MULTIPLE_CHOICE = "multiple_choice"
@@ -31,7 +31,10 @@ PER_ITEM, SHARED = "per_item", "shared"  # how examples are drawn: for each item
 
 
 class TaskError(UserError):
-    """A task name or file that cannot be used; the message names it and what to do."""
+    """A task name or file that cannot be used; the message names it and what to do. Exit 2, as for a bad
+    option: what was asked for cannot be evaluated."""
+
+    exit_code = CONFIG_ERROR_EXIT_CODE
 
 
 @dataclass(frozen=True)

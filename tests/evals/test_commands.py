@@ -63,7 +63,7 @@ def test_a_bad_task_file_is_named_and_earlier_results_are_kept(trained, tmp_path
                       '{"context": "b", "choices": ["x"], "gold": 0}\n')
     result = run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--no-wandb", "--tasks", str(broken),
                         "--out", str(out), cwd=root)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == f"error: {broken}:2: 'choices' must be a list of at least two strings"
     assert (out / "fewshot.json").read_text() == before
 
@@ -142,7 +142,8 @@ def test_a_finished_run_gives_its_scaling_point_and_one_run_is_too_few_to_fit(tr
     assert point.tokens == TINY_CONFIG["train"]["max_steps"] * TINY_CONFIG["train"]["global_batch_tokens"]
     assert point.loss == [r["val/loss"] for r in read_metrics(run_dir) if "val/loss" in r][-1]
     assert point.compute == model.flops_per_token() * point.tokens
-    assert set(point.fewshot) == {f"eval/fewshot/word_labels/k={k}" for k in FEWSHOT["shots"]}
+    assert set(point.fewshot_accuracies()) == {("word_labels", k) for k in FEWSHOT["shots"]}
+    assert all(point.fewshot[f"eval/fewshot/word_labels/k={k}/bits_per_byte"] > 0 for k in FEWSHOT["shots"])
 
     result = run_module("evals", "scaling", "--runs", str(run_dir.parent), "--out", str(root / "fit"), cwd=root)
     assert result.returncode == 1
@@ -155,3 +156,24 @@ def test_zero_items_is_refused_before_anything_is_written(tmp_path, in_process):
                         "--out", str(out))
     assert result.returncode == 2 and "--items" in result.stderr
     assert not out.exists()
+
+
+def test_a_benchmark_scored_from_the_command_line_takes_all_its_items_and_bad_requests_exit_2(trained, tmp_path):
+    root, run_dir = trained
+    out = tmp_path / "copa"
+    result = run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--tasks", "copa", "--items", "500",
+                        "--shots", "0,2", "--examples", "shared", "--out", str(out), "--no-wandb", cwd=root)
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((out / "fewshot.json").read_text())["scores"]
+    assert [(score["task"], score["k"], score["items"]) for score in scores] == [("copa", 0, 100), ("copa", 2, 100)]
+    assert all(0 <= score["acc_norm"] <= 1 and score["bits_per_byte"] > 0 for score in scores)
+
+    empty = tmp_path / "mine"
+    empty.mkdir()
+    for bad in (["--tasks", "copa,no_such_benchmark"], ["--tasks", "copa", "--shots", "0,100"],
+                ["--tasks", "copa", "--benchmarks-dir", str(empty)]):
+        refused = run_module("evals", "fewshot", "--checkpoint", str(run_dir), *bad, "--out", str(tmp_path / "no"),
+                             "--no-wandb", cwd=root)
+        assert refused.returncode == 2, refused.stderr
+        assert not (tmp_path / "no").exists()
+    assert "hellaswag" in refused.stderr or "copa" in refused.stderr
