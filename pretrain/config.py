@@ -53,7 +53,7 @@ class ModelConfig(Section):
         64, ge=1, description="llama: the SwiGLU MLP's width, 8/3 x d_model, rounded up to a multiple of this"
     )
     tie_embeddings: bool = Field(True, description="the output head shares the token embedding's weights")
-    qk_norm: bool = Field(False, description="RMSNorm on each head's queries and keys before attention")
+    qk_norm: bool = Field(False, description="the block's norm on each head's queries and keys before attention")
 
     @property
     def kv_heads(self) -> int:
