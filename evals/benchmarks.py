@@ -232,12 +232,14 @@ def _rows_reader(definition: Benchmark, folder: Path) -> Callable[[str], list[di
 
 def _task(definition: Benchmark, name: str, rows: Callable[[str], list[dict]], items: int | None,
           description: str = "") -> Task:
-    examples = None
+    split = tuple(map(definition.to_item, rows(definition.split)))
     if definition.example_split is not None:
-        examples = tuple(map(definition.to_item, rows(definition.example_split)))
-    return Task(name=name, kind=MULTIPLE_CHOICE, items=tuple(map(definition.to_item, rows(definition.split)[:items])),
-                examples=examples, example_delimiter=EXAMPLE_DELIMITER, target_delimiter=TARGET_DELIMITER,
-                description=description, greedy_match=definition.greedy_match)
+        examples, hold_items = tuple(map(definition.to_item, rows(definition.example_split))), False
+    else:  # the split itself, so that scoring its first N items leaves every item the whole split to draw from
+        examples, hold_items = split, True
+    return Task(name=name, kind=MULTIPLE_CHOICE, items=split[:items], examples=examples,
+                example_delimiter=EXAMPLE_DELIMITER, target_delimiter=TARGET_DELIMITER, description=description,
+                greedy_match=definition.greedy_match, examples_hold_items=hold_items)
 
 
 def benchmark_listing(benchmarks_dir: Path | None = None) -> str:

@@ -79,21 +79,26 @@ class Task:
     # acc is whether greedy decoding gives the one choice, token by token (LAMBADA's last word), rather than
     # whether the gold choice is the most likely one
     greedy_match: bool = False
+    # `examples` is the whole split whose first items are scored (a benchmark's --items N): every item still
+    # draws from all the split's other items
+    examples_hold_items: bool = False
 
     def example_pool(self, index: int) -> tuple[Item, ...]:
+        """Where item `index` draws its examples from (the item itself is never drawn)."""
         item = self.items[index]
         if item.examples:
             return item.examples
-        if self.examples is not None:
-            return self.examples
-        return self.items[:index] + self.items[index + 1 :]
+        return self.examples if self.examples is not None else self.items
+
+    def _excluded(self, item: Item) -> Item | None:
+        """The item, where its own pool holds it: the task's items, or the split they are the first of."""
+        return item if not item.examples and (self.examples is None or self.examples_hold_items) else None
 
     def pool_size(self, index: int) -> int:
-        """len(example_pool(index)), without building it (a task of 10,000 items asks 10,000 times)."""
+        """How many examples item `index` can draw from, without building anything (a task of 10,000 items asks
+        10,000 times)."""
         item = self.items[index]
-        if item.examples:
-            return len(item.examples)
-        return len(self.examples) if self.examples is not None else len(self.items) - 1
+        return len(self.example_pool(index)) - (self._excluded(item) is not None)
 
     def shots(self, index: int, max_shots: int, seed: int, examples: str = PER_ITEM) -> list[Item]:
         """The few-shot examples of item `index`, as many as the pool has up to `max_shots`. The k-shot prompt
@@ -101,18 +106,14 @@ class Task:
         never on the rank or the process, so every run and every rank builds the same prompts.
 
         examples=SHARED: one draw for the whole task, so every item's k-shot prompt starts with the same k
-        examples (OLMES's fixed examples). An item that is itself among them (when the pool is the task's other
+        examples (OLMES's fixed examples). An item that is itself among them (when the pool holds the task's
         items) keeps its own draw rather than being shown its own answer."""
         item = self.items[index]
         if examples == SHARED and not item.examples:
             drawn = self.shared_shots(max_shots, seed)
             if all(example is not item for example in drawn):
                 return drawn
-        if item.examples or self.examples is not None:
-            return _drawn(self.example_pool(index), max_shots, f"{seed}/{self.name}/{index}")
-        # The other items: draw among all positions but one, then step over the item itself.
-        others = _drawn(range(len(self.items) - 1), max_shots, f"{seed}/{self.name}/{index}")
-        return [self.items[other + (other >= index)] for other in others]
+        return _drawn(self.example_pool(index), max_shots, f"{seed}/{self.name}/{index}", self._excluded(item))
 
     def shared_shots(self, max_shots: int, seed: int) -> list[Item]:
         """The one draw of examples=SHARED: from the example split, or else from all the task's items."""
@@ -131,12 +132,14 @@ class Task:
                 for context, continuation in item.requests(self.target_delimiter)]
 
 
-def _drawn(pool: Sequence, count: int, stream: str) -> list:
-    """`count` of the pool in a random order (all of it if smaller). Drawn one at a time, so a smaller count
-    draws a prefix of a larger one's: prompts nest across k. O(count), whatever the pool's size."""
+def _drawn(pool: Sequence[Item], count: int, stream: str, excluding: Item | None = None) -> list[Item]:
+    """`count` of the pool in a random order (all of it if smaller), never `excluding`. Drawn one at a time, so
+    a smaller count draws a prefix of a larger one's: prompts nest across k. O(count), whatever the pool's size."""
     rng, chosen = random.Random(stream), {}
-    while len(chosen) < min(count, len(pool)):
-        chosen.setdefault(rng.randrange(len(pool)), None)
+    while len(chosen) < min(count, len(pool) - (excluding is not None)):
+        index = rng.randrange(len(pool))
+        if pool[index] is not excluding:
+            chosen.setdefault(index, None)
     return [pool[index] for index in chosen]
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_pipeline.tokenizer import END_OF_DOCUMENT
+from evals.benchmarks import load_evaluation_tasks
 from evals.fewshot import encode_prompt, evaluate
 from evals.tasks import Item, Task, TaskError, load_task
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
@@ -133,3 +134,12 @@ def test_two_ranks_score_their_shares_of_the_same_prompts_and_agree_with_one_pro
         timeless = [{key: value for key, value in score.items() if key != "seconds"} for score in result["scores"]]
         assert timeless == [{key: value for key, value in score.as_dict().items() if key != "seconds"}
                             for score in single]
+
+
+def test_a_benchmark_scored_on_its_first_items_draws_their_examples_from_the_whole_split():
+    [task] = load_evaluation_tasks(["copa"], items=5)
+    assert len(task.items) == 5 and task.pool_size(0) == 99
+    drawn = [task.shots(index, 40, seed=0) for index in range(5)]
+    assert all(len(examples) == 40 and task.items[index] not in examples for index, examples in enumerate(drawn))
+    assert any(example not in task.items for examples in drawn for example in examples)
+    assert task.shots(2, 8, seed=0) == drawn[2][:8]
