@@ -104,7 +104,9 @@ mine = {t.name: {i: t.prompt(t.items[i], t.shots(i, 8, seed=0)) for i in range(d
 model = tiny_model(tokenizer.get_vocab_size(), seq_len=128)
 scores = evaluate(model, tokenizer, tasks, [0, 8], context_length=128,
                   end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT), batch_size=4)
-out = {"prompts": mine, "scores": [s.as_dict() for s in scores]}
+shared = evaluate(model, tokenizer, [load_task("word_labels", items=25)], [0, 8], context_length=128,
+                  end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT), batch_size=4, examples="shared")
+out = {"prompts": mine, "scores": [s.as_dict() for s in scores + shared]}
 open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w").write(json.dumps(out))
 dist.destroy_process_group()
 """
@@ -124,8 +126,12 @@ def test_two_ranks_score_their_shares_of_the_same_prompts_and_agree_with_one_pro
 
     tokenizer = tiny_tokenizer()
     tasks = [load_task("word_labels", items=25), load_task("word_labels_generate", items=25)]
-    single = evaluate(tiny_model(tokenizer.get_vocab_size(), seq_len=128), tokenizer, tasks, [0, 8],
-                      context_length=128, end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT))
+    model = tiny_model(tokenizer.get_vocab_size(), seq_len=128)
+    single = evaluate(model, tokenizer, tasks, [0, 8], context_length=128,
+                      end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT))
+    # Shared examples: a rank that computes fewer shared prefixes than another still makes as many model calls.
+    single += evaluate(model, tokenizer, tasks[:1], [0, 8], context_length=128,
+                       end_of_document_id=tokenizer.token_to_id(END_OF_DOCUMENT), examples="shared")
     for rank, result in enumerate(ranks):
         for task in tasks:
             assert result["prompts"][task.name] == {
