@@ -134,27 +134,46 @@ def item_rows(prompts: list[Prompt], shared_trunk: Callable[[int, int], tuple[in
     rows = []
     for dropped in sorted({prompt.dropped_examples for prompt in prompts}):
         group = [prompt for prompt in prompts if prompt.dropped_examples == dropped]
-        trunk = shared_trunk(dropped, max(p.k for p in group)) if shared_trunk and not group[0].truncated else ()
-        rows.append(tree_row(group, trunk))
+        shared = shared_trunk is not None and not group[0].truncated
+        rows.append(tree_row(group, shared_trunk(dropped, max(p.k for p in group)) if shared else None))
     return rows
 
 
 def batches_of(rows: list[tuple[int, Row]], batch_size: int, context_length: int) -> list[list[tuple[int, Row]]]:
-    """Rows of one shared trunk per batch, longest first, each batch within the tokens and the attention area of
-    `batch_size` rows of the full context (so memory stays what batch_size promises, whatever the packing)."""
-    rows = sorted(rows, key=lambda entry: (entry[1].shared_trunk, -len(entry[1].tokens)))
+    """Rows longest first (a shared trunk's together, so that it runs once), each batch within the tokens and
+    the attention area of `batch_size` rows of the full context, trunks included (so memory stays what
+    batch_size promises, whatever the packing)."""
+    def group(row: Row) -> tuple[int, ...]:
+        return row.trunk if row.shared else ()
+
+    rows = sorted(rows, key=lambda entry: (group(entry[1]), -len(entry[1].tokens)))
+    budget = batch_size * context_length
     batches: list[list[tuple[int, Row]]] = []
     for entry in rows:
         row = entry[1]
-        if batches and batches[-1][0][1].shared_trunk == row.shared_trunk:
+        if batches and group(batches[-1][0][1]) == group(row):
             count, longest = len(batches[-1]) + 1, len(batches[-1][0][1].tokens)
-            attended = len(row.shared_trunk) + longest
-            if count * longest <= batch_size * context_length and count * longest * attended <= (
-                    batch_size * context_length * context_length):
+            trunk = max(len(other.trunk) for _, other in [*batches[-1], entry])
+            if count * (longest + trunk) <= budget and count * longest * (trunk + longest) <= budget * context_length:
                 batches[-1].append(entry)
                 continue
         batches.append([entry])
     return batches
+
+
+def distinct_trunks(batch: list[tuple[int, Row]]) -> list[tuple[int, ...]]:
+    return list(dict.fromkeys(row.trunk for _, row in batch))
+
+
+@torch.no_grad()
+def run_trunks(model, trunks: list[tuple[int, ...]], device: torch.device) -> list:
+    """Each trunk's keys and values per layer, (trunks, kv_heads, longest, head_dim): right-padded causal rows,
+    whose padding no trunk token sees."""
+    longest = max(len(trunk) for trunk in trunks)
+    tokens = torch.tensor([list(trunk) + [0] * (longest - len(trunk)) for trunk in trunks], device=device)
+    kept: list = []
+    model(tokens, logits_at=torch.zeros(len(trunks), 1, dtype=torch.long, device=device), keep=kept)
+    return kept
 
 
 @torch.no_grad()
@@ -165,27 +184,32 @@ def score_multiple_choice(
     """Every prompt's results, by k; `rows` hold the prompts packed (item index, row)."""
     device = _model_device(model)
     batches = batches_of(rows, batch_size, context_length)
-    trunks = len({batch[0][1].shared_trunk for batch in batches} - {()})
-    calls = _most_on_any_rank(len(batches) + trunks, device)
+    trunk_sets = [distinct_trunks(batch) for batch in batches]
+    # A batch runs its trunks unless the batch before it ran the same ones (a task's shared examples).
+    runs = [any(trunks) and (number == 0 or trunks != trunk_sets[number - 1])
+            for number, trunks in enumerate(trunk_sets)]
+    calls = _most_on_any_rank(len(batches) + sum(runs), device)
     progress.reset(total=calls)
     likelihoods: dict[tuple[int, int, int], tuple[float, bool]] = {}  # (index, k, choice): (ll, greedy)
-    prefix, prefix_tokens, made = None, (), 0
-    for batch in batches:
-        row_trunk = batch[0][1].shared_trunk
-        if row_trunk and row_trunk != prefix_tokens:
-            prefix, prefix_tokens = [], row_trunk
-            model(torch.tensor([row_trunk], device=device), logits_at=torch.zeros(1, 1, dtype=torch.long,
-                                                                                   device=device), keep=prefix)
+    kept, made = [], 0
+    for batch, trunks, run in zip(batches, trunk_sets, runs):
+        if run:
+            kept = run_trunks(model, trunks, device)
             made += 1
             progress.update()
-        tokens, positions, mask = row_tensors([row for _, row in batch], len(row_trunk), device)
+        prefix = None
+        if any(trunks):
+            which = torch.tensor([trunks.index(row.trunk) for _, row in batch], device=device)
+            prefix = kept if len(trunks) == 1 else [(k.index_select(0, which), v.index_select(0, which))
+                                                     for k, v in kept]
+        trunk_length = max(len(trunk) for trunk in trunks)
+        tokens, positions, mask = row_tensors([row for _, row in batch], trunk_length, device)
         at = [[i for scored in row.scored for i in scored.at] for _, row in batch]
         width = max(len(indices) for indices in at)
         logits_at = torch.tensor([indices + indices[:1] * (width - len(indices)) for indices in at], device=device)
         targets = torch.tensor([[t for scored in row.scored for t in scored.tokens] + [0] * (width - len(indices))
                                 for (_, row), indices in zip(batch, at)], device=device)
-        logits = model(tokens, positions=positions, attention_mask=mask, logits_at=logits_at,
-                       prefix=prefix if row_trunk else None).float()
+        logits = model(tokens, positions=positions, attention_mask=mask, logits_at=logits_at, prefix=prefix).float()
         token_log_probs = logits.log_softmax(-1).gather(-1, targets[..., None])[..., 0].tolist()
         greedy = (logits.argmax(-1) == targets).tolist()
         made += 1

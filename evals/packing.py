@@ -3,18 +3,16 @@
 An item's prompts at k = 0, 1, 2, 4, ... are nested: each k's examples start the next k's. Its tokenised prompts
 (one (context, continuation) per choice and k, exactly as each would be scored alone) become a tree:
 
-    trunk          the longest context, or the examples shared by a whole task (then computed once, outside the
-                   row, its keys and values kept and attended to by every row)
+    trunk          the longest context (per_item), or the examples shared by the whole task (shared)
       k-node       what a k's choices share beyond the first `cut` trunk tokens (its question)
         leaf       one choice: the rest of its context (WinoGrande's choices differ there) and its continuation
 
-Every token keeps the position it has in its own prompt and attends only to what precedes it there: the first
-`cut` trunk tokens, its k-node, and its own leaf. A token's view of the trunk is cut at the longest common prefix
-of the token ids, not of the text, so a tokeniser that merges across an example boundary changes what is shared,
-never the result: the log-likelihoods equal those of scoring each prompt alone.
-
-This is one packed sequence with a block mask and explicit positions (plus a key/value cache for examples shared
-across items), rather than a cache per item: the model then runs each item's whole tree in one call.
+The trunk runs first, as a plain causal sequence whose keys and values are kept (once per batch of items, or once
+for a whole task when its examples are shared); then one packed row per item holds its k-nodes and leaves, each
+token at the position it has in its own prompt and attending only to what precedes it there: the first `cut`
+trunk tokens, its k-node, and its own leaf (a block mask and explicit positions). A token's view of the trunk is
+cut at the longest common prefix of the token ids, not of the text, so a tokeniser that merges across an example
+boundary changes what is shared, never the result: the log-likelihoods equal those of scoring each prompt alone.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-TRUNK, PADDING = 0, -1  # node ids: the in-row trunk, and padding (which attends only to padding)
+TRUNK, PADDING = 0, -1  # node ids: the trunk (the parent of every k-node), and padding
 
 
 @dataclass
@@ -55,21 +53,22 @@ class Scored:
 
 @dataclass
 class Row:
+    trunk: tuple[int, ...]  # run before the row, its keys and values attended to (the first `cut` of them)
+    shared: bool = False  # the trunk is a task's shared examples, the same for many rows
     tokens: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     nodes: list[int] = field(default_factory=list)
     cuts: list[int] = field(default_factory=list)  # how many trunk tokens each token may see
     parent_of_node: list[int] = field(default_factory=lambda: [PADDING])  # the trunk's parent: none
     scored: list[Scored] = field(default_factory=list)
-    shared_trunk: tuple[int, ...] = ()  # tokens of a trunk outside the row (a task's shared examples), if any
 
-    def add(self, tokens: list[int], start: int, node: int, cut: int | None = None) -> list[int]:
+    def add(self, tokens: list[int], start: int, node: int, cut: int) -> list[int]:
         """Append tokens at positions start, start + 1, ...; returns their indices in the row."""
         first = len(self.tokens)
         self.tokens += tokens
         self.positions += range(start, start + len(tokens))
         self.nodes += [node] * len(tokens)
-        self.cuts += [start + i + 1 for i in range(len(tokens))] if cut is None else [cut] * len(tokens)
+        self.cuts += [cut] * len(tokens)
         return list(range(first, len(self.tokens)))
 
 
@@ -81,17 +80,16 @@ def common_prefix(first: list[int] | tuple[int, ...], second: list[int] | tuple[
     return length
 
 
-def tree_row(prompts: list[Prompt], shared_trunk: tuple[int, ...] = ()) -> Row:
-    """One row holding `prompts` (one item's, dropping the same number of examples). The trunk is
-    `shared_trunk` when given (its keys and values come from elsewhere), else the longest context, in the row."""
-    row = Row(shared_trunk=shared_trunk)
-    trunk = list(shared_trunk) or max((r.context for p in prompts for r in p.requests), key=len)
-    if not shared_trunk:
-        row.add(trunk, 0, TRUNK)
+def tree_row(prompts: list[Prompt], shared_trunk: tuple[int, ...] | None = None) -> Row:
+    """One row holding `prompts` (one item's, dropping the same number of examples) after a trunk: the task's
+    `shared_trunk` when given, else the longest context."""
+    trunk = shared_trunk if shared_trunk is not None else max(
+        (tuple(r.context) for p in prompts for r in p.requests), key=len)
+    row = Row(trunk, shared=shared_trunk is not None)
     for prompt in prompts:
         contexts = [request.context for request in prompt.requests]
         # At least one context token stays out of the trunk, so every first continuation token is predicted
-        # from a token of this row (a shared trunk's own logits are never computed).
+        # from a token of this row (the trunk's own logits are never computed).
         cut = min(min(common_prefix(context, trunk), len(context) - 1) for context in contexts)
         rests = [context[cut:] for context in contexts]
         shared = min(common_prefix(rests[0], rest) for rest in rests)
@@ -109,8 +107,9 @@ def tree_row(prompts: list[Prompt], shared_trunk: tuple[int, ...] = ()) -> Row:
     return row
 
 
-def row_tensors(rows: list[Row], shared_length: int, device: torch.device):
-    """Token ids, positions and the attention mask (batch, time, shared_length + time) of rows."""
+def row_tensors(rows: list[Row], trunk_length: int, device: torch.device):
+    """Token ids, positions and the attention mask (batch, time, trunk_length + time) of rows whose trunks'
+    keys and values, padded to trunk_length, come first."""
     length = max(len(row.tokens) for row in rows)
 
     def padded(values: list[list[int]], fill: int) -> torch.Tensor:
@@ -123,10 +122,7 @@ def row_tensors(rows: list[Row], shared_length: int, device: torch.device):
     parents = padded([[row.parent_of_node[node] for node in row.nodes] for row in rows], PADDING - 1)
     query_nodes, key_nodes = nodes[:, :, None], nodes[:, None, :]
     earlier = torch.ones(length, length, dtype=torch.bool).tril()
-    in_row = (key_nodes == TRUNK) & (positions[:, None, :] < cuts[:, :, None])
-    in_row |= (key_nodes == query_nodes) & earlier
-    in_row |= (key_nodes == parents[:, :, None]) & (parents[:, :, None] > TRUNK)
-    mask = in_row
-    if shared_length:
-        mask = torch.cat((torch.arange(shared_length)[None, None, :] < cuts[:, :, None], in_row), dim=2)
-    return tokens.to(device), positions.to(device), mask.to(device)
+    query_parents = parents[:, :, None]
+    in_row = ((key_nodes == query_nodes) & earlier) | ((key_nodes == query_parents) & (query_parents > TRUNK))
+    in_trunk = torch.arange(trunk_length)[None, None, :] < cuts[:, :, None]
+    return tokens.to(device), positions.to(device), torch.cat((in_trunk, in_row), dim=2).to(device)
