@@ -6,7 +6,8 @@ The model is called as `model(tokens, positions=..., attention_mask=..., logits_
 the calling convention of pretrain's GPT: (batch, time) token ids in, the logits at the `logits_at` indices out.
 Each choice of each k-shot prompt is scored as lm-evaluation-harness scores it (the continuation's summed
 log-probabilities after the context, tokenised as it tokenises), but an item's prompts for every k are computed
-together in one packed row, and examples shared by the whole task once (evals/packing.py).
+together: their longest examples once, then one packed row of questions and choices; and examples shared by the
+whole task once for every item (evals/packing.py).
 
 Items are sharded across ranks (item i on rank i mod world size) when torch.distributed is initialised; every
 rank makes the same number of model calls (ZeRO-3 gathers parameters collectively in each), and the per-item

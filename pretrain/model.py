@@ -192,10 +192,10 @@ class GPT(nn.Module):
         - positions (batch, time) and attention_mask (batch, time, time), True where a token may attend: any
           layout, e.g. several continuations packed after one shared prompt, each at the positions it would
           have right after the prompt and seeing only the prompt and itself (the few-shot scorer's trick);
-        - prefix: each layer's (keys, values), (1, kv_heads, prefix, head_dim) after QK-norm and rotation, of
-          tokens run before (`keep` of an earlier call), attended to by every row as if they came first;
-          attention_mask is then (batch, time, prefix + time). The few-shot scorer runs examples shared by many
-          prompts once this way.
+        - prefix: each layer's (keys, values), (1 or batch, kv_heads, prefix, head_dim) after QK-norm and
+          rotation, of tokens run before (`keep` of an earlier call), attended to as if they came first;
+          attention_mask is then (batch, time, prefix + time). The few-shot scorer runs the examples that many
+          prompts share once this way.
         - keep: an empty list, filled with this call's (keys, values) per layer.
         """
         length = tokens.shape[1]
