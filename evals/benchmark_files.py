@@ -30,10 +30,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-import pyarrow
-import pyarrow.ipc
-import pyarrow.parquet
-
 from data_pipeline.files import publish_directory
 from evals.tasks import TaskError
 
@@ -178,6 +174,10 @@ def read_split(folder: Path, split: str, columns: tuple[str, ...]) -> tuple[list
 
 def read_table(path: Path) -> list[dict]:
     """The rows of one file: an Arrow IPC stream (as `datasets` saves them) or file, parquet, or JSON Lines."""
+    # Deferred: training imports this module, and `make bench`'s GPU image, which imports training, has no pyarrow.
+    import pyarrow.ipc
+    import pyarrow.parquet
+
     try:
         if path.suffix == ".jsonl":
             with path.open(encoding="utf-8") as file:
