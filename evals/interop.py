@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tokenizers import Tokenizer
 from torch import nn
 
 from data_pipeline.errors import UserError
@@ -219,21 +220,25 @@ def to_hf(model: GPT, end_of_document_id: int):
     return hf_model.eval()
 
 
-def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
+def save_hf(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
+    """The model and its tokenizer as one transformers folder: what AutoModelForCausalLM, AutoTokenizer and
+    lm-evaluation-harness's `hf` model load."""
     from transformers import PreTrainedTokenizerFast  # deferred: only an export needs transformers loaded
 
+    to_hf(model, tokenizer.token_to_id(END_OF_DOCUMENT)).save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT,
+        model_max_length=model.config.seq_len,
+    ).save_pretrained(folder)
+
+
+def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
     trained = load_checkpoint(run_dir, step)
-    tokenizer = run_tokenizer(trained.config)
-    eod = tokenizer.token_to_id(END_OF_DOCUMENT)
     out = out or run_dir / "hf" / tag_for_step(trained.step)
     refuse_to_replace(out)
     staging = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good directory
     shutil.rmtree(staging, ignore_errors=True)
-    to_hf(trained.model, eod).save_pretrained(staging)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=END_OF_DOCUMENT, eos_token=END_OF_DOCUMENT,
-        model_max_length=trained.config.model.seq_len,
-    ).save_pretrained(staging)
+    save_hf(trained.model, run_tokenizer(trained.config), staging)
     write_atomically(staging / EXPORT_RECORD, json.dumps({"run_dir": str(run_dir), "step": trained.step}) + "\n")
     if out.exists():
         shutil.rmtree(out)  # an earlier export (refuse_to_replace checked), replaced
