@@ -335,7 +335,8 @@ def evaluate(
                     trunks = SharedTrunks(task, tokenizer, max(shots), seed, context_length) if (
                         examples == SHARED) else None
                     rows = [(index, row) for index in mine for row in item_rows(
-                        prompts[index], trunks.tokens if trunks and trunks.used_by(drawn[index]) else None)]
+                        prompts[index], trunks.tokens if trunks and task.shows_shared_shots(index, max(shots), seed)
+                        else None)]
                     results = score_multiple_choice(model, task, prompts, rows, batch_size, context_length,
                                                     progress)
                 else:
@@ -372,9 +373,6 @@ class SharedTrunks:
         self.task, self.tokenizer, self.context_length = task, tokenizer, context_length
         self.shots = task.shared_shots(max_shots, seed)
         self.made: dict[tuple[int, int], tuple[int, ...]] = {}
-
-    def used_by(self, drawn: list[Item]) -> bool:
-        return len(drawn) == len(self.shots) and all(a is b for a, b in zip(drawn, self.shots))
 
     def tokens(self, dropped: int, k: int) -> tuple[int, ...]:
         if (dropped, k) not in self.made:

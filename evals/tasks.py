@@ -109,11 +109,15 @@ class Task:
         examples (OLMES's fixed examples). An item that is itself among them (when the pool holds the task's
         items) keeps its own draw rather than being shown its own answer."""
         item = self.items[index]
-        if examples == SHARED and not item.examples:
-            drawn = self.shared_shots(max_shots, seed)
-            if all(example is not item for example in drawn):
-                return drawn
+        if examples == SHARED and self.shows_shared_shots(index, max_shots, seed):
+            return self.shared_shots(max_shots, seed)
         return _drawn(self.example_pool(index), max_shots, f"{seed}/{self.name}/{index}", self._excluded(item))
+
+    def shows_shared_shots(self, index: int, max_shots: int, seed: int) -> bool:
+        """Whether item `index` shows the task's one draw with examples=SHARED: not when it has examples of its
+        own, nor when it is itself among that draw."""
+        item = self.items[index]
+        return not item.examples and all(example is not item for example in self.shared_shots(max_shots, seed))
 
     def shared_shots(self, max_shots: int, seed: int) -> list[Item]:
         """The one draw of examples=SHARED: from the example split, or else from all the task's items."""
