@@ -8,6 +8,9 @@
     python -m evals scaling --runs runs/my-sweep --target-flops 1e21 --out runs/my-sweep/scaling
     python -m evals scaling --csv ladder.csv --out scaling      # (parameters, tokens, loss) from anywhere
     python -m evals scaling --runs runs/my-sweep --out runs/my-sweep/scaling --wandb-group my-sweep  # and to W&B
+    python -m evals task-scaling --runs runs/icl-ladder --target-config configs/quickstart.yaml --out task-scaling
+    python -m evals task-scaling --csv ladder.csv --target-parameters 7e9 --target-tokens 2e12 --holdout largest \
+        --out task-scaling      # from a CSV: run,parameters,tokens,task,shots,task_loss,accuracy
 
 `fewshot` shards the items across ranks when started by torchrun (`torchrun --nproc_per_node 8 -m evals fewshot
 ...`). Its settings default to the run's own `eval.fewshot` section; flags override them.
@@ -26,12 +29,13 @@ from evals import report
 from evals.benchmarks import benchmark_groups, benchmark_listing, load_evaluation_tasks
 from evals.config import FewShotConfig
 from evals.fewshot import Score, evaluate
-from evals.fit_runs import FitSettings, WandbTarget, fit_runs
+from evals.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs, fit_task_scaling
 from evals.interop import export_hf, write_lm_eval_tasks
+from evals.scaling.task_report import Target
 from pretrain.checkpoint import tag_for_step
 from pretrain.config import Config
 from pretrain.distributed import init_distributed, shutdown
-from pretrain.rundir import load_checkpoint, run_config, run_tokenizer
+from pretrain.rundir import load_checkpoint, run_config, run_tokenizer, target_of_config
 from pretrain.wandb_runs import finish_run, start_run
 
 
@@ -106,22 +110,71 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     scaling.add_argument("--out", type=Path, required=True,
                          help="where scaling.json, fit.png, frontier.png, isoflop.png (where the runs have isoFLOP"
                          " budgets) and fewshot.png (where they have few-shot results) go")
-    scaling.add_argument("--wandb-group", help="also log the fit, its plots and the runs to a W&B run named"
-                         " <group>-scaling (job type scaling-fit) in this group, the sweep's, kept in OUT/wandb")
-    scaling.add_argument("--wandb-project", default="gpt-pretrain", help="default: %(default)s")
-    scaling.add_argument("--wandb-entity", help="default: your W&B default entity")
-    scaling.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
+    _wandb_options(scaling, "scaling")
+
+    tasks = commands.add_parser(
+        "task-scaling", help="predict a larger model's accuracy at each k from a ladder of runs",
+        description="For each task and k: the task loss (bits per byte of the gold answer) as L(N, D) = E + A/N^alpha"
+        " + B/D^beta on the final checkpoint of each run, then the accuracy as a / (1 + exp(-s (L - L0))) + b on"
+        " every evaluated checkpoint, chained to predict a target's accuracy, with a 95%% interval from a bootstrap"
+        " over runs (Bhagia et al. 2024).",
+    )
+    source = tasks.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
+    source.add_argument("--csv", type=Path, help="a long CSV with columns run,parameters,tokens,task,shots,task_loss,"
+                        "accuracy: one row per evaluated checkpoint, task and k")
+    tasks.add_argument("--target-parameters", type=float, help="the target's N, without embeddings")
+    tasks.add_argument("--target-tokens", type=float, help="the tokens the target trains on (with --target-config:"
+                       " default, those of its schedule)")
+    tasks.add_argument("--target-config", type=Path, help="or a run config (YAML) whose model is the target")
+    tasks.add_argument("--bootstrap", type=int, default=200, help="resamplings of the runs for the intervals")
+    tasks.add_argument("--holdout", choices=("largest",), help="also fit without the runs of the largest size and"
+                       " report the errors predicting them")
+    tasks.add_argument("--out", type=Path, required=True, help="where task_scaling.json, task_points.csv,"
+                       " task_loss.png (step 1), accuracy.png (step 2) and curve.png (accuracy against k) go")
+    _wandb_options(tasks, "task-scaling")
+    args = parser.parse_args(argv)
+    if args.command == "task-scaling":
+        if args.target_config and args.target_parameters:
+            parser.error("task-scaling: give the target as --target-config or as --target-parameters, not both")
+        if (args.target_parameters is None) != (args.target_tokens is None) and not args.target_config:
+            parser.error("task-scaling: a target needs both --target-parameters and --target-tokens")
+    return args
+
+
+def _wandb_options(command: argparse.ArgumentParser, name: str) -> None:
+    command.add_argument("--wandb-group", help=f"also log the fit and its plots to a W&B run named <group>-{name}"
+                         " (job type scaling-fit) in this group, the sweep's, kept in OUT/wandb")
+    command.add_argument("--wandb-project", default="gpt-pretrain", help="default: %(default)s")
+    command.add_argument("--wandb-entity", help="default: your W&B default entity")
+    command.add_argument("--wandb-mode", choices=("auto", "online", "offline", "disabled"), default="auto",
                          help="auto: online where a W&B API key is configured, else offline (upload later with"
                          " wandb sync)")
-    return parser.parse_args(argv)
+
+
+def _wandb_target(args: argparse.Namespace) -> WandbTarget | None:
+    return (WandbTarget(args.wandb_group, args.wandb_project, args.wandb_entity, args.wandb_mode)
+            if args.wandb_group else None)
 
 
 def run_scaling(args: argparse.Namespace) -> int:
     settings = FitSettings(out=args.out, runs=args.runs, csv=args.csv, target_flops=args.target_flops,
                            bootstrap=args.bootstrap, holdout=args.holdout, fewshot_k=args.fewshot_k)
-    wandb = (WandbTarget(args.wandb_group, args.wandb_project, args.wandb_entity, args.wandb_mode)
-             if args.wandb_group else None)
-    fit_runs(settings, wandb)
+    fit_runs(settings, _wandb_target(args))
+    return 0
+
+
+def run_task_scaling(args: argparse.Namespace) -> int:
+    at_least_one("bootstrap", args.bootstrap)
+    if args.target_config:
+        targets = [target_of_config(args.target_config, args.target_tokens)]
+    elif args.target_parameters is not None:
+        targets = [Target.of_size(args.target_parameters, args.target_tokens)]
+    else:
+        targets = []
+    settings = TaskFitSettings(out=args.out, runs=args.runs, csv=args.csv, targets=targets,
+                               bootstrap=args.bootstrap, holdout_largest=args.holdout == "largest")
+    fit_task_scaling(settings, _wandb_target(args))
     return 0
 
 
@@ -194,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_fewshot(args)
     if args.command == "scaling":
         return run_scaling(args)
+    if args.command == "task-scaling":
+        return run_task_scaling(args)
     if args.command == "benchmarks":
         print(benchmark_listing(args.benchmarks_dir and Path(args.benchmarks_dir)))
         return 0

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, model_validator
 
 from data_pipeline.config import Section, read_yaml_mapping, validated
+from evals.scaling.task_report import Target
+from pretrain.rundir import target_of_config
 
 
 class SweepSize(Section):
@@ -17,6 +19,23 @@ class SweepSize(Section):
     d_model: int = Field(ge=1)
     n_head: int = Field(ge=1)
     lr: float | None = Field(None, gt=0)
+
+
+class SweepTarget(Section):
+    """A model the finished ladder predicts the few-shot accuracy of (`python -m evals task-scaling`): a run
+    config, or its N (without embeddings) and D."""
+
+    config: str | None = Field(None, description="a run config (YAML) whose model is the target")
+    parameters: float | None = Field(None, gt=0, description="or N, without embeddings")
+    tokens: float | None = Field(None, gt=0, description="the tokens it trains on; with config, default: its own")
+
+    @model_validator(mode="after")
+    def _a_config_or_a_size(self) -> SweepTarget:
+        if bool(self.config) == (self.parameters is not None):
+            raise ValueError("give a target as a config (and optionally tokens) or as parameters and tokens")
+        if self.parameters is not None and self.tokens is None:
+            raise ValueError("a target given by its parameters needs its tokens too")
+        return self
 
 
 class SweepConfig(Section):
@@ -40,6 +59,10 @@ class SweepConfig(Section):
     lr: float | None = Field(None, gt=0, description="for sizes without their own; None: the base config's")
     seeds: list[Annotated[int, Field(ge=0)]] = [0]
     output_dir: str = Field("runs", description="runs go to OUTPUT_DIR/<sweep name>/<run name>")
+    targets: list[SweepTarget] = Field(
+        [], description="models to predict once the ladder has finished: each task's accuracy at each k, from its"
+        " few-shot evaluations (OUTPUT_DIR/<sweep name>/task_scaling)"
+    )
 
     @model_validator(mode="after")
     def _one_kind_of_budget(self) -> SweepConfig:
@@ -50,3 +73,14 @@ class SweepConfig(Section):
 
 def load_sweep(path: str | Path) -> SweepConfig:
     return validated(SweepConfig, read_yaml_mapping(Path(path), "sweep spec"), where=f"{path}: ")
+
+
+def sweep_targets(sweep: SweepConfig) -> list[Target]:
+    """The spec's targets as N and D (a config's read now, so that a bad one is named before any run starts)."""
+    targets = []
+    for target in sweep.targets:
+        if target.config:
+            targets.append(target_of_config(Path(target.config), target.tokens))
+        else:
+            targets.append(Target.of_size(target.parameters, target.tokens))
+    return targets

@@ -37,16 +37,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 
 from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
 from data_pipeline.files import write_atomically
 from data_pipeline.redaction import redact_text
-from evals.fit_runs import FitSettings, WandbTarget, fit_runs
+from evals.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
-from launch.spec import SweepConfig, SweepSize
+from launch.spec import SweepConfig, SweepSize, sweep_targets
 from pretrain.checkpoint import (
     CheckpointError,
     newest_complete,
@@ -56,8 +55,7 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, load_config
 from pretrain.data import prepare_and_verify
 from pretrain.faults import PREEMPTION_SIGNALS
-from pretrain.model import GPT
-from pretrain.rundir import finished_with
+from pretrain.rundir import finished_with, non_embedding_parameters
 
 
 @dataclass(frozen=True)
@@ -73,11 +71,6 @@ class SweepRun:
 
 # Submits runs as one SLURM job array: (config path, the runs' configs, the array) -> job id.
 SubmitArray = Callable[[str, list[Config], ArrayJob], "str | None"]
-
-
-def non_embedding_parameters(config: Config) -> int:
-    with torch.device("meta"):  # counts only: no memory for the weights
-        return GPT(config.model).num_parameters(include_embeddings=False)
 
 
 def _budgets(sweep: SweepConfig, parameters: int, tokens_per_step: int) -> list[tuple[str, str, int]]:
@@ -339,6 +332,7 @@ def prepare_data(runs: list[SweepRun]) -> None:
 def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: SubmitArray) -> int:
     """Start every run not finished yet on the chosen backend; once all have finished, fit them."""
     runs = expand(sweep)
+    targets = sweep_targets(sweep)
     budgets = len(sweep.tokens_per_parameter or sweep.compute_budgets)
     print(f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.sizes)} sizes x {budgets} budgets x"
           f" {len(sweep.seeds)} seeds)")
@@ -385,7 +379,9 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
         for label, run in pending:
             overrides = redact_text(" ".join(run.overrides))
             print(f"{label}: would run python -m launch run --config {sweep.base} {overrides}")
-        print(f"sweep {sweep.name}: would then fit the runs into {sweep_dir / 'scaling'}")
+        print(f"sweep {sweep.name}: would then fit the runs into {sweep_dir / 'scaling'}"
+              + (f" and predict {', '.join(target.name for target in targets)} into {sweep_dir / 'task_scaling'}"
+                 if targets else ""))
         return 0
     failed, stopped = run_here(sweep, pending, args, parallel or 1)
     if stopped:
@@ -396,6 +392,9 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
         return 1
     print(f"sweep {sweep.name}: every run finished; fitting", flush=True)
     logging = runs[0].config.logging
+    tasks = TaskFitSettings(out=sweep_dir / "task_scaling", runs=[sweep_dir], targets=targets,
+                            holdout_largest=len(sweep.sizes) >= 3) if targets else None
     fit_runs(FitSettings(out=sweep_dir / "scaling", runs=[sweep_dir], holdout=len(runs) // 4 if len(runs) >= 8 else 0),
-             WandbTarget(sweep.name, logging.wandb_project, logging.wandb_entity, logging.wandb_mode))
+             WandbTarget(sweep.name, logging.wandb_project, logging.wandb_entity, logging.wandb_mode), tasks)
     return 0
+

@@ -2,7 +2,8 @@
 
 A run directory holds its resolved `config.yaml`, its `metrics.jsonl` (one JSON record per line, each with a
 whole-number `step`), its checkpoints, and points to its data directory, where its tokenizer is. From these
-files and the model's own counts, `scaling_point` gives a finished run's point for the scaling fit.
+files and the model's own counts, `scaling_point` gives a finished run's point for the scaling fit, and
+`task_points` its few-shot evaluations for the task-scaling fit.
 """
 
 from __future__ import annotations
@@ -18,7 +19,10 @@ from tokenizers import Tokenizer
 
 from data_pipeline.errors import DataError, UserError
 from data_pipeline.tokenizer import load_tokenizer
+from evals.report import fewshot_metric
 from evals.scaling.points import RunPoint, ScalingError
+from evals.scaling.task_points import TaskPoint
+from evals.scaling.task_report import Target
 from pretrain import checkpoint
 from pretrain.config import Config, load_config
 from pretrain.model import GPT
@@ -145,6 +149,20 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> TrainedModel:
     return TrainedModel(model.eval(), checkpoint.read_marker(source)["step"], config)
 
 
+def non_embedding_parameters(config: Config) -> int:
+    """N of the config's model, without embeddings: the count scaling laws use."""
+    with torch.device("meta"):  # counts only: no memory for the weights
+        return GPT(config.model).num_parameters(include_embeddings=False)
+
+
+def target_of_config(path: Path, tokens: float | None = None) -> Target:
+    """The model a run config describes as a task-scaling target: its N without embeddings, and `tokens` or else
+    the tokens its schedule trains on (max_steps x global_batch_tokens). Named after the config's run name."""
+    config = load_config(path)
+    return Target(config.name, non_embedding_parameters(config),
+                  tokens if tokens is not None else config.train.max_steps * config.train.global_batch_tokens)
+
+
 def scaling_point(run_dir: Path) -> RunPoint:
     """A finished run's point for the scaling fit: N (without embeddings) and the FLOPs per token from its
     config's model, D and the loss from its last validation, and its few-shot accuracies at that step."""
@@ -164,16 +182,51 @@ def scaling_point(run_dir: Path) -> RunPoint:
                     model.num_parameters(), model.flops_per_token(), fewshot or None)
 
 
-def scaling_points(paths: list[Path]) -> list[RunPoint]:
-    """The points of run directories, or of directories that hold run directories (a sweep's output)."""
+def task_points(run_dir: Path) -> list[TaskPoint]:
+    """A finished run's every few-shot evaluation that has a task loss, as task-scaling points: N without
+    embeddings, the tokens seen at that step, and each task and k's accuracy and bits per byte."""
+    config = run_config(run_dir)
+    records = [record for record in read_metrics(run_dir) if any(fewshot_metric(key) for key in record)]
+    if not records:
+        raise ScalingError(f"{run_dir}: has no few-shot evaluation in its {METRICS_FILE}; evaluate in the loop"
+                           " (eval.fewshot.interval) before fitting task scaling")
+    if records[-1]["step"] != config.train.max_steps:
+        raise ScalingError(f"{run_dir}: has not finished (no few-shot evaluation at step {config.train.max_steps});"
+                           " finish or remove it before fitting")
+    parameters = non_embedding_parameters(config)
     points = []
+    for record in records:
+        for key, accuracy in record.items():
+            if (found := fewshot_metric(key)) and f"{key}/bits_per_byte" in record:
+                points.append(TaskPoint(run=config.name, parameters=parameters,
+                                        tokens=record["step"] * config.train.global_batch_tokens, task=found[0],
+                                        shots=found[1], task_loss=record[f"{key}/bits_per_byte"], accuracy=accuracy))
+    if not points:
+        raise ScalingError(f"{run_dir}: its few-shot evaluations have no task loss (bits_per_byte), as generation"
+                           " tasks do not; evaluate a multiple-choice task")
+    return points
+
+
+def run_directories(paths: list[Path]) -> list[Path]:
+    """Run directories, and the run directories in directories that hold them (a sweep's output), in order."""
+    found = []
     for path in paths:
         if (path / CONFIG_FILE).is_file():
-            points.append(scaling_point(path))
+            found.append(path)
         elif path.is_dir():
-            points.extend(scaling_point(child) for child in sorted(path.iterdir()) if (child / CONFIG_FILE).is_file())
+            found.extend(child for child in sorted(path.iterdir()) if (child / CONFIG_FILE).is_file())
         else:
             raise ScalingError(f"{path}: no such run directory")
-    if not points:
+    if not found:
         raise ScalingError(f"no run directories (with a {CONFIG_FILE}) in {', '.join(map(str, paths))}")
-    return points
+    return found
+
+
+def scaling_points(paths: list[Path]) -> list[RunPoint]:
+    """The points of run directories, or of directories that hold run directories (a sweep's output)."""
+    return [scaling_point(run_dir) for run_dir in run_directories(paths)]
+
+
+def task_scaling_points(paths: list[Path]) -> list[TaskPoint]:
+    """The task-scaling points of run directories, or of directories that hold them."""
+    return [point for run_dir in run_directories(paths) for point in task_points(run_dir)]

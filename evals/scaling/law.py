@@ -13,7 +13,8 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import huber, logsumexp
+from scipy.special import huber
+from threadpoolctl import threadpool_limits
 
 from evals.scaling.points import ScalingError
 
@@ -32,6 +33,10 @@ START_GRID = {
 BOUNDS = [(-10.0, 40.0), (-10.0, 40.0), (-10.0, 5.0), (0.0, 5.0), (0.0, 5.0)]
 
 Interval = tuple[float, float]  # (low, high) of a central bootstrap percentile interval
+
+# For a function that fits: BLAS on one thread. L-BFGS-B's many tiny BLAS calls each wake every BLAS thread, and
+# on cores busy with training that made one fit 10 times slower.
+one_blas_thread = threadpool_limits.wrap(limits=1, user_api="blas")
 
 
 @dataclass(frozen=True)
@@ -69,7 +74,7 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss
     stop early on an objective whose values are all tiny."""
     a, b, e, alpha, beta = theta
     terms = np.stack([a - alpha * log_n, b - beta * log_d, np.full_like(log_n, e)])
-    predicted = logsumexp(terms, axis=0)
+    predicted = np.logaddexp.reduce(terms, axis=0)  # numpy's: scipy's logsumexp costs 10x more per call
     residual = predicted - log_loss
     weights = np.exp(terms - predicted)  # d predicted / d term
     slope = np.clip(residual, -HUBER_DELTA, HUBER_DELTA) / HUBER_DELTA  # d huber / d residual, over delta
@@ -91,7 +96,7 @@ def _check(parameters, tokens, losses) -> tuple[np.ndarray, np.ndarray, np.ndarr
         raise ScalingError(f"{len(arrays[0])} runs: a law of 5 constants needs at least 5 runs, and many more to trust")
     if not all(np.all(np.isfinite(array)) and np.all(array > 0) for array in arrays):
         raise ScalingError("every parameter count, token count and loss must be a positive finite number")
-    if len(np.unique(arrays[0])) < 2 or len(np.unique(arrays[1])) < 2:
+    if not separates_size_from_budget(arrays[0], arrays[1]):
         raise ScalingError("the runs need at least 2 model sizes and 2 token budgets to separate N from D")
     return arrays[0], arrays[1], arrays[2]
 
@@ -110,6 +115,7 @@ def _theta(law: Law) -> np.ndarray:
     return np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
 
 
+@one_blas_thread
 def fit_law(parameters, tokens, losses, refined_starts: int = 32) -> Law:
     """The law that best fits the runs: the objective at every grid start, L-BFGS from the `refined_starts`
     best of them, and the lowest minimum kept."""
@@ -121,6 +127,18 @@ def fit_law(parameters, tokens, losses, refined_starts: int = 32) -> Law:
     return _law(best.x)
 
 
+def refit(parameters, tokens, losses, start: Law) -> Law:
+    """The law fitted to the runs by L-BFGS from `start` alone (a fit to runs much like those `start` fits)."""
+    parameters, tokens, losses = _check(parameters, tokens, losses)
+    return _law(_minimise(_theta(start), (np.log(parameters), np.log(tokens), np.log(losses))).x)
+
+
+def separates_size_from_budget(parameters, tokens) -> bool:
+    """Whether runs have 2 model sizes and 2 token budgets, without which no fit can tell N from D."""
+    return len(np.unique(parameters)) >= 2 and len(np.unique(tokens)) >= 2
+
+
+@one_blas_thread
 def bootstrap(parameters, tokens, losses, law: Law, samples: int = 200, seed: int = 0) -> list[Law]:
     """Laws refitted to `samples` resamplings of the runs (with replacement), each started from `law`."""
     parameters, tokens, losses = _check(parameters, tokens, losses)
@@ -128,10 +146,9 @@ def bootstrap(parameters, tokens, losses, law: Law, samples: int = 200, seed: in
     refits = []
     for _ in range(samples):
         chosen = rng.integers(0, len(losses), len(losses))
-        if len(np.unique(parameters[chosen])) < 2 or len(np.unique(tokens[chosen])) < 2:
-            continue  # a resampling without two sizes and two budgets cannot separate N from D
-        data = (np.log(parameters[chosen]), np.log(tokens[chosen]), np.log(losses[chosen]))
-        refits.append(_law(_minimise(_theta(law), data).x))
+        if not separates_size_from_budget(parameters[chosen], tokens[chosen]):
+            continue
+        refits.append(refit(parameters[chosen], tokens[chosen], losses[chosen], law))
     return refits
 
 

@@ -7,12 +7,14 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import CONFIG_ERROR_EXIT_CODE, UserError
 from evals.report import fewshot_metric
 
 
 class ScalingError(UserError):
-    """Runs a law cannot be fitted to; the message says what is missing."""
+    """Runs a law cannot be fitted to, or a request it cannot answer; the message says what is missing."""
+
+    exit_code = CONFIG_ERROR_EXIT_CODE  # bad input, as a config that cannot run
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from evals.scaling.points import FEWSHOT_PREFIX
 from evals.scaling.report import ScalingReport
+from evals.scaling.task_report import TaskScalingReport
 
 
 def _numbers_and_intervals(values: dict, prefix: str) -> dict[str, float]:
@@ -83,3 +84,34 @@ def log_to_wandb(report: ScalingReport, plots: list[Path], run) -> None:
         logged["tables/isoflop_budgets"] = wandb.Table(columns=list(BUDGET_TABLE_COLUMNS), data=budget_rows)
     run.log(logged)
     run.summary.update(wandb_summary(report))
+
+
+PREDICTION_TABLE_COLUMNS = ("target", "parameters", "tokens", "task", "shots", "task_loss", "task_loss_low",
+                            "task_loss_high", "accuracy", "accuracy_low", "accuracy_high")
+
+
+def log_task_scaling_to_wandb(report: TaskScalingReport, plots: list[Path], run) -> None:
+    """Into the W&B run `run`: each prediction as summary keys `task_scaling/<target>/<task>/k=<k>/accuracy` (with
+    `_low` and `_high`, the 95% interval) and `.../task_loss`, each held-out error as
+    `task_scaling/holdout/<run>/<task>/k=<k>/accuracy_error`, the plots under `plots/task_scaling/<name>`, and the
+    predictions as the table `tables/task_predictions`."""
+    import wandb  # deferred: only a fit logged to W&B needs it
+
+    logged = {f"plots/task_scaling/{path.stem}": wandb.Image(str(path)) for path in plots if path.suffix == ".png"}
+    rows, summary = [], {"task_scaling/bootstrap_samples": report.bootstrap_samples}
+    for found in report.predictions:
+        accuracy_low, accuracy_high = found.accuracy_interval or (None, None)
+        loss_low, loss_high = found.task_loss_interval or (None, None)
+        rows.append([found.target, found.parameters, found.tokens, found.task, found.shots, found.task_loss,
+                     loss_low, loss_high, found.accuracy, accuracy_low, accuracy_high])
+        prefix = f"task_scaling/{found.target}/{found.task}/k={found.shots}"
+        summary |= {f"{prefix}/task_loss": found.task_loss, f"{prefix}/accuracy": found.accuracy}
+        if found.accuracy_interval:
+            summary |= {f"{prefix}/accuracy_low": accuracy_low, f"{prefix}/accuracy_high": accuracy_high}
+    if report.holdout:
+        for error in report.holdout.errors:
+            summary[f"task_scaling/holdout/{error.run}/{error.task}/k={error.shots}/accuracy_error"] = (
+                error.predicted_accuracy - error.accuracy)
+    logged["tables/task_predictions"] = wandb.Table(columns=list(PREDICTION_TABLE_COLUMNS), data=rows)
+    run.log(logged)
+    run.summary.update(summary)

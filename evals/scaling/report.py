@@ -10,7 +10,16 @@ import numpy as np
 
 from evals.scaling.choose_k import FewshotChoice, choose_fewshot_k
 from evals.scaling.isoflop import IsoflopProfiles, Split, isoflop_profiles
-from evals.scaling.law import ConstantIntervals, Interval, Law, bootstrap, constant_intervals, fit_law, interval
+from evals.scaling.law import (
+    ConstantIntervals,
+    Interval,
+    Law,
+    bootstrap,
+    constant_intervals,
+    fit_law,
+    interval,
+    one_blas_thread,
+)
 from evals.scaling.points import CSV_COLUMNS, RunPoint, ScalingError
 
 MIN_RUNS = 5  # a law of 5 constants
@@ -101,6 +110,7 @@ def _compute_optimal(law: Law, refits: list[Law], flops: float, isoflop: Isoflop
     )
 
 
+@one_blas_thread
 def analyse(points: list[RunPoint], target_flops: float | None, samples: int, holdout: int, seed: int = 0,
             fewshot_k: int | None = None) -> ScalingReport:
     """Everything scaling.json holds; `holdout` > 0 refits without the `holdout` largest-compute runs, and

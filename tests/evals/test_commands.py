@@ -146,7 +146,7 @@ def test_a_finished_run_gives_its_scaling_point_and_one_run_is_too_few_to_fit(tr
     assert all(point.fewshot[f"eval/fewshot/word_labels/k={k}/bits_per_byte"] > 0 for k in FEWSHOT["shots"])
 
     result = run_module("evals", "scaling", "--runs", str(run_dir.parent), "--out", str(root / "fit"), cwd=root)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == "error: 1 runs: a law of 5 constants needs at least 5 runs, and many more to trust"
 
 

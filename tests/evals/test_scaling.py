@@ -90,12 +90,12 @@ def test_a_csv_without_the_needed_columns_or_numbers_is_named_with_its_line(tmp_
     bad = tmp_path / "bad.csv"
     bad.write_text("parameters,tokens\n1e6,1e9\n")
     result = run_module("evals", "scaling", "--csv", str(bad), "--out", str(tmp_path / "fit"), cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == (f"error: {bad}: needs a header with the columns parameters, tokens, loss"
                                      " (missing: loss) and at least one row")
     bad.write_text("parameters,tokens,loss\n1e6,1e9,2.5\n2e6,lots,2.4\n")
     result = run_module("evals", "scaling", "--csv", str(bad), "--out", str(tmp_path / "fit"), cwd=tmp_path)
-    assert result.returncode == 1 and result.stderr.startswith(f"error: {bad}:3: parameters, tokens and loss must")
+    assert result.returncode == 2 and result.stderr.startswith(f"error: {bad}:3: parameters, tokens and loss must")
     assert not (tmp_path / "fit").exists()
 
 
@@ -264,7 +264,7 @@ def test_a_fewshot_k_that_no_run_has_is_refused_naming_those_there_are(fitted_sw
     csv, _out, _result = fitted_sweep
     result = run_module("evals", "scaling", "--csv", str(csv), "--fewshot-k", "4", "--out", str(tmp_path / "fit"),
                         cwd=tmp_path)
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.strip() == ("error: few-shot k=4 (--fewshot-k): no run has few-shot results at k=4; the runs"
                                      " have k = 0, 8, 16")
     assert not (tmp_path / "fit").exists()

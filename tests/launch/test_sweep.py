@@ -16,9 +16,9 @@ import yaml
 from data_pipeline.errors import ConfigError
 from launch.__main__ import main as launch_main
 from launch.spec import load_sweep
-from launch.sweep import expand, non_embedding_parameters, side_by_side_environments
+from launch.sweep import expand, side_by_side_environments
 from pretrain.config import Config, load_config
-from pretrain.rundir import finished_with, read_metrics
+from pretrain.rundir import finished_with, non_embedding_parameters, read_metrics
 from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for_step
 
 
@@ -133,7 +133,7 @@ def test_an_interrupted_sweep_run_again_skips_the_finished_run_and_resumes_the_o
     assert statuses(again.stdout) == {"ladder-l1-d32-tpp2-s0": ["finished, skipped"],
                                       "ladder-l2-d64-tpp2-s0": ["resuming", "finished"]}
     # Two runs are too few to fit a law: the sweep says so after training them.
-    assert again.returncode == 1 and "needs at least 5 runs" in again.stderr
+    assert again.returncode == 2 and "needs at least 5 runs" in again.stderr
     steps = sorted(record["step"] for record in read_metrics(second) if "train/loss" in record)
     assert steps == list(range(1, steps[-1] + 1)) and steps[-1] == load_config(
         load_sweep(spec).base, expand(load_sweep(spec))[1].overrides).train.max_steps
@@ -239,7 +239,7 @@ def test_a_sweep_on_slurm_is_one_job_array_and_running_it_again_skips_what_finis
     assert list(statuses(again.stdout).values()) == [["finished, skipped"]] * 2
     assert "submitted" not in again.stdout
     # Nothing left to run: it fits them, and two runs are too few for a law.
-    assert again.returncode == 1 and "needs at least 5 runs" in again.stderr
+    assert again.returncode == 2 and "needs at least 5 runs" in again.stderr
 
 
 def test_decay_branches_on_slurm_wait_for_their_trunks_task_and_a_rerun_meanwhile_is_refused(cluster, tiny_config,

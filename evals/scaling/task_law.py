@@ -1,0 +1,119 @@
+"""The two steps of a task-scaling fit, after Bhagia et al. (2024, "Establishing Task Scaling Laws via
+Compute-Efficient Model Ladders"), for one task at one k:
+
+1. the task loss as L(N, D) = E + A / N^alpha + B / D^beta, fitted (as the loss is, `evals.scaling.law`) to the
+   final checkpoint of each run of the ladder;
+2. the accuracy as a sigmoid of the task loss, acc = a / (1 + exp(-s (L - L0))) + b, fitted by least squares to
+   every evaluated checkpoint of every run (s < 0: accuracy falls as the loss rises, from a + b to b).
+
+Chained, they predict a model's accuracy from its N and D alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import least_squares
+from scipy.special import expit
+
+from evals.scaling.law import Law, fit_law, one_blas_thread, refit
+from evals.scaling.points import ScalingError
+from evals.scaling.task_points import TaskPoint
+
+# The steepest sigmoid fitted, in 1 / (bits per byte): a jump from b to a + b over about 0.01 bits per byte. An
+# in-context skill can appear that abruptly; a bound keeps a fit to a cloud without a slope from running off.
+STEEPEST = 500.0
+LOWEST_VARIATION = 1e-6  # relative spread of the final task losses under which they "do not vary"
+
+
+@dataclass(frozen=True)
+class Sigmoid:
+    a: float  # the rise from the floor to the ceiling
+    s: float  # the slope, negative: accuracy falls as the task loss rises
+    L0: float  # the task loss at the midpoint
+    b: float  # the floor (about chance)
+
+    def accuracy(self, task_loss):
+        """The accuracy at `task_loss`, held within [0, 1] (a + b may exceed 1 a little where no run reaches it)."""
+        return np.clip(self.a * expit(self.s * (np.asarray(task_loss, dtype=float) - self.L0)) + self.b, 0.0, 1.0)
+
+
+def _residuals(theta: np.ndarray, losses: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
+    a, s, midpoint, b = theta
+    return a * expit(s * (losses - midpoint)) + b - accuracies
+
+
+def _sigmoid_bounds(losses: np.ndarray) -> tuple[list[float], list[float]]:
+    spread = max(losses.max() - losses.min(), 1e-3)
+    return [0.0, -STEEPEST, losses.min() - spread, 0.0], [1.0, 0.0, losses.max() + spread, 1.0]
+
+
+def fit_sigmoid(losses, accuracies, start: Sigmoid | None = None) -> Sigmoid:
+    """The sigmoid of least squares through (task loss, accuracy) points: from `start` alone where given (a
+    bootstrap refit), else from a grid of midpoints and slopes, the best kept."""
+    losses, accuracies = np.asarray(losses, dtype=float), np.asarray(accuracies, dtype=float)
+    lower, upper = _sigmoid_bounds(losses)
+    if start is not None:
+        starts = [np.clip([start.a, start.s, start.L0, start.b], lower, upper)]
+    else:
+        spread = max(losses.max() - losses.min(), 1e-3)
+        rise, floor = max(accuracies.max() - accuracies.min(), 1e-3), accuracies.min()
+        starts = [np.array([rise, -slope / spread, midpoint, floor]) for midpoint, slope in itertools.product(
+            np.quantile(losses, [0.1, 0.3, 0.5, 0.7, 0.9]), (1.0, 4.0, 16.0, 64.0))]
+    fits = [least_squares(_residuals, start_theta, bounds=(lower, upper), args=(losses, accuracies))
+            for start_theta in starts]
+    best = min(fits, key=lambda fit: fit.cost)
+    return Sigmoid(*(float(value) for value in best.x))
+
+
+@dataclass(frozen=True)
+class TaskFit:
+    """Both steps for one task at one k, and what they were fitted to."""
+
+    task: str
+    shots: int
+    law: Law  # step 1: the task loss from N and D
+    sigmoid: Sigmoid  # step 2: the accuracy from the task loss
+    runs: int
+    checkpoints: int
+
+    def task_loss(self, parameters, tokens):
+        return self.law.loss(parameters, tokens)
+
+    def accuracy(self, parameters, tokens):
+        return self.sigmoid.accuracy(self.task_loss(parameters, tokens))
+
+
+def final_points(points: list[TaskPoint]) -> list[TaskPoint]:
+    """The last evaluated checkpoint of each run (the most tokens), in the order the runs first appear."""
+    last: dict[str, TaskPoint] = {}
+    for point in points:
+        if point.run not in last or point.tokens > last[point.run].tokens:
+            last[point.run] = point
+    return list(last.values())
+
+
+@one_blas_thread
+def fit_task(points: list[TaskPoint], start: TaskFit | None = None) -> TaskFit:
+    """Step 1 on the final checkpoint of each run, step 2 on every point: the points of one task at one k. With
+    `start` (the fit to all the runs), each step is refitted from it alone, as a bootstrap refit is."""
+    task, shots = points[0].task, points[0].shots
+    finals = final_points(points)
+    parameters, tokens, losses = (np.array([getattr(point, key) for point in finals], dtype=float)
+                                  for key in ("parameters", "tokens", "task_loss"))
+    if len(np.unique(parameters)) < 2 or len(np.unique(tokens)) < 2:
+        raise ScalingError(f"{task} k={shots}: the runs have {len(np.unique(parameters))} model size(s) and"
+                           f" {len(np.unique(tokens))} token budget(s); the fit needs at least 2 of each")
+    if (losses.max() - losses.min()) <= LOWEST_VARIATION * losses.mean():
+        raise ScalingError(f"{task} k={shots}: the task loss is {losses.mean():.6g} bits per byte in every run, so"
+                           " it does not vary across the ladder and nothing can be fitted to it; drop the task or"
+                           " check that its evaluation reads the model")
+    try:
+        law = refit(parameters, tokens, losses, start.law) if start else fit_law(parameters, tokens, losses)
+    except ScalingError as error:
+        raise ScalingError(f"{task} k={shots}: {error}") from None
+    sigmoid = fit_sigmoid([point.task_loss for point in points], [point.accuracy for point in points],
+                          start.sigmoid if start else None)
+    return TaskFit(task, shots, law, sigmoid, runs=len(finals), checkpoints=len(points))

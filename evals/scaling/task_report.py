@@ -1,0 +1,204 @@
+"""A task-scaling analysis as one `TaskScalingReport`: both steps fitted for each task and k, their chain's
+prediction for each target with a bootstrap interval over runs, and a held-out check. `to_json` is
+task_scaling.json; `summary_lines` is the table the command prints."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+
+from evals.scaling.law import Interval, interval_or_none, one_blas_thread
+from evals.scaling.points import ScalingError
+from evals.scaling.report import format_interval
+from evals.scaling.task_law import TaskFit, final_points, fit_task
+from evals.scaling.task_points import TaskPoint
+
+# How far past the ladder a target may lie, in N and in D, either way: a power law extrapolated further says
+# nothing (Bhagia et al. predict 7B and 13B from ladders of up to 1.3B, about 10x).
+FURTHEST_EXTRAPOLATION = 1000.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model not trained yet: N without embeddings, and the tokens it will be trained on."""
+
+    name: str
+    parameters: float
+    tokens: float
+
+    @classmethod
+    def of_size(cls, parameters: float, tokens: float) -> Target:
+        """A target given by its N and D alone, named after them."""
+        return cls(f"N={parameters:.3g},D={tokens:.3g}", parameters, tokens)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    target: str
+    parameters: float
+    tokens: float
+    task: str
+    shots: int
+    task_loss: float
+    task_loss_interval: Interval | None
+    accuracy: float
+    accuracy_interval: Interval | None
+
+
+@dataclass(frozen=True)
+class HeldOutError:
+    """One held-out run's final checkpoint at one task and k: measured against predicted without it."""
+
+    run: str
+    task: str
+    shots: int
+    task_loss: float
+    predicted_task_loss: float
+    accuracy: float
+    predicted_accuracy: float
+
+
+@dataclass(frozen=True)
+class Holdout:
+    held_out: list[str]  # the runs of the largest model size
+    parameters: float
+    errors: list[HeldOutError]
+
+
+@dataclass(frozen=True)
+class TaskScalingReport:
+    fits: list[TaskFit]
+    targets: list[Target]
+    predictions: list[Prediction]
+    bootstrap_samples: int  # resamplings of the runs that gave a fit of every task and k
+    points: list[TaskPoint]
+    holdout: Holdout | None = None
+
+    def to_json(self) -> dict:
+        """task_scaling.json, its keys in their order."""
+        result = {
+            "fits": [{"task": fit.task, "shots": fit.shots, "runs": fit.runs, "checkpoints": fit.checkpoints,
+                      "task_loss_law": asdict(fit.law), "accuracy_sigmoid": asdict(fit.sigmoid)}
+                     for fit in self.fits],
+            "targets": [asdict(target) for target in self.targets],
+            "predictions": [asdict(prediction) for prediction in self.predictions],
+            "bootstrap_samples": self.bootstrap_samples,
+        }
+        if self.holdout is not None:
+            result["holdout"] = asdict(self.holdout)
+        return result
+
+
+def _groups(points: list[TaskPoint]) -> dict[tuple[str, int], list[TaskPoint]]:
+    groups: dict[tuple[str, int], list[TaskPoint]] = {}
+    for point in points:
+        groups.setdefault((point.task, point.shots), []).append(point)
+    return dict(sorted(groups.items()))
+
+
+def check_targets(points: list[TaskPoint], targets: list[Target]) -> None:
+    """Refuse a target that is not a model, or one further from the ladder than FURTHEST_EXTRAPOLATION."""
+    for target in targets:
+        for what, value, seen in (("N", target.parameters, [p.parameters for p in points]),
+                                  ("D", target.tokens, [p.tokens for p in points])):
+            if not (math.isfinite(value) and value >= 1):
+                raise ScalingError(f"target {target.name}: {what} = {value:g} is not a positive count; give the"
+                                   " parameters (without embeddings) and tokens of the model to predict")
+            if not min(seen) / FURTHEST_EXTRAPOLATION <= value <= max(seen) * FURTHEST_EXTRAPOLATION:
+                raise ScalingError(
+                    f"target {target.name}: {what} = {value:.3g} is more than {FURTHEST_EXTRAPOLATION:g}x outside"
+                    f" the ladder's {min(seen):.3g} to {max(seen):.3g}, too far for a fit to say anything; give a"
+                    " target nearer the ladder or train a larger ladder")
+
+
+def _fit_all(groups: dict[tuple[str, int], list[TaskPoint]], start: dict | None = None) -> dict:
+    return {key: fit_task(group, start[key] if start else None) for key, group in groups.items()}
+
+
+def _resampled(points: list[TaskPoint], runs: list[str], rng: np.random.Generator) -> list[TaskPoint]:
+    """The points of runs drawn with replacement, a run drawn twice appearing twice (under two names)."""
+    by_run: dict[str, list[TaskPoint]] = {}
+    for point in points:
+        by_run.setdefault(point.run, []).append(point)
+    drawn = rng.choice(len(runs), size=len(runs), replace=True)
+    return [replace(point, run=f"{runs[index]}#{draw}") for draw, index in enumerate(drawn)
+            for point in by_run[runs[index]]]
+
+
+def _holdout(points: list[TaskPoint]) -> Holdout:
+    largest = max(point.parameters for point in points)
+    held = sorted({point.run for point in points if point.parameters == largest})
+    kept = [point for point in points if point.parameters != largest]
+    try:
+        fits = _fit_all(_groups(kept))
+    except ScalingError as error:
+        raise ScalingError(f"--holdout largest: without the {len(held)} run(s) of N = {largest:.6g}, {error}") from None
+    errors = []
+    for (task, shots), fit in fits.items():
+        for final in final_points([p for p in points if p.run in held and (p.task, p.shots) == (task, shots)]):
+            errors.append(HeldOutError(final.run, task, shots, final.task_loss,
+                                       float(fit.task_loss(final.parameters, final.tokens)), final.accuracy,
+                                       float(fit.accuracy(final.parameters, final.tokens))))
+    return Holdout(held, largest, errors)
+
+
+@one_blas_thread
+def analyse_tasks(points: list[TaskPoint], targets: list[Target], samples: int = 200, holdout: bool = False,
+                  seed: int = 0) -> TaskScalingReport:
+    """Both steps for each task and k, each target's predictions with 95% intervals from `samples` resamplings
+    of the runs, and with `holdout` the errors predicting the runs of the largest size from the others."""
+    check_targets(points, targets)
+    groups = _groups(points)
+    fits = _fit_all(groups)
+    runs = sorted({point.run for point in points})
+    rng = np.random.default_rng(seed)
+    refits = []
+    for _ in range(samples):
+        try:
+            refitted = _fit_all(_groups(_resampled(points, runs, rng)), fits)
+        except ScalingError:
+            continue  # a resampling without 2 sizes, 2 budgets or 5 runs cannot be fitted
+        if refitted.keys() == fits.keys():  # else it lacks the only runs that evaluated some task or k
+            refits.append(refitted)
+    predictions = []
+    for target in targets:
+        for key, fit in fits.items():
+            losses = [float(refit[key].task_loss(target.parameters, target.tokens)) for refit in refits]
+            accuracies = [float(refit[key].accuracy(target.parameters, target.tokens)) for refit in refits]
+            predictions.append(Prediction(
+                target.name, target.parameters, target.tokens, fit.task, fit.shots,
+                float(fit.task_loss(target.parameters, target.tokens)), interval_or_none(losses),
+                float(fit.accuracy(target.parameters, target.tokens)), interval_or_none(accuracies)))
+    return TaskScalingReport(list(fits.values()), targets, predictions, len(refits), points,
+                             _holdout(points) if holdout else None)
+
+
+def summary_lines(report: TaskScalingReport) -> list[str]:
+    """The report as the command prints it."""
+    runs = {point.run for point in report.points}
+    sizes = {point.parameters for point in report.points}
+    lines = [f"{len(runs)} runs of {len(sizes)} sizes, {len(report.points)} evaluated checkpoints x tasks x k;"
+             f" intervals: 95%, {report.bootstrap_samples} resamplings of the runs",
+             "step 1, task loss L = E + A / N^alpha + B / D^beta; step 2, accuracy = a / (1 + exp(-s (L - L0))) + b:"]
+    for fit in report.fits:
+        law, sigmoid = fit.law, fit.sigmoid
+        lines.append(f"  {fit.task} k={fit.shots}: E {law.E:.4g}, A {law.A:.4g}, alpha {law.alpha:.3g}, B {law.B:.4g},"
+                     f" beta {law.beta:.3g}; a {sigmoid.a:.3g}, s {sigmoid.s:.3g}, L0 {sigmoid.L0:.4g},"
+                     f" b {sigmoid.b:.3g}")
+    for target in report.targets:
+        lines.append(f"target {target.name} (N {target.parameters:.4g}, D {target.tokens:.4g}): task loss, accuracy"
+                     " [95%]")
+        for prediction in report.predictions:
+            if prediction.target == target.name:
+                lines.append(f"  {prediction.task} k={prediction.shots}: {prediction.task_loss:.4f}"
+                             f"{format_interval(prediction.task_loss_interval)}, {prediction.accuracy:.3f}"
+                             f"{format_interval(prediction.accuracy_interval)}")
+    if holdout := report.holdout:
+        lines.append(f"holdout: fitted without the runs of N = {holdout.parameters:.6g}; measured -> predicted")
+        for error in holdout.errors:
+            lines.append(f"  {error.run} {error.task} k={error.shots}: task loss {error.task_loss:.4f} ->"
+                         f" {error.predicted_task_loss:.4f}, accuracy {error.accuracy:.3f} ->"
+                         f" {error.predicted_accuracy:.3f} ({error.predicted_accuracy - error.accuracy:+.3f})")
+    return lines
