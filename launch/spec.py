@@ -71,6 +71,14 @@ class SweepConfig(Section):
         return self
 
 
+    @property
+    def can_hold_out_largest(self) -> bool:
+        """Whether the runs of the largest size can be held out of a fit (and predicted by it): the others still
+        have 2 sizes and 5 runs. The task-scaling fit does so, to show how far its targets can be trusted."""
+        budgets = len(self.tokens_per_parameter or self.compute_budgets)
+        return len(self.sizes) >= 3 and (len(self.sizes) - 1) * budgets * len(self.seeds) >= 5
+
+
 def load_sweep(path: str | Path) -> SweepConfig:
     return validated(SweepConfig, read_yaml_mapping(Path(path), "sweep spec"), where=f"{path}: ")
 

@@ -15,7 +15,7 @@ from evals.fewshot import evaluate
 from evals.tasks import load_task
 from pretrain.config import merged
 from pretrain.model import GPT
-from pretrain.rundir import load_checkpoint, read_metrics, run_config, run_tokenizer, scaling_point
+from pretrain.rundir import load_checkpoint, read_metrics, run_config, run_tokenizer, scaling_point, task_points
 from tests.helpers import TINY_CONFIG, launch, run_module
 
 FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_loop": 24, "interval": 4}
@@ -177,3 +177,19 @@ def test_a_benchmark_scored_from_the_command_line_takes_all_its_items_and_bad_re
         assert refused.returncode == 2, refused.stderr
         assert not (tmp_path / "no").exists()
     assert "hellaswag" in refused.stderr or "copa" in refused.stderr
+
+
+def test_a_finished_run_gives_a_task_scaling_point_at_each_evaluation_task_and_k(trained):
+    _root, run_dir = trained
+    points = task_points(run_dir)
+    records = {record["step"]: record for record in read_metrics(run_dir) if "eval/fewshot/word_labels/k=0" in record}
+    assert sorted(records) == [4, 8]
+    assert [(p.tokens, p.shots) for p in points] == [(step * TINY_CONFIG["train"]["global_batch_tokens"], k)
+                                                     for step in (4, 8) for k in FEWSHOT["shots"]]
+    model = GPT(run_config(run_dir).model)
+    for point in points:
+        name = f"eval/fewshot/word_labels/k={point.shots}"
+        record = records[point.tokens // TINY_CONFIG["train"]["global_batch_tokens"]]
+        assert (point.run, point.task, point.accuracy, point.task_loss) == (
+            "tiny", "word_labels", record[name], record[f"{name}/bits_per_byte"])
+        assert point.parameters == model.num_parameters(include_embeddings=False)

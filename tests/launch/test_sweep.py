@@ -19,7 +19,7 @@ from launch.spec import load_sweep
 from launch.sweep import expand, side_by_side_environments
 from pretrain.config import Config, load_config
 from pretrain.rundir import finished_with, non_embedding_parameters, read_metrics
-from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for_step
+from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for_step, wandb_records
 
 
 def write_sweep(directory: Path, base: Path, **changes) -> Path:
@@ -269,3 +269,60 @@ def test_decay_branches_on_slurm_wait_for_their_trunks_task_and_a_rerun_meanwhil
         assert state == "COMPLETED", log
     assert f"branched from {branch.config.train.branch_from}" in log
     assert finished_with(branch.config) == [] and finished_with(trunk.config) == []
+
+
+def fake_evaluated(config: Config) -> None:
+    """A finished run's metrics as the loop writes them: the validation loss at its last step, and few-shot
+    accuracy and task loss at k = 0 and 4 at half and all of its steps, each falling with N and D."""
+    parameters, records = non_embedding_parameters(config), []
+    for step in (config.train.max_steps // 2, config.train.max_steps):
+        tokens = step * config.train.global_batch_tokens
+        record = {"step": step, "val/loss": 2 + 40 / parameters ** 0.3 + 60 / tokens ** 0.3}
+        for k in (0, 4):
+            task_loss = 1 + 30 / parameters ** 0.35 + 50 / tokens ** 0.3 - 0.2 * (k > 0)
+            record |= {f"eval/fewshot/word_labels/k={k}": 0.25 + 0.6 / (1 + math.exp(6 * (task_loss - 2.5))),
+                       f"eval/fewshot/word_labels/k={k}/bits_per_byte": task_loss}
+        records.append(record)
+    (config.run_dir / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+
+
+def test_a_finished_ladder_predicts_its_targets_at_each_k_into_the_sweeps_wandb_fit(tiny_config, tmp_path):
+    base = tiny_config()
+    bigger = tiny_config({"name": "bigger", "model": {"d_model": 256, "n_head": 4}}, "bigger.yaml")
+    spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2},
+                                              {"n_layer": 2, "d_model": 32, "n_head": 2},
+                                              {"n_layer": 2, "d_model": 64, "n_head": 4}],
+                       tokens_per_parameter=[20, 40, 80], overrides=["logging.wandb_mode=offline"],
+                       targets=[{"config": str(bigger), "tokens": 5e6}, {"parameters": 1e6, "tokens": 2e7}])
+    for run in expand(load_sweep(spec)):
+        fake_finished(run.config)
+        fake_evaluated(run.config)
+    result = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    sweep_dir = tmp_path / "runs" / "ladder"
+    report = json.loads((sweep_dir / "task_scaling" / "task_scaling.json").read_text())
+    assert [target["name"] for target in report["targets"]] == ["bigger", "N=1e+06,D=2e+07"]
+    assert report["targets"][0]["parameters"] == non_embedding_parameters(load_config(bigger))
+    assert [(p["target"], p["shots"]) for p in report["predictions"]] == [
+        ("bigger", 0), ("bigger", 4), ("N=1e+06,D=2e+07", 0), ("N=1e+06,D=2e+07", 4)]
+    assert report["holdout"]["held_out"] == [f"ladder-l2-d64-tpp{tpp}-s0" for tpp in (20, 40, 80)]
+
+    (offline_run,) = (sweep_dir / "scaling" / "wandb").glob("offline-run-*")
+    summary = {}
+    for record in wandb_records(offline_run):
+        if record["type"] == "summary":
+            summary.update(record["summary"]["update"])
+    for prediction in report["predictions"]:
+        prefix = f"task_scaling/{prediction['target']}/word_labels/k={prediction['shots']}"
+        assert summary[f"{prefix}/accuracy"] == prediction["accuracy"]
+        assert [summary[f"{prefix}/accuracy_low"], summary[f"{prefix}/accuracy_high"]] == prediction[
+            "accuracy_interval"]
+    assert summary["plots/task_scaling/curve._type"] == "image-file" and "law/E" in summary
+
+
+def test_a_sweep_target_that_is_neither_a_config_nor_a_size_is_refused_before_any_run(tiny_config, tmp_path,
+                                                                                      in_process):
+    spec = write_sweep(tmp_path, tiny_config(), targets=[{"parameters": 1e6}])
+    result = in_process(launch_main, "sweep", "--spec", str(spec))
+    assert result.returncode == 2 and "targets" in result.stderr
+    assert not (tmp_path / "runs").exists()
