@@ -1,4 +1,5 @@
-"""Every config the project ships loads, and a config named for a size has that many parameters."""
+"""Every config the project ships loads, a config named for a size has that many parameters, and every sweep
+expands."""
 
 import re
 from pathlib import Path
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 from evals.benchmarks import load_evaluation_tasks
+from launch.spec import load_sweep, sweep_targets
+from launch.sweep import expand
 from pretrain.config import load_config
 from pretrain.model import GPT
 
@@ -40,3 +43,16 @@ def test_the_presets_evaluate_benchmarks_in_the_loop_that_load():
         assert fewshot.interval > 0 and [task.name for task in tasks] == ["hellaswag", "arc_easy", "piqa"]
         assert all(len(task.items) == min(500, len(task.items)) and task.pool_size(0) >= max(fewshot.shots)
                    for task in tasks)
+
+
+SWEEPS = sorted((CONFIGS / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda path: path.stem)
+def test_a_shipped_sweep_expands_and_its_targets_lie_beyond_its_ladder(path, monkeypatch):
+    monkeypatch.chdir(CONFIGS.parent)  # a spec names its base config from the repository's root
+    sweep = load_sweep(path)
+    runs = expand(sweep)
+    assert len(runs) == len(sweep.sizes) * len(sweep.seeds) * len(sweep.tokens_per_parameter or sweep.compute_budgets)
+    for target in sweep_targets(sweep):  # a prediction, not an interpolation: at least 4x the ladder's largest N
+        assert target.parameters >= 4 * max(run.parameters for run in runs)
