@@ -9,6 +9,7 @@ files and the model's own counts, `scaling_point` gives a finished run's point f
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,9 +199,14 @@ def task_points(run_dir: Path) -> list[TaskPoint]:
     for record in records:
         for key, accuracy in record.items():
             if (found := fewshot_metric(key)) and f"{key}/bits_per_byte" in record:
+                task_loss = record[f"{key}/bits_per_byte"]
+                if not (math.isfinite(task_loss) and task_loss > 0 and 0 <= accuracy <= 1):
+                    raise ScalingError(f"{metrics_path(run_dir)}: step {record['step']}: {key} is {accuracy} with a"
+                                       f" task loss of {task_loss}, not an accuracy and a positive number; evaluate"
+                                       " that checkpoint again, or leave the run out")
                 points.append(TaskPoint(run=config.name, parameters=parameters,
                                         tokens=record["step"] * config.train.global_batch_tokens, task=found[0],
-                                        shots=found[1], task_loss=record[f"{key}/bits_per_byte"], accuracy=accuracy))
+                                        shots=found[1], task_loss=task_loss, accuracy=accuracy))
     if not points:
         raise ScalingError(f"{run_dir}: its few-shot evaluations have no task loss (bits_per_byte), as generation"
                            " tasks do not; evaluate a multiple-choice task")

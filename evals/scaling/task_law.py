@@ -56,14 +56,14 @@ def fit_sigmoid(losses, accuracies, start: Sigmoid | None = None) -> Sigmoid:
     losses, accuracies = np.asarray(losses, dtype=float), np.asarray(accuracies, dtype=float)
     lower, upper = _sigmoid_bounds(losses)
     if start is not None:
-        starts = [np.clip([start.a, start.s, start.L0, start.b], lower, upper)]
+        starts = [np.array([start.a, start.s, start.L0, start.b])]
     else:
         spread = max(losses.max() - losses.min(), 1e-3)
         rise, floor = max(accuracies.max() - accuracies.min(), 1e-3), accuracies.min()
         starts = [np.array([rise, -slope / spread, midpoint, floor]) for midpoint, slope in itertools.product(
             np.quantile(losses, [0.1, 0.3, 0.5, 0.7, 0.9]), (1.0, 4.0, 16.0, 64.0))]
-    fits = [least_squares(_residuals, start_theta, bounds=(lower, upper), args=(losses, accuracies))
-            for start_theta in starts]
+    fits = [least_squares(_residuals, np.clip(theta, lower, upper), bounds=(lower, upper), args=(losses, accuracies))
+            for theta in starts]
     best = min(fits, key=lambda fit: fit.cost)
     return Sigmoid(*(float(value) for value in best.x))
 

@@ -161,6 +161,7 @@ BAD_INPUTS = {
     "a cell not a number": (lambda text: text.replace("n100000-x20,100000.0,500000.0,", "n100000-x20,100000.0,lots,",
                                                       1), [], "ladder.csv:2: tokens"),
     "one model size": (None, ["sizes"], "1 model size"),
+    "one token budget": (None, ["budget"], "1 token budget"),
     "a task loss that does not vary": (None, ["constant"], "does not vary"),
     "a target far outside the ladder": (None, ["--target-parameters", "1e15", "--target-tokens", "1e8"],
                                         "N = 1e+15"),
@@ -174,9 +175,12 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(case, tmp_path, i
     points = ladder()
     if "sizes" in options:
         points = ladder(sizes=(1e5,))
+    if "budget" in options:  # every run trained on the same tokens, whatever its size
+        points = [replace(point, tokens=point.tokens / point.parameters * 1e6) for point in ladder()
+                  if point.run.endswith("-x20")]
     if "constant" in options:
         points = [replace(point, task_loss=2.0) for point in points]
-    options = [option for option in options if option not in ("sizes", "constant")]
+    options = [option for option in options if option not in ("sizes", "budget", "constant")]
     csv = csv_with(tmp_path, points, change)
     out = tmp_path / "out"
     if case == "a target without its tokens":
