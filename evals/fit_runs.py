@@ -12,7 +12,7 @@ from pathlib import Path
 
 from data_pipeline.files import write_atomically
 from evals.scaling.plots import plot
-from evals.scaling.points import read_csv
+from evals.scaling.points import ScalingError, read_csv
 from evals.scaling.publish import log_task_scaling_to_wandb, log_to_wandb
 from evals.scaling.report import ScalingReport, analyse, summary_lines
 from evals.scaling.task_plots import plot_tasks
@@ -115,13 +115,20 @@ def fit_runs(settings: FitSettings, wandb: WandbTarget | None = None,
     when the runs cannot be fitted), with `tasks` the task-scaling fit too, and log them to W&B where `wandb`
     says (both in one run, `<group>-scaling`)."""
     report, written = _fit_loss(settings)
-    task_report, task_written = _fit_tasks(tasks) if tasks else (None, [])
+    task_report, task_written, task_error = None, [], None
+    try:
+        if tasks:
+            task_report, task_written = _fit_tasks(tasks)
+    except ScalingError as error:
+        task_error = error  # raised once the loss fit, which stands on its own, is logged
     if wandb is not None:
         config = settings.as_wandb_config() | ({"task_scaling": tasks.as_wandb_config()} if tasks else {})
         logs = [lambda run: log_to_wandb(report, written, run)]
         if task_report is not None:
             logs.append(lambda run: log_task_scaling_to_wandb(task_report, task_written, run))
         _to_wandb(wandb, settings.out, f"{wandb.group}-scaling", config, logs)
+    if task_error is not None:
+        raise task_error
     return report
 
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import Field, model_validator
 
 from data_pipeline.config import Section, read_yaml_mapping, validated
-from evals.scaling.task_report import Target
+from data_pipeline.errors import ConfigError
+from evals.scaling.task_report import Target, check_targets
+from pretrain.config import Config
 from pretrain.rundir import target_of_config
 
 
@@ -19,6 +22,19 @@ class SweepSize(Section):
     d_model: int = Field(ge=1)
     n_head: int = Field(ge=1)
     lr: float | None = Field(None, gt=0)
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep, as `launch.sweep.expand` names and configures it."""
+
+    name: str
+    overrides: list[str]  # on top of the base config
+    config: Config  # the base config with the overrides: validated before any run starts
+    parameters: int  # without embeddings
+    tokens: int
+    trunk: str | None = None  # a decay branch: the run whose checkpoint it starts from
+    branch_step: int = 0  # ... and the step of that checkpoint
 
 
 class SweepTarget(Section):
@@ -83,12 +99,14 @@ def load_sweep(path: str | Path) -> SweepConfig:
     return validated(SweepConfig, read_yaml_mapping(Path(path), "sweep spec"), where=f"{path}: ")
 
 
-def sweep_targets(sweep: SweepConfig) -> list[Target]:
-    """The spec's targets as N and D (a config's read now, so that a bad one is named before any run starts)."""
-    targets = []
-    for target in sweep.targets:
-        if target.config:
-            targets.append(target_of_config(Path(target.config), target.tokens))
-        else:
-            targets.append(Target.of_size(target.parameters, target.tokens))
+def sweep_targets(sweep: SweepConfig, runs: list[SweepRun]) -> list[Target]:
+    """The spec's targets as N and D, checked against the runs before any starts: a target too far from them, or
+    runs that evaluate no few-shot task in the loop, would otherwise fail the fit after all the training."""
+    targets = [target_of_config(Path(target.config), target.tokens) if target.config
+               else Target.of_size(target.parameters, target.tokens) for target in sweep.targets]
+    if targets and not all(run.config.eval.fewshot.interval and run.config.eval.fewshot.tasks for run in runs):
+        raise ConfigError(f"{sweep.name}: targets are predicted from few-shot evaluations in the loop, and the runs"
+                          " have none; set eval.fewshot.tasks and eval.fewshot.interval in the base config or the"
+                          " sweep's overrides")
+    check_targets(targets, [run.parameters for run in runs], [run.tokens for run in runs])
     return targets

@@ -34,7 +34,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -45,7 +44,7 @@ from data_pipeline.redaction import redact_text
 from evals.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
-from launch.spec import SweepConfig, SweepSize, sweep_targets
+from launch.spec import SweepConfig, SweepRun, SweepSize, sweep_targets
 from pretrain.checkpoint import (
     CheckpointError,
     newest_complete,
@@ -56,18 +55,6 @@ from pretrain.config import Config, load_config
 from pretrain.data import prepare_and_verify
 from pretrain.faults import PREEMPTION_SIGNALS
 from pretrain.rundir import finished_with, non_embedding_parameters
-
-
-@dataclass(frozen=True)
-class SweepRun:
-    name: str
-    overrides: list[str]  # on top of the base config
-    config: Config  # the base config with the overrides: validated before any run starts
-    parameters: int  # without embeddings
-    tokens: int
-    trunk: str | None = None  # a decay branch: the run whose checkpoint it starts from
-    branch_step: int = 0  # ... and the step of that checkpoint
-
 
 # Submits runs as one SLURM job array: (config path, the runs' configs, the array) -> job id.
 SubmitArray = Callable[[str, list[Config], ArrayJob], "str | None"]
@@ -332,7 +319,7 @@ def prepare_data(runs: list[SweepRun]) -> None:
 def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: SubmitArray) -> int:
     """Start every run not finished yet on the chosen backend; once all have finished, fit them."""
     runs = expand(sweep)
-    targets = sweep_targets(sweep)
+    targets = sweep_targets(sweep, runs)
     budgets = len(sweep.tokens_per_parameter or sweep.compute_budgets)
     print(f"sweep {sweep.name}: {len(runs)} runs ({len(sweep.sizes)} sizes x {budgets} budgets x"
           f" {len(sweep.seeds)} seeds)")

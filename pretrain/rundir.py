@@ -157,11 +157,14 @@ def non_embedding_parameters(config: Config) -> int:
 
 
 def target_of_config(path: Path, tokens: float | None = None) -> Target:
-    """The model a run config describes as a task-scaling target: its N without embeddings, and `tokens` or else
-    the tokens its schedule trains on (max_steps x global_batch_tokens). Named after the config's run name."""
-    config = load_config(path)
-    return Target(config.name, non_embedding_parameters(config),
-                  tokens if tokens is not None else config.train.max_steps * config.train.global_batch_tokens)
+    """The model a run config (or a run directory's) describes as a task-scaling target: its N without embeddings,
+    and `tokens` or else the tokens its schedule trains on (max_steps x global_batch_tokens). Named after the
+    config's run name, with D where `tokens` is given."""
+    config = run_config(path) if Path(path).is_dir() else load_config(path)
+    if tokens is None:
+        return Target(config.name, non_embedding_parameters(config),
+                      config.train.max_steps * config.train.global_batch_tokens)
+    return Target(f"{config.name},D={tokens:.3g}", non_embedding_parameters(config), tokens)
 
 
 def scaling_point(run_dir: Path) -> RunPoint:
@@ -204,8 +207,9 @@ def task_points(run_dir: Path) -> list[TaskPoint]:
                     raise ScalingError(f"{metrics_path(run_dir)}: step {record['step']}: {key} is {accuracy} with a"
                                        f" task loss of {task_loss}, not an accuracy and a positive number; evaluate"
                                        " that checkpoint again, or leave the run out")
-                points.append(TaskPoint(run=config.name, parameters=parameters,
-                                        tokens=record["step"] * config.train.global_batch_tokens, task=found[0],
+                # The tokens seen, where logged: exact across a change of batch size (continue_by_tokens).
+                tokens = record.get("train/tokens", record["step"] * config.train.global_batch_tokens)
+                points.append(TaskPoint(run=config.name, parameters=parameters, tokens=tokens, task=found[0],
                                         shots=found[1], task_loss=task_loss, accuracy=accuracy))
     if not points:
         raise ScalingError(f"{run_dir}: its few-shot evaluations have no task loss (bits_per_byte), as generation"
@@ -225,7 +229,7 @@ def run_directories(paths: list[Path]) -> list[Path]:
             raise ScalingError(f"{path}: no such run directory")
     if not found:
         raise ScalingError(f"no run directories (with a {CONFIG_FILE}) in {', '.join(map(str, paths))}")
-    return found
+    return list({path.resolve(): path for path in found}.values())  # a run named twice (itself and its sweep) once
 
 
 def scaling_points(paths: list[Path]) -> list[RunPoint]:
@@ -235,4 +239,11 @@ def scaling_points(paths: list[Path]) -> list[RunPoint]:
 
 def task_scaling_points(paths: list[Path]) -> list[TaskPoint]:
     """The task-scaling points of run directories, or of directories that hold them."""
-    return [point for run_dir in run_directories(paths) for point in task_points(run_dir)]
+    points, named = [], {}
+    for run_dir in run_directories(paths):
+        found = task_points(run_dir)
+        if (other := named.setdefault(found[0].run, run_dir)) != run_dir:
+            raise ScalingError(f"{other} and {run_dir}: two runs named {found[0].run}; fit one of them, or rename"
+                               " one (its config's name)")
+        points += found
+    return points

@@ -54,5 +54,5 @@ def test_a_shipped_sweep_expands_and_its_targets_lie_beyond_its_ladder(path, mon
     sweep = load_sweep(path)
     runs = expand(sweep)
     assert len(runs) == len(sweep.sizes) * len(sweep.seeds) * len(sweep.tokens_per_parameter or sweep.compute_budgets)
-    for target in sweep_targets(sweep):  # a prediction, not an interpolation: at least 4x the ladder's largest N
+    for target in sweep_targets(sweep, runs):  # a prediction, not an interpolation: at least 4x the ladder's largest N
         assert target.parameters >= 4 * max(run.parameters for run in runs)

@@ -97,7 +97,8 @@ def _check(parameters, tokens, losses) -> tuple[np.ndarray, np.ndarray, np.ndarr
     if not all(np.all(np.isfinite(array)) and np.all(array > 0) for array in arrays):
         raise ScalingError("every parameter count, token count and loss must be a positive finite number")
     if not separates_size_from_budget(arrays[0], arrays[1]):
-        raise ScalingError("the runs need at least 2 model sizes and 2 token budgets to separate N from D")
+        raise ScalingError("the runs need at least 2 model sizes and 2 token budgets, not all at one ratio of tokens"
+                           " to parameters, to separate N from D")
     return arrays[0], arrays[1], arrays[2]
 
 
@@ -134,8 +135,14 @@ def refit(parameters, tokens, losses, start: Law) -> Law:
 
 
 def separates_size_from_budget(parameters, tokens) -> bool:
-    """Whether runs have 2 model sizes and 2 token budgets, without which no fit can tell N from D."""
-    return len(np.unique(parameters)) >= 2 and len(np.unique(tokens)) >= 2
+    """Whether runs can tell N from D: 2 model sizes, 2 token budgets, and (log N, log D) not on one line, as
+    they are when every run trains on the same tokens per parameter (steps rounded up move D off it by less
+    than the tolerance here)."""
+    if len(np.unique(parameters)) < 2 or len(np.unique(tokens)) < 2:
+        return False
+    centred = np.column_stack([np.log(parameters), np.log(tokens)])
+    singular = np.linalg.svd(centred - centred.mean(axis=0), compute_uv=False)
+    return bool(singular[-1] > 1e-3 * singular[0])
 
 
 @one_blas_thread

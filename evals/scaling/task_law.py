@@ -18,7 +18,7 @@ import numpy as np
 from scipy.optimize import least_squares
 from scipy.special import expit
 
-from evals.scaling.law import Law, fit_law, one_blas_thread, refit
+from evals.scaling.law import Law, fit_law, one_blas_thread, refit, separates_size_from_budget
 from evals.scaling.points import ScalingError
 from evals.scaling.task_points import TaskPoint
 
@@ -86,26 +86,34 @@ class TaskFit:
         return self.sigmoid.accuracy(self.task_loss(parameters, tokens))
 
 
-def final_points(points: list[TaskPoint]) -> list[TaskPoint]:
-    """The last evaluated checkpoint of each run (the most tokens), in the order the runs first appear."""
-    last: dict[str, TaskPoint] = {}
+def last_tokens(points: list[TaskPoint]) -> dict[str, float]:
+    """Each run's final checkpoint, as the tokens seen there (the most among its points)."""
+    last: dict[str, float] = {}
     for point in points:
-        if point.run not in last or point.tokens > last[point.run].tokens:
-            last[point.run] = point
-    return list(last.values())
+        last[point.run] = max(last.get(point.run, 0.0), point.tokens)
+    return last
+
+
+def final_points(points: list[TaskPoint], last: dict[str, float] | None = None) -> list[TaskPoint]:
+    """The points at each run's final checkpoint (`last`, by default found among `points`), in their order."""
+    last = last or last_tokens(points)
+    return [point for point in points if point.tokens == last[point.run]]
 
 
 @one_blas_thread
-def fit_task(points: list[TaskPoint], start: TaskFit | None = None) -> TaskFit:
-    """Step 1 on the final checkpoint of each run, step 2 on every point: the points of one task at one k. With
-    `start` (the fit to all the runs), each step is refitted from it alone, as a bootstrap refit is."""
+def fit_task(points: list[TaskPoint], start: TaskFit | None = None, last: dict[str, float] | None = None) -> TaskFit:
+    """Step 1 on the final checkpoint of each run (`last`: each run's, found among all of its points; a run whose
+    final checkpoint lacks this task or k is left out of step 1), step 2 on every point: the points of one task
+    at one k. With `start` (the fit to all the runs), each step is refitted from it alone, as a bootstrap refit
+    is."""
     task, shots = points[0].task, points[0].shots
-    finals = final_points(points)
+    finals = final_points(points, last)
     parameters, tokens, losses = (np.array([getattr(point, key) for point in finals], dtype=float)
                                   for key in ("parameters", "tokens", "task_loss"))
-    if len(np.unique(parameters)) < 2 or len(np.unique(tokens)) < 2:
-        raise ScalingError(f"{task} k={shots}: the runs have {len(np.unique(parameters))} model size(s) and"
-                           f" {len(np.unique(tokens))} token budget(s); the fit needs at least 2 of each")
+    if not separates_size_from_budget(parameters, tokens):
+        raise ScalingError(f"{task} k={shots}: the runs' final checkpoints have {len(np.unique(parameters))} model"
+                           f" size(s) and {len(np.unique(tokens))} token budget(s); the fit needs at least 2 of each,"
+                           " not all at one ratio of tokens to parameters, to separate N from D")
     if (losses.max() - losses.min()) <= LOWEST_VARIATION * losses.mean():
         raise ScalingError(f"{task} k={shots}: the task loss is {losses.mean():.6g} bits per byte in every run, so"
                            " it does not vary across the ladder and nothing can be fitted to it; drop the task or"

@@ -56,7 +56,7 @@ def _checked(path: Path, line: int, row: dict[str, str]) -> TaskPoint:
 def read_task_csv(path: Path) -> list[TaskPoint]:
     """The points of a long CSV with the columns TASK_CSV_COLUMNS (others are ignored)."""
     try:
-        with path.open(newline="") as file:
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(file)
             rows = list(reader)
             header = reader.fieldnames or []

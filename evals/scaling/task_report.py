@@ -12,7 +12,7 @@ import numpy as np
 from evals.scaling.law import Interval, interval_or_none, one_blas_thread
 from evals.scaling.points import ScalingError
 from evals.scaling.report import format_interval
-from evals.scaling.task_law import TaskFit, final_points, fit_task
+from evals.scaling.task_law import TaskFit, final_points, fit_task, last_tokens
 from evals.scaling.task_points import TaskPoint
 
 # How far past the ladder a target may lie, in N and in D, either way: a power law extrapolated further says
@@ -98,11 +98,23 @@ def _groups(points: list[TaskPoint]) -> dict[tuple[str, int], list[TaskPoint]]:
     return dict(sorted(groups.items()))
 
 
-def check_targets(points: list[TaskPoint], targets: list[Target]) -> None:
-    """Refuse a target that is not a model, or one further from the ladder than FURTHEST_EXTRAPOLATION."""
+def check_runs(points: list[TaskPoint]) -> None:
+    """Refuse a run name that stands for two models (two run directories with one name, or a CSV's rows)."""
+    sizes: dict[str, float] = {}
+    for point in points:
+        if sizes.setdefault(point.run, point.parameters) != point.parameters:
+            raise ScalingError(f"run {point.run}: has points with N = {sizes[point.run]:.6g} and N ="
+                               f" {point.parameters:.6g}; give each run its own name")
+
+
+def check_targets(targets: list[Target], parameters: list[float], tokens: list[float]) -> None:
+    """Refuse a target that is not a model, one further from the ladder's runs (their `parameters` and final
+    `tokens`) than FURTHEST_EXTRAPOLATION, and two targets of one name."""
+    names = [target.name for target in targets]
+    if len(set(names)) < len(names):
+        raise ScalingError(f"targets: {', '.join(names)}: two targets share a name; give each its own")
     for target in targets:
-        for what, value, seen in (("N", target.parameters, [p.parameters for p in points]),
-                                  ("D", target.tokens, [p.tokens for p in points])):
+        for what, value, seen in (("N", target.parameters, parameters), ("D", target.tokens, tokens)):
             if not (math.isfinite(value) and value >= 1):
                 raise ScalingError(f"target {target.name}: {what} = {value:g} is not a positive count; give the"
                                    " parameters (without embeddings) and tokens of the model to predict")
@@ -113,11 +125,13 @@ def check_targets(points: list[TaskPoint], targets: list[Target]) -> None:
                     " target nearer the ladder or train a larger ladder")
 
 
-def _fit_all(groups: dict[tuple[str, int], list[TaskPoint]], start: dict | None = None) -> dict:
-    return {key: fit_task(group, start[key] if start else None) for key, group in groups.items()}
+def _fit_all(points: list[TaskPoint], start: dict | None = None) -> dict[tuple[str, int], TaskFit]:
+    """Both steps for every task and k of the points, each run's final checkpoint being its last over all."""
+    last = last_tokens(points)
+    return {key: fit_task(group, start[key] if start else None, last) for key, group in _groups(points).items()}
 
 
-def _resampled(points: list[TaskPoint], runs: list[str], rng: np.random.Generator) -> list[TaskPoint]:
+def resampled(points: list[TaskPoint], runs: list[str], rng: np.random.Generator) -> list[TaskPoint]:
     """The points of runs drawn with replacement, a run drawn twice appearing twice (under two names)."""
     by_run: dict[str, list[TaskPoint]] = {}
     for point in points:
@@ -130,15 +144,14 @@ def _resampled(points: list[TaskPoint], runs: list[str], rng: np.random.Generato
 def _holdout(points: list[TaskPoint]) -> Holdout:
     largest = max(point.parameters for point in points)
     held = sorted({point.run for point in points if point.parameters == largest})
-    kept = [point for point in points if point.parameters != largest]
     try:
-        fits = _fit_all(_groups(kept))
+        fits = _fit_all([point for point in points if point.parameters != largest])
     except ScalingError as error:
         raise ScalingError(f"--holdout largest: without the {len(held)} run(s) of N = {largest:.6g}, {error}") from None
     errors = []
-    for (task, shots), fit in fits.items():
-        for final in final_points([p for p in points if p.run in held and (p.task, p.shots) == (task, shots)]):
-            errors.append(HeldOutError(final.run, task, shots, final.task_loss,
+    for final in sorted(final_points([p for p in points if p.run in held]), key=lambda p: (p.task, p.shots)):
+        if fit := fits.get((final.task, final.shots)):
+            errors.append(HeldOutError(final.run, final.task, final.shots, final.task_loss,
                                        float(fit.task_loss(final.parameters, final.tokens)), final.accuracy,
                                        float(fit.accuracy(final.parameters, final.tokens))))
     return Holdout(held, largest, errors)
@@ -149,15 +162,18 @@ def analyse_tasks(points: list[TaskPoint], targets: list[Target], samples: int =
                   seed: int = 0) -> TaskScalingReport:
     """Both steps for each task and k, each target's predictions with 95% intervals from `samples` resamplings
     of the runs, and with `holdout` the errors predicting the runs of the largest size from the others."""
-    check_targets(points, targets)
-    groups = _groups(points)
-    fits = _fit_all(groups)
+    # In one order whatever the input's (a CSV's rows, run directories), so that the same points give one fit.
+    points = sorted(points, key=lambda point: (point.run, point.tokens, point.task, point.shots))
+    check_runs(points)
+    finals = final_points(points)
+    check_targets(targets, [p.parameters for p in finals], [p.tokens for p in finals])
+    fits = _fit_all(points)
     runs = sorted({point.run for point in points})
     rng = np.random.default_rng(seed)
     refits = []
     for _ in range(samples):
         try:
-            refitted = _fit_all(_groups(_resampled(points, runs, rng)), fits)
+            refitted = _fit_all(resampled(points, runs, rng), fits)
         except ScalingError:
             continue  # a resampling without 2 sizes, 2 budgets or 5 runs cannot be fitted
         if refitted.keys() == fits.keys():  # else it lacks the only runs that evaluated some task or k

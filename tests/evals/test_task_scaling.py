@@ -13,9 +13,10 @@ import pytest
 
 from evals.__main__ import main as evals_main
 from evals.scaling.law import Law
-from evals.scaling.task_law import Sigmoid, final_points, fit_sigmoid, fit_task
+from evals.scaling.points import ScalingError
+from evals.scaling.task_law import Sigmoid, final_points, fit_sigmoid, fit_task, last_tokens
 from evals.scaling.task_points import TaskPoint, read_task_csv, task_csv_text
-from evals.scaling.task_report import Target, analyse_tasks
+from evals.scaling.task_report import Target, analyse_tasks, check_targets, resampled
 from pretrain.config import load_config
 from pretrain.rundir import non_embedding_parameters, task_scaling_points
 
@@ -88,6 +89,19 @@ def test_holding_out_the_largest_size_predicts_its_runs_from_the_others():
     assert report.predictions == [] and report.bootstrap_samples == 0
 
 
+def test_a_run_drawn_twice_by_the_bootstrap_counts_twice():
+    points = ladder()
+    runs = sorted({point.run for point in points})
+    drawn = resampled(points, runs, np.random.default_rng(3))
+    assert len(last_tokens(drawn)) == len(runs)  # as many runs as the ladder has, some of them twice
+    assert len({point.run.split("#")[0] for point in drawn}) < len(runs) and len(drawn) == len(points)
+
+
+def test_two_targets_of_one_name_are_refused():
+    with pytest.raises(ScalingError, match="share a name"):
+        check_targets([TARGET, replace(TARGET, tokens=2 * TARGET.tokens)], list(SIZES), [1e6, 1e8])
+
+
 def write_runs(root: Path, base: Path) -> Path:
     """A ladder's run directories as training leaves them (config.yaml and metrics.jsonl; few-shot evaluations at
     half and all of each run), 3 sizes x 2 budgets, their task losses and accuracies from the true constants."""
@@ -123,16 +137,24 @@ def test_run_directories_and_their_csv_give_the_same_fit(tiny_config, tmp_path, 
     final = [p for p in points if p.run == "l-d64-s80" and p.tokens == 80 * config.train.global_batch_tokens]
     assert {p.parameters for p in final} == {non_embedding_parameters(config)} and len(final) == 2
 
-    from_csv = in_process(evals_main, "task-scaling", "--csv", str(tmp_path / "a" / "task_points.csv"),
-                          "--target-parameters", "4e5", "--target-tokens", "1e6", "--bootstrap", "5",
-                          "--out", str(tmp_path / "b"))
+    # The CSV as a user might assemble it: its own column order and row order, and a column of its own.
+    by_hand = tmp_path / "by_hand.csv"
+    by_hand.write_text("accuracy,task_loss,shots,task,tokens,parameters,run,notes\n" + "".join(
+        f"{p.accuracy!r},{p.task_loss!r},{p.shots},{p.task},{p.tokens!r},{p.parameters!r},{p.run},x\n"
+        for p in reversed(points)))
+    from_csv = in_process(evals_main, "task-scaling", "--csv", str(by_hand), "--target-parameters", "4e5",
+                          "--target-tokens", "1e6", "--bootstrap", "5", "--out", str(tmp_path / "b"))
     assert from_csv.returncode == 0, from_csv.stderr
     written = json.loads((tmp_path / "a" / "task_scaling.json").read_text())
-    assert written == json.loads((tmp_path / "b" / "task_scaling.json").read_text())
+    again = json.loads((tmp_path / "b" / "task_scaling.json").read_text())
     assert [(p["task"], p["shots"]) for p in written["predictions"]] == [("t", 0), ("t", 8)]
-    for prediction in written["predictions"]:
-        assert {"task", "shots", "task_loss", "accuracy", "accuracy_interval"} <= prediction.keys()
-        assert prediction["accuracy_interval"][0] <= prediction["accuracy_interval"][1]
+    for ours, theirs in zip(written["predictions"], again["predictions"], strict=True):
+        assert {"task", "shots", "task_loss", "accuracy", "accuracy_interval"} <= ours.keys()
+        for key in ("task_loss", "accuracy"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-6), key
+    for ours, theirs in zip(written["fits"], again["fits"], strict=True):
+        assert ours["task_loss_law"] == pytest.approx(theirs["task_loss_law"], rel=1e-4)
+        assert ours["accuracy_sigmoid"] == pytest.approx(theirs["accuracy_sigmoid"], rel=1e-4, abs=1e-6)
     for name in ("task_loss.png", "accuracy.png", "curve.png"):
         assert (tmp_path / "a" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -161,6 +183,9 @@ BAD_INPUTS = {
     "a cell not a number": (lambda text: text.replace("n100000-x20,100000.0,500000.0,", "n100000-x20,100000.0,lots,",
                                                       1), [], "ladder.csv:2: tokens"),
     "one model size": (None, ["sizes"], "1 model size"),
+    "one ratio of tokens to parameters": (None, ["ratio"], "one ratio of tokens to parameters"),
+    "one run name for two sizes": (lambda text: text.replace("n200000-x20,", "n100000-x20,"), [],
+                                   "run n100000-x20"),
     "one token budget": (None, ["budget"], "1 token budget"),
     "a task loss that does not vary": (None, ["constant"], "does not vary"),
     "a target far outside the ladder": (None, ["--target-parameters", "1e15", "--target-tokens", "1e8"],
@@ -178,9 +203,11 @@ def test_bad_input_is_refused_naming_it_and_nothing_is_written(case, tmp_path, i
     if "budget" in options:  # every run trained on the same tokens, whatever its size
         points = [replace(point, tokens=point.tokens / point.parameters * 1e6) for point in ladder()
                   if point.run.endswith("-x20")]
+    if "ratio" in options:
+        points = [point for point in ladder() if point.run.endswith("-x20")]
     if "constant" in options:
         points = [replace(point, task_loss=2.0) for point in points]
-    options = [option for option in options if option not in ("sizes", "budget", "constant")]
+    options = [option for option in options if option not in ("sizes", "budget", "ratio", "constant")]
     csv = csv_with(tmp_path, points, change)
     out = tmp_path / "out"
     if case == "a target without its tokens":

@@ -292,7 +292,7 @@ def test_a_finished_ladder_predicts_its_targets_at_each_k_into_the_sweeps_wandb_
     spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2},
                                               {"n_layer": 2, "d_model": 32, "n_head": 2},
                                               {"n_layer": 2, "d_model": 64, "n_head": 4}],
-                       tokens_per_parameter=[20, 40, 80], overrides=["logging.wandb_mode=offline"],
+                       tokens_per_parameter=[20, 40, 80], overrides=["logging.wandb_mode=offline", "eval.fewshot.interval=4"],
                        targets=[{"config": str(bigger), "tokens": 5e6}, {"parameters": 1e6, "tokens": 2e7}])
     for run in expand(load_sweep(spec)):
         fake_finished(run.config)
@@ -301,10 +301,10 @@ def test_a_finished_ladder_predicts_its_targets_at_each_k_into_the_sweeps_wandb_
     assert result.returncode == 0, result.stderr
     sweep_dir = tmp_path / "runs" / "ladder"
     report = json.loads((sweep_dir / "task_scaling" / "task_scaling.json").read_text())
-    assert [target["name"] for target in report["targets"]] == ["bigger", "N=1e+06,D=2e+07"]
+    assert [target["name"] for target in report["targets"]] == ["bigger,D=5e+06", "N=1e+06,D=2e+07"]
     assert report["targets"][0]["parameters"] == non_embedding_parameters(load_config(bigger))
     assert [(p["target"], p["shots"]) for p in report["predictions"]] == [
-        ("bigger", 0), ("bigger", 4), ("N=1e+06,D=2e+07", 0), ("N=1e+06,D=2e+07", 4)]
+        ("bigger,D=5e+06", 0), ("bigger,D=5e+06", 4), ("N=1e+06,D=2e+07", 0), ("N=1e+06,D=2e+07", 4)]
     assert report["holdout"]["held_out"] == [f"ladder-l2-d64-tpp{tpp}-s0" for tpp in (20, 40, 80)]
 
     (offline_run,) = (sweep_dir / "scaling" / "wandb").glob("offline-run-*")
@@ -320,9 +320,19 @@ def test_a_finished_ladder_predicts_its_targets_at_each_k_into_the_sweeps_wandb_
     assert summary["plots/task_scaling/curve._type"] == "image-file" and "law/E" in summary
 
 
-def test_a_sweep_target_that_is_neither_a_config_nor_a_size_is_refused_before_any_run(tiny_config, tmp_path,
-                                                                                      in_process):
-    spec = write_sweep(tmp_path, tiny_config(), targets=[{"parameters": 1e6}])
+BAD_TARGETS = {
+    "neither a config nor a size": ({"targets": [{"parameters": 1e6}]}, "targets"),
+    "far beyond the ladder": ({"targets": [{"parameters": 1e15, "tokens": 1e9}],
+                               "overrides": ["eval.fewshot.interval=4"]}, "N = 1e+15"),
+    "without few-shot evaluations to fit": ({"targets": [{"parameters": 1e6, "tokens": 1e7}],
+                                             "overrides": ["eval.fewshot.interval=0"]}, "eval.fewshot.interval"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_TARGETS, ids=list(BAD_TARGETS))
+def test_a_sweep_target_that_cannot_be_predicted_is_refused_before_any_run(case, tiny_config, tmp_path, in_process):
+    changes, named = BAD_TARGETS[case]
+    spec = write_sweep(tmp_path, tiny_config(), **changes)
     result = in_process(launch_main, "sweep", "--spec", str(spec))
-    assert result.returncode == 2 and "targets" in result.stderr
+    assert result.returncode == 2 and named in result.stderr
     assert not (tmp_path / "runs").exists()
