@@ -292,7 +292,8 @@ def test_a_finished_ladder_predicts_its_targets_at_each_k_into_the_sweeps_wandb_
     spec = write_sweep(tmp_path, base, sizes=[{"n_layer": 1, "d_model": 32, "n_head": 2},
                                               {"n_layer": 2, "d_model": 32, "n_head": 2},
                                               {"n_layer": 2, "d_model": 64, "n_head": 4}],
-                       tokens_per_parameter=[20, 40, 80], overrides=["logging.wandb_mode=offline", "eval.fewshot.interval=4"],
+                       tokens_per_parameter=[20, 40, 80],
+                       overrides=["logging.wandb_mode=offline", "eval.fewshot.interval=4"],
                        targets=[{"config": str(bigger), "tokens": 5e6}, {"parameters": 1e6, "tokens": 2e7}])
     for run in expand(load_sweep(spec)):
         fake_finished(run.config)
