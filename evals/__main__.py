@@ -31,7 +31,7 @@ from evals.config import FewShotConfig
 from evals.fewshot import Score, evaluate
 from evals.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs, fit_task_scaling
 from evals.interop import export_hf, write_lm_eval_tasks
-from evals.scaling.task_report import Target
+from evals.scaling.task_points import Target
 from pretrain.checkpoint import tag_for_step
 from pretrain.config import Config
 from pretrain.distributed import init_distributed, shutdown

@@ -16,8 +16,8 @@ from evals.scaling.points import ScalingError, read_csv
 from evals.scaling.publish import log_task_scaling_to_wandb, log_to_wandb
 from evals.scaling.report import ScalingReport, analyse, summary_lines
 from evals.scaling.task_plots import plot_tasks
-from evals.scaling.task_points import read_task_csv, task_csv_text
-from evals.scaling.task_report import Target, TaskScalingReport, analyse_tasks
+from evals.scaling.task_points import Target, read_task_csv, task_csv_text
+from evals.scaling.task_report import TaskScalingReport, analyse_tasks
 from evals.scaling.task_report import summary_lines as task_summary_lines
 from pretrain.rundir import scaling_points, task_scaling_points
 from pretrain.wandb_runs import finish_run, start_run

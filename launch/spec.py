@@ -10,7 +10,8 @@ from pydantic import Field, model_validator
 
 from data_pipeline.config import Section, read_yaml_mapping, validated
 from data_pipeline.errors import ConfigError
-from evals.scaling.task_report import Target, check_targets
+from evals.scaling.task_points import Target
+from evals.scaling.task_report import check_targets
 from pretrain.config import Config
 from pretrain.rundir import target_of_config
 

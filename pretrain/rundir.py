@@ -22,8 +22,7 @@ from data_pipeline.errors import DataError, UserError
 from data_pipeline.tokenizer import load_tokenizer
 from evals.report import fewshot_metric
 from evals.scaling.points import RunPoint, ScalingError
-from evals.scaling.task_points import TaskPoint
-from evals.scaling.task_report import Target
+from evals.scaling.task_points import Target, TaskPoint
 from pretrain import checkpoint
 from pretrain.config import Config, load_config
 from pretrain.model import GPT

@@ -8,7 +8,9 @@ and a training run costs about C = 6 N D FLOPs, which gives the compute-optimal 
 - `isoflop`: isoFLOP profiles (their approach 2), where a sweep trains several sizes at each of a few budgets;
 - `choose_k`: the few-shot k at which the runs' accuracy is compared;
 - `report`: everything together as a `ScalingReport` (`analyse`), its JSON and its printed table;
-- `plots` and `publish`: the PNGs, and the report in a W&B run.
+- `plots` and `publish`: the PNGs, and the report in a W&B run;
+- `task_points`, `task_law`, `task_report` and `task_plots`: task scaling (Bhagia et al. 2024), the task loss as
+  L(N, D) and the accuracy as a sigmoid of it, for each task and k, chained to predict a model not yet trained.
 
 This package reads typed run points, never a run directory or a live model: it imports nothing from `pretrain`.
 Its modules are imported by name (`evals.scaling.points`, ...), so that a reader of run points (every

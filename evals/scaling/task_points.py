@@ -1,5 +1,5 @@
 """The input of a task-scaling fit: one `TaskPoint` per evaluated checkpoint, task and k, from a long CSV here or
-from run directories (which `pretrain.rundir.task_points` reads).
+from run directories (which `pretrain.rundir.task_points` reads), and the `Target`s it predicts.
 
 The CSV has the columns `run,parameters,tokens,task,shots,task_loss,accuracy`: N without embeddings, the tokens
 seen at that checkpoint, and the task loss (bits per byte of the gold continuation given the prompt)."""
@@ -85,3 +85,17 @@ def task_csv_text(points: list[TaskPoint]) -> str:
     writer.writerow(TASK_CSV_COLUMNS)
     writer.writerows(astuple(point) for point in points)
     return text.getvalue()
+
+
+@dataclass(frozen=True)
+class Target:
+    """A model not trained yet: N without embeddings, and the tokens it will be trained on."""
+
+    name: str
+    parameters: float
+    tokens: float
+
+    @classmethod
+    def of_size(cls, parameters: float, tokens: float) -> Target:
+        """A target given by its N and D alone, named after them."""
+        return cls(f"N={parameters:.3g},D={tokens:.3g}", parameters, tokens)

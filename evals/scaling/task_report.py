@@ -13,25 +13,11 @@ from evals.scaling.law import Interval, interval_or_none, one_blas_thread
 from evals.scaling.points import ScalingError
 from evals.scaling.report import format_interval
 from evals.scaling.task_law import TaskFit, final_points, fit_task, last_tokens
-from evals.scaling.task_points import TaskPoint
+from evals.scaling.task_points import Target, TaskPoint
 
 # How far past the ladder a target may lie, in N and in D, either way: a power law extrapolated further says
 # nothing (Bhagia et al. predict 7B and 13B from ladders of up to 1.3B, about 10x).
 FURTHEST_EXTRAPOLATION = 1000.0
-
-
-@dataclass(frozen=True)
-class Target:
-    """A model not trained yet: N without embeddings, and the tokens it will be trained on."""
-
-    name: str
-    parameters: float
-    tokens: float
-
-    @classmethod
-    def of_size(cls, parameters: float, tokens: float) -> Target:
-        """A target given by its N and D alone, named after them."""
-        return cls(f"N={parameters:.3g},D={tokens:.3g}", parameters, tokens)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,8 @@ from evals.__main__ import main as evals_main
 from evals.scaling.law import Law
 from evals.scaling.points import ScalingError
 from evals.scaling.task_law import Sigmoid, final_points, fit_sigmoid, fit_task, last_tokens
-from evals.scaling.task_points import TaskPoint, read_task_csv, task_csv_text
-from evals.scaling.task_report import Target, analyse_tasks, check_targets, resampled
+from evals.scaling.task_points import Target, TaskPoint, read_task_csv, task_csv_text
+from evals.scaling.task_report import analyse_tasks, check_targets, resampled
 from pretrain.config import load_config
 from pretrain.rundir import non_embedding_parameters, task_scaling_points
 
