@@ -189,14 +189,15 @@ def summary_lines(report: TaskScalingReport) -> list[str]:
         lines.append(f"  {fit.task} k={fit.shots}: E {law.E:.4g}, A {law.A:.4g}, alpha {law.alpha:.3g}, B {law.B:.4g},"
                      f" beta {law.beta:.3g}; a {sigmoid.a:.3g}, s {sigmoid.s:.3g}, L0 {sigmoid.L0:.4g},"
                      f" b {sigmoid.b:.3g}")
+    width = max([len(fit.task) for fit in report.fits] + [4])
     for target in report.targets:
-        lines.append(f"target {target.name} (N {target.parameters:.4g}, D {target.tokens:.4g}): task loss, accuracy"
-                     " [95%]")
-        for prediction in report.predictions:
-            if prediction.target == target.name:
-                lines.append(f"  {prediction.task} k={prediction.shots}: {prediction.task_loss:.4f}"
-                             f"{format_interval(prediction.task_loss_interval)}, {prediction.accuracy:.3f}"
-                             f"{format_interval(prediction.accuracy_interval)}")
+        lines.append(f"target {target.name} (N {target.parameters:.4g}, D {target.tokens:.4g}), predicted:")
+        lines.append(f"  {'task':{width}s} {'k':>3s}  {'task loss [95%]':>26s}  {'accuracy [95%]':>24s}")
+        for found in report.predictions:
+            if found.target == target.name:
+                loss = f"{found.task_loss:.4f}{format_interval(found.task_loss_interval)}"
+                accuracy = f"{found.accuracy:.3f}{format_interval(found.accuracy_interval)}"
+                lines.append(f"  {found.task:{width}s} {found.shots:3d}  {loss:>26s}  {accuracy:>24s}")
     if holdout := report.holdout:
         lines.append(f"holdout: fitted without the runs of N = {holdout.parameters:.6g}; measured -> predicted")
         for error in holdout.errors:
