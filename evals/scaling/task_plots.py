@@ -106,7 +106,7 @@ def plot_tasks(report: TaskScalingReport, out_dir: Path) -> list[Path]:
         panel.set_ylim(0, 1)
         panel.set_xlabel("examples in the prompt (k)")
         panel.set_ylabel("accuracy")
-        panel.set_title(f"{task}: the ladder (final checkpoints) and the prediction")
+        panel.set_title(f"{task}: ladder and prediction")
         panel.grid(alpha=0.3)
         figure.colorbar(colours, ax=panel, label="parameters N")
         if report.targets:
