@@ -96,10 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " one), isoFLOP profiles: a parabola of loss against log N per budget, and N_opt = k C^a through their"
         " minima.",
     )
-    source = scaling.add_mutually_exclusive_group(required=True)
-    source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
-    source.add_argument("--csv", type=Path, help="a CSV with columns parameters, tokens, loss (name, compute,"
-                        " eval/fewshot/<task>/k=<k>)")
+    _runs_or_csv(scaling, "a CSV with columns parameters, tokens, loss (name, compute, eval/fewshot/<task>/k=<k>)")
     scaling.add_argument("--target-flops", type=float, help="also give the compute-optimal N and D for this budget")
     scaling.add_argument("--bootstrap", type=int, default=200, help="resamplings for the intervals")
     scaling.add_argument("--holdout", type=int, default=0,
@@ -119,10 +116,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " every evaluated checkpoint, chained to predict a target's accuracy, with a 95%% interval from a bootstrap"
         " over runs (Bhagia et al. 2024).",
     )
-    source = tasks.add_mutually_exclusive_group(required=True)
-    source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
-    source.add_argument("--csv", type=Path, help="a long CSV with columns run,parameters,tokens,task,shots,task_loss,"
-                        "accuracy: one row per evaluated checkpoint, task and k")
+    _runs_or_csv(tasks, "a long CSV with columns run,parameters,tokens,task,shots,task_loss,accuracy: one row per"
+                 " evaluated checkpoint, task and k")
     tasks.add_argument("--target-parameters", type=float, help="the target's N, without embeddings")
     tasks.add_argument("--target-tokens", type=float, help="the tokens the target trains on (with --target-config:"
                        " default, those of its schedule)")
@@ -140,6 +135,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if (args.target_parameters is None) != (args.target_tokens is None) and not args.target_config:
             parser.error("task-scaling: a target needs both --target-parameters and --target-tokens")
     return args
+
+
+def _runs_or_csv(command: argparse.ArgumentParser, csv_help: str) -> None:
+    """What a fit reads: run directories (`--runs`) or a CSV (`--csv`), one of the two."""
+    source = command.add_mutually_exclusive_group(required=True)
+    source.add_argument("--runs", type=Path, nargs="+", help="run directories, or directories that hold them")
+    source.add_argument("--csv", type=Path, help=csv_help)
 
 
 def _wandb_options(command: argparse.ArgumentParser, name: str) -> None:

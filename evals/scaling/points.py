@@ -52,18 +52,25 @@ CSV_COLUMNS = ("parameters", "tokens", "loss")
 FEWSHOT_PREFIX = "eval/fewshot/"  # few-shot accuracies are named `eval/fewshot/<task>/k=<k>`, as in training
 
 
-def read_csv(path: Path) -> list[RunPoint]:
-    """Runs from a CSV with the columns parameters, tokens and loss (and optionally name, compute and few-shot
-    accuracies in columns named `eval/fewshot/<task>/k=<k>`, a cell left empty where a run lacks one)."""
+def read_csv_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """A CSV's header and rows, or a ScalingError naming the file and what is wrong with it."""
     try:
-        with path.open(newline="") as file:
-            rows = list(csv.DictReader(file))
+        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte-order mark
+            reader = csv.DictReader(file)
+            rows = list(reader)
+            return list(reader.fieldnames or []), rows
     except OSError as error:
         raise ScalingError(f"{path}: {error.strerror}") from None
     except UnicodeDecodeError:
         raise ScalingError(f"{path}: is not UTF-8 text; save the CSV as UTF-8") from None
     except csv.Error as error:
         raise ScalingError(f"{path}: is not a readable CSV ({error}); fix the file") from None
+
+
+def read_csv(path: Path) -> list[RunPoint]:
+    """Runs from a CSV with the columns parameters, tokens and loss (and optionally name, compute and few-shot
+    accuracies in columns named `eval/fewshot/<task>/k=<k>`, a cell left empty where a run lacks one)."""
+    _header, rows = read_csv_rows(path)
     missing = [column for column in CSV_COLUMNS if not rows or column not in rows[0]]
     if missing:
         raise ScalingError(f"{path}: needs a header with the columns {', '.join(CSV_COLUMNS)} (missing: "

@@ -12,7 +12,7 @@ import math
 from dataclasses import astuple, dataclass
 from pathlib import Path
 
-from evals.scaling.points import ScalingError
+from evals.scaling.points import ScalingError, read_csv_rows
 
 TASK_CSV_COLUMNS = ("run", "parameters", "tokens", "task", "shots", "task_loss", "accuracy")
 
@@ -55,17 +55,7 @@ def _checked(path: Path, line: int, row: dict[str, str]) -> TaskPoint:
 
 def read_task_csv(path: Path) -> list[TaskPoint]:
     """The points of a long CSV with the columns TASK_CSV_COLUMNS (others are ignored)."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: a spreadsheet's byte-order mark
-            reader = csv.DictReader(file)
-            rows = list(reader)
-            header = reader.fieldnames or []
-    except OSError as error:
-        raise ScalingError(f"{path}: {error.strerror}") from None
-    except UnicodeDecodeError:
-        raise ScalingError(f"{path}: is not UTF-8 text; save the CSV as UTF-8") from None
-    except csv.Error as error:
-        raise ScalingError(f"{path}: is not a readable CSV ({error}); fix the file") from None
+    header, rows = read_csv_rows(path)
     missing = [column for column in TASK_CSV_COLUMNS if column not in header]
     if missing:
         raise ScalingError(f"{path}: needs the columns {','.join(TASK_CSV_COLUMNS)}; missing: {', '.join(missing)}")
