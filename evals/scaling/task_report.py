@@ -16,12 +16,15 @@ from evals.scaling.task_law import TaskFit, final_points, fit_task, last_tokens
 from evals.scaling.task_points import Target, TaskPoint
 
 # How far past the ladder a target may lie, in N and in D, either way: a power law extrapolated further says
-# nothing (Bhagia et al. predict 7B and 13B from ladders of up to 1.3B, about 10x).
+# nothing (Bhagia et al. predict 7B and 13B models from a ladder of up to 1.3B: 5 to 10x in N).
 FURTHEST_EXTRAPOLATION = 1000.0
 
 
 @dataclass(frozen=True)
 class Prediction:
+    """One target's task loss and accuracy at one task and k, each with its 95% bootstrap interval (None where
+    no resampling of the runs could be fitted)."""
+
     target: str
     parameters: float
     tokens: float
