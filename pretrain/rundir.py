@@ -160,10 +160,10 @@ def target_of_config(path: Path, tokens: float | None = None) -> Target:
     and `tokens` or else the tokens its schedule trains on (max_steps x global_batch_tokens). Named after the
     config's run name, with D where `tokens` is given."""
     config = run_config(path) if Path(path).is_dir() else load_config(path)
+    parameters = non_embedding_parameters(config)
     if tokens is None:
-        return Target(config.name, non_embedding_parameters(config),
-                      config.train.max_steps * config.train.global_batch_tokens)
-    return Target(f"{config.name},D={tokens:.3g}", non_embedding_parameters(config), tokens)
+        return Target(config.name, parameters, config.train.max_steps * config.train.global_batch_tokens)
+    return Target(f"{config.name},D={tokens:.3g}", parameters, tokens)
 
 
 def scaling_point(run_dir: Path) -> RunPoint:

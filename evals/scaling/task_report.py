@@ -120,11 +120,17 @@ def _fit_all(points: list[TaskPoint], start: dict | None = None) -> dict[tuple[s
     return {key: fit_task(group, start[key] if start else None, last) for key, group in _groups(points).items()}
 
 
-def resampled(points: list[TaskPoint], runs: list[str], rng: np.random.Generator) -> list[TaskPoint]:
-    """The points of runs drawn with replacement, a run drawn twice appearing twice (under two names)."""
+def points_by_run(points: list[TaskPoint]) -> dict[str, list[TaskPoint]]:
+    """Each run's points, the runs in sorted order (the order a resampling draws from)."""
     by_run: dict[str, list[TaskPoint]] = {}
     for point in points:
         by_run.setdefault(point.run, []).append(point)
+    return dict(sorted(by_run.items()))
+
+
+def resampled(by_run: dict[str, list[TaskPoint]], rng: np.random.Generator) -> list[TaskPoint]:
+    """The points of runs drawn with replacement, a run drawn twice appearing twice (under two names)."""
+    runs = list(by_run)
     drawn = rng.choice(len(runs), size=len(runs), replace=True)
     return [replace(point, run=f"{runs[index]}#{draw}") for draw, index in enumerate(drawn)
             for point in by_run[runs[index]]]
@@ -157,12 +163,12 @@ def analyse_tasks(points: list[TaskPoint], targets: list[Target], samples: int =
     finals = final_points(points)
     check_targets(targets, [p.parameters for p in finals], [p.tokens for p in finals])
     fits = _fit_all(points)
-    runs = sorted({point.run for point in points})
+    by_run = points_by_run(points)
     rng = np.random.default_rng(seed)
     refits = []
     for _ in range(samples):
         try:
-            refitted = _fit_all(resampled(points, runs, rng), fits)
+            refitted = _fit_all(resampled(by_run, rng), fits)
         except ScalingError:
             continue  # a resampling without 2 sizes, 2 budgets or 5 runs cannot be fitted
         if refitted.keys() == fits.keys():  # else it lacks the only runs that evaluated some task or k

@@ -16,7 +16,7 @@ from evals.scaling.law import Law
 from evals.scaling.points import ScalingError
 from evals.scaling.task_law import Sigmoid, final_points, fit_sigmoid, fit_task, last_tokens
 from evals.scaling.task_points import Target, TaskPoint, read_task_csv, task_csv_text
-from evals.scaling.task_report import analyse_tasks, check_targets, resampled
+from evals.scaling.task_report import analyse_tasks, check_targets, points_by_run, resampled
 from pretrain.config import load_config
 from pretrain.rundir import non_embedding_parameters, task_scaling_points
 
@@ -92,7 +92,7 @@ def test_holding_out_the_largest_size_predicts_its_runs_from_the_others():
 def test_a_run_drawn_twice_by_the_bootstrap_counts_twice():
     points = ladder()
     runs = sorted({point.run for point in points})
-    drawn = resampled(points, runs, np.random.default_rng(3))
+    drawn = resampled(points_by_run(points), np.random.default_rng(3))
     assert len(last_tokens(drawn)) == len(runs)  # as many runs as the ladder has, some of them twice
     assert len({point.run.split("#")[0] for point in drawn}) < len(runs) and len(drawn) == len(points)
 
