@@ -60,17 +60,17 @@ data: setup
 	$(PY) -m launch prepare --backend $(BACKEND) --config $(CONFIG) $(ARGS)
 
 bench-data: setup
-	$(PY) -m data_pipeline.bench $(ARGS)
+	$(PY) -m data_pipeline.bench_data $(ARGS)
 
 # Preparation by 1 and 2 workers (ARGS="prepare [--backend slurm]"), and time to the first step by shard count
 # (ARGS="startup").
 bench-launch: setup
-	$(PY) -m launch.bench $(ARGS)
+	$(PY) -m launch.bench_launch $(ARGS)
 
 # Training step: the DeepSpeed path against a plain PyTorch loop (GPT-2 124M and 350M on CUDA, a tiny shape
 # elsewhere), e.g. ARGS="--shapes gpt2-124m --json bench.json".
 bench: setup
-	$(PY) -m pretrain.bench $(ARGS)
+	$(PY) -m pretrain.bench_step $(ARGS)
 
 # Few-shot accuracy against the number of in-context examples, for a trained run (default: the one `make train`
 # made), e.g. ARGS="--tasks word_labels,my_task.jsonl --shots 0,1,8 --step 1000".
@@ -81,12 +81,12 @@ eval: setup
 # A self-contained HTML page of a run's curves (loss, learning rate, throughput, few-shot), from its own files:
 # RUN/report.html, viewable with no network.
 report: setup
-	$(PY) -m pretrain.report $(RUN) $(ARGS)
+	$(PY) -m pretrain.html_report $(RUN) $(ARGS)
 
 # Upload every offline W&B run under RUNS (each resumed run's attempts in order); ARGS=--dry-run prints it.
 RUNS ?= runs
 sync: setup
-	$(PY) -m pretrain.wandb_runs sync $(RUNS) $(ARGS)
+	$(PY) -m pretrain.wandb_sync $(RUNS) $(ARGS)
 
 # A scaling sweep: every run of SPEC not finished yet (finished ones are skipped, interrupted ones resume),
 # then the fit, its intervals and plots in runs/<sweep>/scaling/. ARGS take `launch run` options and

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_pipeline.errors import ConfigError
+from data_pipeline.common.errors import ConfigError
 
 OPEN_SHARDS = 8  # shards a reader keeps open (their indexes, and remote shards' bytes)
 

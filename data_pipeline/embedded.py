@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
 
-from data_pipeline.errors import DataError
+from data_pipeline.common.errors import DataError
 
 _CONSONANTS = "bdfgklmnprstvz"
 _VOWELS = "aeiou"

@@ -30,8 +30,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import OPEN_SHARDS, BatchLayout
-from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest, Shard
 from data_pipeline.remote import Fetcher, redacted
 from data_pipeline.tokenizer import file_sha256

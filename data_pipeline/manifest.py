@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import DataError
+from data_pipeline.common.errors import DataError
 
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"

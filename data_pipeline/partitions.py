@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.common.errors import DataError
+from data_pipeline.common.files import fsync_directory, publish_directory
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
-from data_pipeline.files import fsync_directory, publish_directory
 from data_pipeline.manifest import SPLITS, Shard, shard_pattern
 from data_pipeline.sources import Unit, all_units, describe, is_validation, unit_group_documents
 from data_pipeline.tokenizer import END_OF_DOCUMENT, file_sha256, load_tokenizer

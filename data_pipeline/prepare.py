@@ -32,9 +32,9 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 from tqdm import tqdm
 
+from data_pipeline.common.errors import DataError
+from data_pipeline.common.files import publish_directory, write_atomically
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
-from data_pipeline.files import publish_directory, write_atomically
 from data_pipeline.manifest import FORMAT_VERSION, MANIFEST, Manifest
 from data_pipeline.partitions import (
     PARTITIONS,

@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from data_pipeline.common.errors import DataError
+from data_pipeline.common.redaction import redact_text
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
 from data_pipeline.manifest import Shard
-from data_pipeline.redaction import redact_text
 from data_pipeline.shard_cache import ShardCache, checked_sha256, locked_part, part_name
 
 CHUNK_BYTES = 1 << 20

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from data_pipeline.errors import DataError
-from data_pipeline.files import fsync_directory, write_atomically
+from data_pipeline.common.errors import DataError
+from data_pipeline.common.files import fsync_directory, write_atomically
 from data_pipeline.manifest import Shard
 
 HASH_CHUNK_BYTES = 1 << 20

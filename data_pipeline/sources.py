@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import (
     DataConfig,
     InContextEpisodesSource,
@@ -24,7 +25,6 @@ from data_pipeline.config import (
     StdlibDocstringsSource,
 )
 from data_pipeline.embedded import icl_episodes, stdlib_docstrings
-from data_pipeline.errors import DataError
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from data_pipeline.errors import DataError
+from data_pipeline.common.errors import DataError
 
 END_OF_DOCUMENT = "<|endoftext|>"
 

@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from data_pipeline.errors import DataError
-from data_pipeline.files import write_atomically
+from data_pipeline.common.errors import DataError
+from data_pipeline.common.files import write_atomically
 from data_pipeline.loader import is_local, refuse_if_damaged, shard_location
 from data_pipeline.manifest import Manifest, Shard
 from data_pipeline.tokenizer import file_sha256

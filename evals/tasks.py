@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from data_pipeline.common.errors import CONFIG_ERROR_EXIT_CODE, UserError
 from data_pipeline.embedded import episode_inventories
-from data_pipeline.errors import CONFIG_ERROR_EXIT_CODE, UserError
 from data_pipeline.sources import jsonl_records
 
 MULTIPLE_CHOICE = "multiple_choice"

@@ -24,11 +24,11 @@ import socket
 import sys
 from pathlib import Path
 
-from data_pipeline.cli import at_least_one, run_command
-from data_pipeline.errors import ConfigError
-from data_pipeline.files import write_atomically
-from data_pipeline.redaction import redact_text
-from launch import hostfile, planner, preparation, slurm
+from data_pipeline.common.command_line import ArgumentParser, at_least_one, run_command
+from data_pipeline.common.errors import ConfigError
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.redaction import redact_text
+from launch import hostfile, planner, prepare_jobs, slurm
 from launch.local import (
     DEFAULT_CPU_RANKS,
     Rendezvous,
@@ -37,29 +37,23 @@ from launch.local import (
     torchrun_command,
 )
 from launch.record import record_launch
-from launch.spec import load_sweep
 from launch.sweep import run_sweep
-from pretrain.checkpoint import (
+from launch.sweep_spec import load_sweep
+from pretrain.checkpoint_store import (
     refuse_to_train_over_checkpoints,
     resume_plan,
     resume_position,
     starting_checkpoint,
 )
 from pretrain.config import Config, deepspeed_config, load_config
-from pretrain.data import VERIFIED_DATA_VARIABLE, prepare_and_verify
 from pretrain.device import device_here, resolve_precision
+from pretrain.run_data import VERIFIED_DATA_VARIABLE, prepare_and_verify
 from pretrain.runlock import RunLock
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line and exit code 2, like every other refused request.
-        raise ConfigError(message)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = _Parser(prog="python -m launch")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="python -m launch")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     run = commands.add_parser("run", help="train a model here, across hosts, or on SLURM")
     run.add_argument("--config", help="YAML config (configs/quickstart.yaml for the quickstart)")
     sweep = commands.add_parser("sweep", help="run every run of a scaling sweep not finished yet, then fit it")
@@ -90,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     node.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     prepare = commands.add_parser("prepare", help="tokenize and shard a config's data now (training does it on"
                                   " first use otherwise)")
-    preparation.add_arguments(prepare)
+    prepare_jobs.add_arguments(prepare)
     plan = commands.add_parser("plan", help="memory per GPU by ZeRO stage, and the micro-batch that fits")
     planner.add_arguments(plan)
     return parser.parse_args(argv)
@@ -271,7 +265,7 @@ def sweep(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def prepare_data(args: argparse.Namespace, _argv: list[str]) -> int:
-    return preparation.prepare_command(args, load_config(args.config, args.overrides))
+    return prepare_jobs.prepare_command(args, load_config(args.config, args.overrides))
 
 
 def plan_memory(args: argparse.Namespace, _argv: list[str]) -> int:

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import ConfigError
+from data_pipeline.common.errors import ConfigError
 
 LINE = re.compile(r"^(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*)\s+slots=(?P<slots>[1-9][0-9]*)$")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import psutil
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE
-from pretrain.checkpoint import newest_complete, read_marker
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE
+from pretrain.checkpoint_store import newest_complete, read_marker
 from pretrain.faults import PREEMPTION_SIGNALS
 
 DEFAULT_CPU_RANKS = 2

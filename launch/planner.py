@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
-from data_pipeline.cli import at_least_one
-from data_pipeline.errors import ConfigError
+from data_pipeline.common.command_line import at_least_one
+from data_pipeline.common.errors import ConfigError
 from pretrain.config import Config
 from pretrain.memory import MemoryEstimate, ParameterCount, count_parameters, estimate
 

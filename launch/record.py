@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
-from data_pipeline.files import write_atomically
-from data_pipeline.redaction import redacted_tree
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.redaction import redacted_tree
 
 # Variables that change how a distributed run behaves. Secrets are never recorded: a variable whose name looks
-# secret, whatever its prefix, is kept as data_pipeline.redaction.REDACTED, and so is a credential in any value,
+# secret, whatever its prefix, is kept as data_pipeline.common.redaction.REDACTED, and so is a credential in any value,
 # argument or command (a signed URL, a password in a pipe: command).
 RECORDED = re.compile(r"^(NCCL_|CUDA_|TORCH|OMP_|MASTER_|SLURM_(JOB_ID|JOB_NODELIST|NNODES|RESTART_COUNT)$|GLOO_)")
 

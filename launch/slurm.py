@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
-from data_pipeline.files import write_atomically
-from data_pipeline.redaction import redact_text
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE, ConfigError
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.redaction import redact_text
 from pretrain.config import Config
 
 
@@ -183,7 +183,7 @@ def _preparation_script(config: Config, config_path: Path | None, overrides: lis
     lines += _extra_lines(config)
     arguments = (["--config", str(config_path.resolve())] if config_path else []) + list(overrides)
     step = ["--step", "partitions"] if tasks else ["--step", "manifest"]
-    command = " ".join(shlex.quote(shown(part)) for part in [sys.executable, "-m", "launch.preparation", *arguments,
+    command = " ".join(shlex.quote(shown(part)) for part in [sys.executable, "-m", "launch.prepare_jobs", *arguments,
                                                               *step])
     environment = config.launch.environment.items()
     lines += ["", "set -u", *(f"export {name}={shlex.quote(shown(value))}" for name, value in environment),

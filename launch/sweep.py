@@ -38,23 +38,23 @@ from pathlib import Path
 
 import yaml
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE, ConfigError
-from data_pipeline.files import write_atomically
-from data_pipeline.redaction import redact_text
-from evals.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE, ConfigError
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.redaction import redact_text
+from evals.commands.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs
 from launch.local import DEFAULT_CPU_RANKS, gpus_here
 from launch.slurm import ArrayJob
-from launch.spec import SweepConfig, SweepRun, SweepSize, sweep_targets
-from pretrain.checkpoint import (
+from launch.sweep_spec import SweepConfig, SweepRun, SweepSize, sweep_targets
+from pretrain.checkpoint_store import (
     CheckpointError,
     newest_complete,
     starting_checkpoint,
     tag_for_step,
 )
 from pretrain.config import Config, load_config
-from pretrain.data import prepare_and_verify
 from pretrain.faults import PREEMPTION_SIGNALS
-from pretrain.rundir import finished_with, non_embedding_parameters
+from pretrain.run_data import prepare_and_verify
+from pretrain.rundir.reader import finished_with, non_embedding_parameters
 
 # Submits runs as one SLURM job array: (config path, the runs' configs, the array) -> job id.
 SubmitArray = Callable[[str, list[Config], ArrayJob], "str | None"]

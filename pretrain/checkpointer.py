@@ -2,7 +2,7 @@
 `train.checkpoint_steps`, at the last step, at the step a preemption signal stopped), how many it keeps, and what
 a run resumes from. It owns one registry of the state a checkpoint carries besides DeepSpeed's engine (the loop
 counters, the data position, the fault counters); randomness needs no entry, being a function of
-(seed, step, rank). What a checkpoint holds on disk, and its `complete` marker, are pretrain/checkpoint.py's.
+(seed, step, rank). What a checkpoint holds on disk, and its `complete` marker, are pretrain/checkpoint_store.py's.
 
 Resuming picks the newest checkpoint every rank can read whole: each rank reads back its share of the files
 (a flipped byte that kept a file's size included), the ranks agree, and a damaged one is named and passed over
@@ -17,12 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from data_pipeline.errors import DataError, UserError
-from pretrain import checkpoint
-from pretrain.checkpoint import CheckpointError
+from data_pipeline.common.errors import DataError, UserError
+from pretrain import checkpoint_store
+from pretrain.checkpoint_store import CheckpointError
 from pretrain.config import Config
-from pretrain.data import DataOrder
 from pretrain.faults import Preempted
+from pretrain.run_data import DataOrder
 
 T = TypeVar("T")
 
@@ -98,9 +98,10 @@ class Checkpointer:
     extra_steps: tuple[int, ...] = ()  # where a WSD run's decay branches start; never pruned
     keep: int = 0  # intact checkpoints kept, newest first, besides the extra steps'; 0 keeps all
     ranks: Ranks = field(default_factory=Ranks)
-    # checkpoint.save (every rank writes, rank 0 marks and prunes) and checkpoint.load; a test may pass others.
-    write: Callable[..., Path] = checkpoint.save
-    read: Callable[..., dict[str, Any]] = checkpoint.load
+    # checkpoint_store.save (every rank writes, rank 0 marks and prunes) and checkpoint_store.load; a test may pass
+    # others.
+    write: Callable[..., Path] = checkpoint_store.save
+    read: Callable[..., dict[str, Any]] = checkpoint_store.load
     components: dict[str, Stateful] = field(default_factory=dict)
 
     @classmethod
@@ -120,21 +121,21 @@ class Checkpointer:
         return state
 
     def plan_resume(self, config: Config, warn: Callable[[str], None]) -> Resumption:
-        """Choose what the run starts from: the newest candidate (checkpoint.starting_candidates) every rank reads
+        """Choose what the run starts from: the newest candidate (checkpoint_store.starting_candidates) every rank reads
         whole, its position in the data and how it loads; the universal form is converted here (rank 0, once).
         Raises CheckpointError for a checkpoint this run cannot continue (another ZeRO stage, another order), and
         ConfigError for train.resume=never over a run that has checkpoints."""
-        checkpoint.refuse_to_train_over_checkpoints(config)
-        for candidate in checkpoint.starting_candidates(config, warn):
+        checkpoint_store.refuse_to_train_over_checkpoints(config)
+        for candidate in checkpoint_store.starting_candidates(config, warn):
             problems = self.ranks.gather_problems(
-                checkpoint.unreadable(candidate, self.ranks.rank, self.ranks.world_size))
+                checkpoint_store.unreadable(candidate, self.ranks.rank, self.ranks.world_size))
             if problems:
                 warn(f"{candidate}: {problems[0]}; passed over for the checkpoint before it")
                 continue
-            universal = checkpoint.resume_plan(candidate, self.ranks.world_size, config.deepspeed.zero_stage)
+            universal = checkpoint_store.resume_plan(candidate, self.ranks.world_size, config.deepspeed.zero_stage)
             if universal:
-                self.ranks.main_first(functools.partial(checkpoint.convert_to_universal, candidate))
-            step, sequence = checkpoint.resume_position(candidate, config)
+                self.ranks.main_first(functools.partial(checkpoint_store.convert_to_universal, candidate))
+            step, sequence = checkpoint_store.resume_position(candidate, config)
             return Resumption(candidate, step, sequence, universal)
         return Resumption()
 
@@ -158,7 +159,7 @@ class Checkpointer:
         except UserError as error:
             raise type(error)(f"{resumption.checkpoint}: {error}") from None
         own = resumption.checkpoint.parent.parent == self.run_dir
-        written_by = checkpoint.read_marker(resumption.checkpoint)["world_size"]
+        written_by = checkpoint_store.read_marker(resumption.checkpoint)["world_size"]
         say(f"{'resumed from ' + resumption.checkpoint.name if own else f'branched from {resumption.checkpoint}'}"
             f" (step {resumption.step})" + (
                 f", written by {written_by} ranks, through its universal form" if resumption.universal else ""))

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, model_validator
 
+from data_pipeline.common.errors import ConfigError
+from data_pipeline.common.redaction import looks_secret, redacted_tree
 from data_pipeline.config import (
     BatchLayout,
     DataConfig,
@@ -22,8 +24,6 @@ from data_pipeline.config import (
     set_dotted,
     validated,
 )
-from data_pipeline.errors import ConfigError
-from data_pipeline.redaction import looks_secret, redacted_tree
 from evals.config import FewShotConfig
 
 
@@ -238,7 +238,7 @@ class Config(Section):
 
     def redacted_dump(self) -> dict[str, Any]:
         """The config as the run directory and W&B keep it: credentials in values (a signed data.shard_url, a
-        password in a pipe: command) replaced by data_pipeline.redaction.REDACTED. The ranks never read it back;
+        password in a pipe: command) replaced by data_pipeline.common.redaction.REDACTED. The ranks never read it back;
         they load the config file and overrides they were started with."""
         return redacted_tree(self.model_dump(mode="json"))
 

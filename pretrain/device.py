@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from data_pipeline.errors import ConfigError
+from data_pipeline.common.devices import device_name
+from data_pipeline.common.errors import ConfigError
 
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, FLOP/s. Longer names first: the first
 # name contained in the device's name wins.
@@ -64,5 +65,5 @@ def peak_bf16_flops(device: torch.device) -> float | None:
     """The device's dense bf16 peak in FLOP/s, or None where unknown (a CPU, an unlisted GPU)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
+    name = device_name(device)
     return next((peak for key, peak in BF16_PEAK_FLOPS if key in name), None)

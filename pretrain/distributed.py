@@ -8,7 +8,6 @@ MASTER_ADDR and MASTER_PORT, or as SLURM tasks (RANK and the rest come from SLUR
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,7 +16,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from data_pipeline.errors import UserError
+from data_pipeline.common.errors import UserError
+from data_pipeline.common.network import free_port
 from pretrain.config import DeepSpeedConfig
 from pretrain.device import pick_device
 
@@ -44,12 +44,6 @@ class DistributedContext:
             print(*args, **kwargs, flush=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def init_distributed(settings: DeepSpeedConfig) -> DistributedContext:
     import deepspeed  # deferred: importing it is slow, and the config can be checked without it
 
@@ -60,7 +54,7 @@ def init_distributed(settings: DeepSpeedConfig) -> DistributedContext:
                           WORLD_SIZE=os.environ["SLURM_NTASKS"])
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(local_rank)
     # A rank that dies must not leave the others waiting forever in a collective.

@@ -13,7 +13,7 @@ from evals.benchmarks import benchmark_groups
 from evals.config import FewShotConfig
 from evals.fewshot import Score
 from evals.fewshot import evaluate as evaluate_fewshot
-from evals.report import metrics_for_logging
+from evals.fewshot_results import metrics_for_logging
 from evals.tasks import Task
 from pretrain.loss import next_token_loss
 

@@ -8,17 +8,16 @@ Whatever ZeRO stage and number of ranks wrote the checkpoint, the file holds {"m
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
-from data_pipeline.cli import run_command
-from data_pipeline.files import write_atomically
-from pretrain.checkpoint import tag_for_step
+from data_pipeline.common.command_line import ArgumentParser, run_command
+from data_pipeline.common.files import write_atomically
+from pretrain.checkpoint_store import tag_for_step
 from pretrain.config import ModelConfig
 from pretrain.model import GPT
-from pretrain.rundir import load_checkpoint
+from pretrain.rundir.reader import load_checkpoint
 
 
 def export(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
@@ -42,7 +41,7 @@ def load_exported(path: Path) -> tuple[GPT, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.export", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pretrain.export", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="the run directory (output_dir/name)")
     parser.add_argument("--step", type=int, help="the checkpoint's step; default: the newest complete one")
     parser.add_argument("--out", type=Path, help="default: RUN_DIR/export/step_<N>.pt")

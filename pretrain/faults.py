@@ -15,8 +15,8 @@ from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE, UserError
-from pretrain.checkpoint import newest_complete
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE, UserError
+from pretrain.checkpoint_store import newest_complete
 from pretrain.config import Config
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

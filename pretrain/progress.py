@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from pretrain.metrics import system_metrics
+from pretrain.environment import system_metrics
 
 
 @dataclass

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from data_pipeline.common.errors import UserError
 
 LOCK_FILE = "running.lock"
 

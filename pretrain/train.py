@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.cli import run_command
-from data_pipeline.errors import DataError
-from data_pipeline.files import write_atomically
+from data_pipeline.common.command_line import ArgumentParser, run_command
+from data_pipeline.common.errors import DataError
+from data_pipeline.common.files import write_atomically
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
 from data_pipeline.remote import Fetcher
 from data_pipeline.tokenizer import load_tokenizer
@@ -32,7 +32,6 @@ from evals.benchmarks import load_evaluation_tasks
 from evals.fewshot import refuse_what_cannot_be_scored
 from pretrain.checkpointer import Checkpointer, DataPosition, Ranks, Resumption
 from pretrain.config import BatchLayout, Config, deepspeed_config, load_config
-from pretrain.data import DataOrder, prepare_and_verify
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import (
     DistributedContext,
@@ -43,19 +42,21 @@ from pretrain.distributed import (
     problems_across_ranks,
     shutdown,
 )
+from pretrain.environment import launch_details
 from pretrain.evaluation import FewShotEvaluator, Validator
 from pretrain.faults import LossSpikes, NonFiniteGuard, PreemptionWatch
 from pretrain.loss import next_token_loss
-from pretrain.metrics import RunLogger, launch_details
 from pretrain.model import GPT
 from pretrain.optim import SkippingAdamW, lr_multiplier, parameter_groups
 from pretrain.progress import Progress
-from pretrain.rundir import read_metrics
+from pretrain.run_data import DataOrder, prepare_and_verify
+from pretrain.run_logger import RunLogger
+from pretrain.rundir.reader import read_metrics
 from pretrain.runlock import RunLock
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pretrain.train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML config; the defaults of the schema if omitted")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. train.lr=1e-3")
     return parser.parse_args(argv)

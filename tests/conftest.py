@@ -12,7 +12,7 @@ import torch
 import yaml
 from filelock import FileLock
 
-from data_pipeline.cli import run_command
+from data_pipeline.common.command_line import run_command
 from pretrain.config import merged
 from tests.helpers import TINY_CONFIG, launch, losses_by_step
 

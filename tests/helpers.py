@@ -22,7 +22,7 @@ from data_pipeline.loader import ShardReader
 from data_pipeline.tokenizer import train_bpe
 from pretrain.config import ModelConfig
 from pretrain.model import GPT
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 
 # Small enough for a 2-rank DeepSpeed run in seconds on 2 CPU cores; in-context episodes only, so preparing
 # the data takes about a second.

@@ -12,11 +12,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from data_pipeline.common.network import free_port
 
 
 def wait_for_port(port: int, timeout: float = 10) -> None:

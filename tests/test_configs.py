@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from evals.benchmarks import load_evaluation_tasks
-from launch.spec import load_sweep, sweep_targets
 from launch.sweep import expand
+from launch.sweep_spec import load_sweep, sweep_targets
 from pretrain.config import load_config
 from pretrain.model import GPT
 

@@ -7,25 +7,18 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.files import write_atomically
+from data_pipeline.common.plotting import headless_pyplot, log_norm, save_png
 from evals.scaling.choose_k import FewshotChoice
 from evals.scaling.isoflop import IsoflopProfiles
 from evals.scaling.law import Law
-from evals.scaling.report import ComputeOptimal, FittedRun, ScalingReport, format_interval
+from evals.scaling.loss_report import ComputeOptimal, FittedRun, ScalingReport, format_interval
 
 
 def plot(report: ScalingReport, out_dir: Path) -> list[Path]:
     """fit.png (fitted against observed loss), frontier.png (loss against compute, with the fitted compute-optimal
     frontier), isoflop.png where the runs have isoFLOP budgets and fewshot.png where they have few-shot results."""
-    import matplotlib  # deferred: only a command that draws needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     law, runs = report.law, report.runs
-
-    def save(figure):
-        return lambda path: (figure.tight_layout(), figure.savefig(path, format="png"), plt.close(figure))
 
     observed = [run.point.loss for run in runs]
     predicted = [run.predicted_loss for run in runs]
@@ -41,7 +34,7 @@ def plot(report: ScalingReport, out_dir: Path) -> list[Path]:
     axes.set_ylabel("fitted loss")
     axes.set_title("fitted against observed (colour: log10 C = 6 N D)")
     axes.legend()
-    written = [write_atomically(out_dir / "fit.png", save(figure))]
+    written = [save_png(figure, out_dir / "fit.png")]
 
     figure, axes = plt.subplots(figsize=(7, 4.5), dpi=120)
     sizes = sorted({run.point.parameters for run in runs})
@@ -60,31 +53,29 @@ def plot(report: ScalingReport, out_dir: Path) -> list[Path]:
     axes.set_title(f"L = {law.E:.3g} + {law.A:.3g}/N^{law.alpha:.3f} + {law.B:.3g}/D^{law.beta:.3f}")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
-    written.append(write_atomically(out_dir / "frontier.png", save(figure)))
+    written.append(save_png(figure, out_dir / "frontier.png"))
 
     if report.isoflop.budgets:
         figure, (profiles, optima) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=120)
         _draw_isoflop(profiles, optima, report.isoflop, law, report.compute_optimal)
-        written.append(write_atomically(out_dir / "isoflop.png", save(figure)))
+        written.append(save_png(figure, out_dir / "isoflop.png"))
     if report.fewshot.k is not None:
         tasks = report.fewshot.tasks
         columns = min(3, len(tasks))
         rows = -(-len(tasks) // columns)
         figure, panels = plt.subplots(rows, columns, figsize=(5 * columns, 4 * rows), dpi=120, squeeze=False)
         _draw_fewshot(figure, list(panels.ravel()), runs, report.fewshot)
-        written.append(write_atomically(out_dir / "fewshot.png", save(figure)))
+        written.append(save_png(figure, out_dir / "fewshot.png"))
     return written
 
 
 def _draw_isoflop(profiles, optima, isoflop: IsoflopProfiles, law: Law, compute_optimal: ComputeOptimal | None):
     """Left: each budget's runs, its parabola in log N and the parabola's minimum (a star); right: the minima
     against compute, with their intervals, the isoFLOP power law through them and the parametric law's N_opt."""
-    from matplotlib import colormaps
-    from matplotlib.ticker import NullFormatter
-
+    plt = headless_pyplot()
     budgets = isoflop.budgets
     for index, budget in enumerate(budgets):
-        colour = colormaps["viridis"](index / max(1, len(budgets) - 1))
+        colour = plt.colormaps["viridis"](index / max(1, len(budgets) - 1))
         optimum = budget.optimum
         profiles.scatter(budget.parameters, budget.losses, color=colour,
                          label=f"C = {budget.flops:.2g}" + (" (skipped)" if optimum is None else ""))
@@ -129,7 +120,7 @@ def _draw_isoflop(profiles, optima, isoflop: IsoflopProfiles, law: Law, compute_
     optima.set_xscale("log")
     optima.set_yscale("log")
     # Over less than a decade matplotlib labels the minor ticks too, and they overlap.
-    optima.xaxis.set_minor_formatter(NullFormatter())
+    optima.xaxis.set_minor_formatter(plt.NullFormatter())
     optima.set_xlabel("training compute C (FLOPs)")
     optima.set_ylabel("compute-optimal parameters N_opt")
     optima.grid(alpha=0.3, which="both")
@@ -139,14 +130,11 @@ def _draw_isoflop(profiles, optima, isoflop: IsoflopProfiles, law: Law, compute_
 def _draw_fewshot(figure, panels: list, runs: list[FittedRun], fewshot: FewshotChoice) -> None:
     """One panel per task: accuracy at the chosen k against compute, one line per model size, coloured by log N
     (a colour bar rather than a legend: an isoFLOP sweep has a size or more per run)."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import LogNorm
-
+    plt = headless_pyplot()
     k = fewshot.k
     sizes = sorted({run.point.parameters for run in runs})
     # Padded by a factor 1.5 either side, so that a single size still spans a range of colours.
-    colours = ScalarMappable(LogNorm(sizes[0] / 1.5, sizes[-1] * 1.5), colormaps["viridis"])
+    colours = plt.cm.ScalarMappable(log_norm(sizes[0] / 1.5, sizes[-1] * 1.5), plt.colormaps["viridis"])
     for panel, task in zip(panels, fewshot.tasks):
         for size in sizes:
             points = sorted((run.point.nominal_compute, accuracies[task, k]) for run in runs

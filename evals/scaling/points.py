@@ -1,5 +1,5 @@
 """The input of a fit: one `RunPoint` per trained run, from a CSV here or from run directories (which
-`pretrain.rundir.scaling_points` reads: the fit knows nothing of how a run was trained)."""
+`pretrain.rundir.reader.scaling_points` reads: the fit knows nothing of how a run was trained)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_pipeline.errors import CONFIG_ERROR_EXIT_CODE, UserError
-from evals.report import fewshot_metric
+from data_pipeline.common.errors import CONFIG_ERROR_EXIT_CODE, UserError
+from evals.fewshot_results import fewshot_metric
 
 
 class ScalingError(UserError):

@@ -1,4 +1,4 @@
-"""The report in a W&B run the caller started (`pretrain.wandb_runs.start_run`): flat summary keys, the plots as
+"""The report in a W&B run the caller started (`data_pipeline.common.wandb_runs`): flat summary keys, the plots as
 images and the runs and isoFLOP budgets as tables."""
 
 from __future__ import annotations
@@ -6,8 +6,9 @@ from __future__ import annotations
 from dataclasses import asdict
 from pathlib import Path
 
+from data_pipeline.common import wandb_runs
+from evals.scaling.loss_report import ScalingReport
 from evals.scaling.points import FEWSHOT_PREFIX
-from evals.scaling.report import ScalingReport
 from evals.scaling.task_report import TaskScalingReport
 
 
@@ -61,9 +62,7 @@ def log_to_wandb(report: ScalingReport, plots: list[Path], run) -> None:
     """Into the W&B run `run`: `wandb_summary(report)` as its summary, the plots as images under `plots/<name>`,
     and the runs (with their few-shot accuracy at the report's k) and the isoFLOP budgets as the tables
     `tables/runs` and `tables/isoflop_budgets`."""
-    import wandb  # deferred: only a fit logged to W&B needs it
-
-    logged = {f"plots/{path.stem}": wandb.Image(str(path)) for path in plots if path.suffix == ".png"}
+    logged = {f"plots/{path.stem}": wandb_runs.image(path) for path in plots if path.suffix == ".png"}
     fewshot = report.fewshot
     fewshot_columns = [f"{FEWSHOT_PREFIX}{task}/k={fewshot.k}" for task in fewshot.tasks]  # none without a k
     rows = []
@@ -71,7 +70,7 @@ def log_to_wandb(report: ScalingReport, plots: list[Path], run) -> None:
         values = fitted.to_json()
         rows.append([values[column] for column in RUN_TABLE_COLUMNS]
                     + [(fitted.point.fewshot or {}).get(column) for column in fewshot_columns])
-    logged["tables/runs"] = wandb.Table(columns=[*RUN_TABLE_COLUMNS, *fewshot_columns], data=rows)
+    logged["tables/runs"] = wandb_runs.table([*RUN_TABLE_COLUMNS, *fewshot_columns], rows)
     if report.isoflop.budgets:
         budget_rows = []
         for budget in report.isoflop.budgets:
@@ -81,7 +80,7 @@ def log_to_wandb(report: ScalingReport, plots: list[Path], run) -> None:
                 low, high = optimum.optimal_parameters_interval_95 or (None, None)
                 found = [optimum.optimal_parameters, low, high, optimum.optimal_tokens, optimum.loss_at_optimum]
             budget_rows.append([budget.flops, len(budget.runs), *found, budget.skipped])
-        logged["tables/isoflop_budgets"] = wandb.Table(columns=list(BUDGET_TABLE_COLUMNS), data=budget_rows)
+        logged["tables/isoflop_budgets"] = wandb_runs.table(list(BUDGET_TABLE_COLUMNS), budget_rows)
     run.log(logged)
     run.summary.update(wandb_summary(report))
 
@@ -95,9 +94,7 @@ def log_task_scaling_to_wandb(report: TaskScalingReport, plots: list[Path], run)
     `_low` and `_high`, the 95% interval) and `.../task_loss`, each held-out error as
     `task_scaling/holdout/<run>/<task>/k=<k>/accuracy_error`, the plots under `plots/task_scaling/<name>`, and the
     predictions as the table `tables/task_predictions`."""
-    import wandb  # deferred: only a fit logged to W&B needs it
-
-    logged = {f"plots/task_scaling/{path.stem}": wandb.Image(str(path)) for path in plots if path.suffix == ".png"}
+    logged = {f"plots/task_scaling/{path.stem}": wandb_runs.image(path) for path in plots if path.suffix == ".png"}
     rows, summary = [], {"task_scaling/bootstrap_samples": report.bootstrap_samples}
     for found in report.predictions:
         accuracy_low, accuracy_high = found.accuracy_interval or (None, None)
@@ -112,6 +109,6 @@ def log_task_scaling_to_wandb(report: TaskScalingReport, plots: list[Path], run)
         for error in report.holdout.errors:
             summary[f"task_scaling/holdout/{error.run}/{error.task}/k={error.shots}/accuracy_error"] = (
                 error.predicted_accuracy - error.accuracy)
-    logged["tables/task_predictions"] = wandb.Table(columns=list(PREDICTION_TABLE_COLUMNS), data=rows)
+    logged["tables/task_predictions"] = wandb_runs.table(list(PREDICTION_TABLE_COLUMNS), rows)
     run.log(logged)
     run.summary.update(summary)

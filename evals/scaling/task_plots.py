@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.files import write_atomically
+from data_pipeline.common.plotting import headless_pyplot, log_norm, save_png
 from evals.scaling.task_law import final_points
 from evals.scaling.task_report import TaskScalingReport
 
@@ -24,19 +24,10 @@ def _panels(plt, count: int):
 
 def plot_tasks(report: TaskScalingReport, out_dir: Path) -> list[Path]:
     """The three PNGs under `out_dir`, one panel per task and k (curve.png: per task)."""
-    import matplotlib  # deferred: only a command that draws needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import LogNorm
-
-    def save(figure):
-        return lambda path: (figure.tight_layout(), figure.savefig(path, format="png"), plt.close(figure))
+    plt = headless_pyplot()
 
     sizes = sorted({point.parameters for point in report.points})
-    colours = ScalarMappable(LogNorm(sizes[0] / 1.5, sizes[-1] * 1.5), colormaps["viridis"])
+    colours = plt.cm.ScalarMappable(log_norm(sizes[0] / 1.5, sizes[-1] * 1.5), plt.colormaps["viridis"])
     target_sizes = [target.parameters for target in report.targets]
     predicted = {(p.target, p.task, p.shots): p for p in report.predictions}
 
@@ -59,7 +50,7 @@ def plot_tasks(report: TaskScalingReport, out_dir: Path) -> list[Path]:
         panel.grid(alpha=0.3)
         if report.targets:
             panel.legend(fontsize=7)
-    written = [write_atomically(out_dir / "task_loss.png", save(figure))]
+    written = [save_png(figure, out_dir / "task_loss.png")]
 
     figure, panels = _panels(plt, len(report.fits))
     for panel, fit in zip(panels, report.fits):
@@ -80,7 +71,7 @@ def plot_tasks(report: TaskScalingReport, out_dir: Path) -> list[Path]:
         panel.set_title(f"step 2: {fit.task}, k = {fit.shots} (every checkpoint)")
         panel.grid(alpha=0.3)
         figure.colorbar(colours, ax=panel, label="parameters N")
-    written.append(write_atomically(out_dir / "accuracy.png", save(figure)))
+    written.append(save_png(figure, out_dir / "accuracy.png"))
 
     tasks = list(dict.fromkeys(fit.task for fit in report.fits))
     figure, panels = _panels(plt, len(tasks))
@@ -111,5 +102,5 @@ def plot_tasks(report: TaskScalingReport, out_dir: Path) -> list[Path]:
         figure.colorbar(colours, ax=panel, label="parameters N")
         if report.targets:
             panel.legend(fontsize=7)
-    written.append(write_atomically(out_dir / "curve.png", save(figure)))
+    written.append(save_png(figure, out_dir / "curve.png"))
     return written

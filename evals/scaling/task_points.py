@@ -1,5 +1,5 @@
 """The input of a task-scaling fit: one `TaskPoint` per evaluated checkpoint, task and k, from a long CSV here or
-from run directories (which `pretrain.rundir.task_points` reads), and the `Target`s it predicts.
+from run directories (which `pretrain.rundir.reader.task_points` reads), and the `Target`s it predicts.
 
 The CSV has the columns `run,parameters,tokens,task,shots,task_loss,accuracy`: N without embeddings, the tokens
 seen at that checkpoint, and the task loss (bits per byte of the gold continuation given the prompt)."""

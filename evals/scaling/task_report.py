@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from evals.scaling.law import Interval, interval_or_none, one_blas_thread
+from evals.scaling.loss_report import format_interval
 from evals.scaling.points import ScalingError
-from evals.scaling.report import format_interval
 from evals.scaling.task_law import TaskFit, final_points, fit_task, last_tokens
 from evals.scaling.task_points import Target, TaskPoint
 

@@ -1,7 +1,7 @@
 import pytest
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.embedded import episode_inventories, icl_episodes, stdlib_docstrings
-from data_pipeline.errors import DataError
 
 EPISODE_ARGS = dict(vocabulary_words=64, label_words=8, words_per_episode=4, pairs_per_episode=24)
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import BatchLayout
-from data_pipeline.errors import DataError
 from data_pipeline.loader import (
     GlobalOrder,
     TrainBatches,

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import DataConfig
 from data_pipeline.embedded import episode_inventories
-from data_pipeline.errors import DataError
 from data_pipeline.manifest import Manifest
 from data_pipeline.partitions import Claims, is_done
 from data_pipeline.prepare import begin_preparation, finish_preparation, prepare, prepare_partitions, staging_dir

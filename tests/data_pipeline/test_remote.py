@@ -9,8 +9,8 @@ import numpy as np
 import psutil
 import pytest
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
 from data_pipeline.loader import Windows
 from data_pipeline.manifest import Manifest
 from data_pipeline.remote import Fetcher

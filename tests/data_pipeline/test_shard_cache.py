@@ -13,8 +13,8 @@ import time
 import psutil
 import pytest
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
 from data_pipeline.manifest import Shard
 from data_pipeline.remote import Fetcher
 from data_pipeline.shard_cache import file_status

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from data_pipeline.common.errors import DataError
 from data_pipeline.config import DataConfig
-from data_pipeline.errors import DataError
 from data_pipeline.prepare import prepare
 from data_pipeline.sources import all_documents, source_units, unit_documents
 

@@ -13,7 +13,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from data_pipeline import verification
-from data_pipeline.errors import DataError
+from data_pipeline.common.errors import DataError
 from data_pipeline.manifest import Manifest
 from data_pipeline.verification import VERIFIED_RECORD, file_stamp, read_verified, verify_shards
 

@@ -16,7 +16,6 @@ import pyarrow.parquet
 import pytest
 from lm_eval.tasks import TaskManager
 
-from evals.agreement import harness_local_tasks, installed, load_rows
 from evals.benchmark_files import INSTALL_HINT, install_benchmark_files, read_table
 from evals.benchmarks import (
     BENCHMARKS,
@@ -26,6 +25,7 @@ from evals.benchmarks import (
     is_benchmark,
     load_benchmark,
 )
+from evals.commands.agreement import harness_local_tasks, installed, load_rows
 from evals.tasks import TaskError
 
 SAMPLE = 20

@@ -12,9 +12,9 @@ import pytest
 
 from evals.scaling.isoflop import compute_budgets, isoflop_profiles
 from evals.scaling.law import Law, bootstrap, constant_intervals, fit_law
+from evals.scaling.loss_report import analyse
 from evals.scaling.plots import plot
 from evals.scaling.points import RunPoint, ScalingError, read_csv
-from evals.scaling.report import analyse
 from tests.helpers import run_module, wandb_records
 
 # Hoffmann et al. (2022), eq. 10: the Chinchilla fit.

@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from data_pipeline.common.network import free_port
+
 CREDENTIAL_SECONDS = 10
 
 
@@ -20,12 +22,6 @@ def node_resources() -> str:
     cpus = re.search(r"CPUs=(\d+)", measured).group(1)
     memory = re.search(r"RealMemory=(\d+)", measured).group(1)
     return f"CPUs={cpus} RealMemory={memory}"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class SlurmCluster:

@@ -8,8 +8,8 @@ import yaml
 
 from launch.__main__ import main as launch_main
 from launch.planner import USABLE_FRACTION, gpu_memory_here, gpu_precision, make_plan, parse_memory
-from launch.spec import load_sweep
 from launch.sweep import expand
+from launch.sweep_spec import load_sweep
 from pretrain.config import load_config
 from pretrain.memory import estimate
 from tests.helpers import run_module

@@ -16,8 +16,8 @@ import yaml
 
 from data_pipeline.prepare import prepare
 from data_pipeline.verification import VERIFIED_RECORD, file_stamp
-from pretrain.checkpoint import read_marker
-from pretrain.rundir import read_metrics
+from pretrain.checkpoint_store import read_marker
+from pretrain.rundir.reader import read_metrics
 from tests.helpers import mixed_config, mixed_sources, same_files
 from tests.launch.slurm_cluster import SlurmCluster
 

@@ -7,10 +7,10 @@ import time
 
 import psutil
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE
 from launch.local import STOPPED_AT_ONCE_EXIT_CODE
-from pretrain.checkpoint import complete_tags, damage, newest_complete, read_marker
-from pretrain.rundir import read_metrics
+from pretrain.checkpoint_store import complete_tags, damage, newest_complete, read_marker
+from pretrain.rundir.reader import read_metrics
 from tests.helpers import job_processes, launch, losses_by_step, start_launch, wait_for, wait_for_step
 
 

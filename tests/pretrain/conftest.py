@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from pretrain.config import merged
-from pretrain.rundir import METRICS_FILE, read_metrics
+from pretrain.rundir.reader import METRICS_FILE, read_metrics
 from tests.helpers import (
     PLANTED_SECRET,
     SECRET_VARIABLE,

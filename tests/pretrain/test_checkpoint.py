@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from launch.__main__ import main as launch_main
-from pretrain.checkpoint import (
+from pretrain.checkpoint_store import (
     COMPLETE_MARKER,
     CheckpointError,
     complete_tags,
@@ -19,7 +19,7 @@ from pretrain.checkpoint import (
     unreadable,
 )
 from pretrain.config import Config
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 from tests.helpers import launch, losses_by_step, run_module
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE, DataError
-from pretrain import checkpoint
-from pretrain.checkpoint import COMPLETE_MARKER, newest_complete, prune
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE, DataError
+from pretrain import checkpoint_store
+from pretrain.checkpoint_store import COMPLETE_MARKER, newest_complete, prune
 from pretrain.checkpointer import Checkpointer, DataPosition
 from pretrain.config import Config
-from pretrain.data import DataOrder
 from pretrain.faults import LossSpikes, NonFiniteGuard, Preempted
+from pretrain.run_data import DataOrder
 
 
 class FileEngine:
@@ -114,7 +114,7 @@ def test_a_preemption_saves_at_that_step_and_stops_the_run_to_be_requeued(tmp_pa
         checkpointer.save(FileEngine(), 7, preempted_by="SIGTERM")
     assert stopped.value.exit_code == REQUEUE_EXIT_CODE
     saved = tmp_path / "checkpoints" / "step_00000007"
-    assert checkpoint.read_marker(saved)["preempted_by"] == "SIGTERM"
+    assert checkpoint_store.read_marker(saved)["preempted_by"] == "SIGTERM"
     assert str(saved) in str(stopped.value)
 
 
@@ -135,7 +135,7 @@ def test_every_registered_component_comes_back_on_resume_with_the_engine(tmp_pat
     engine = FileEngine()
     resumed.resume(engine, resumption)
     assert resumed_counter.value == 17 and torch.equal(engine.weights["w"], torch.full((256,), 2.5))
-    marker = checkpoint.read_marker(resumption.checkpoint)
+    marker = checkpoint_store.read_marker(resumption.checkpoint)
     assert (marker["tokens_seen"], marker["data_order"]) == (32 * config.model.seq_len, DataOrder.of(config).record())
 
 
@@ -157,7 +157,7 @@ def test_a_checkpoint_damaged_in_place_is_named_and_the_one_before_it_resumed(tm
         checkpointer.save(FileEngine(weight=step), step)
     damaged = config.run_dir / "checkpoints" / "step_00000008"
     flip_a_byte(damaged / "mp_rank_00_model_states.pt")
-    assert checkpoint.damage(damaged) is None  # its marker and sizes still agree
+    assert checkpoint_store.damage(damaged) is None  # its marker and sizes still agree
 
     warnings = []
     resumed, resumed_counter = checkpointer_with_state(config)
@@ -171,7 +171,7 @@ def test_a_checkpoint_damaged_in_place_is_named_and_the_one_before_it_resumed(tm
     # Training on from step 4 with keep=2: the damaged step 8 never counts among the kept, the new saves do.
     for step in (5, 6):
         resumed.save(engine, step)
-    assert checkpoint.complete_tags(config.run_dir) == ["step_00000005", "step_00000006", "step_00000008"]
+    assert checkpoint_store.complete_tags(config.run_dir) == ["step_00000005", "step_00000006", "step_00000008"]
     assert resumed.plan_resume(config, lambda warning: None).position == (6, 24)
 
 
@@ -190,7 +190,7 @@ def test_pruning_never_counts_a_damaged_newest_checkpoint_among_those_kept(tmp_p
     (tmp_path / "checkpoints" / "step_00001000" / COMPLETE_MARKER).write_text(
         json.dumps({"step": 1000, "world_size": 1}) + "\n")
     prune(tmp_path, keep=1, just_written="step_00000600")
-    assert checkpoint.complete_tags(tmp_path) == ["step_00000600", "step_00001000"]
+    assert checkpoint_store.complete_tags(tmp_path) == ["step_00000600", "step_00001000"]
 
 
 def test_the_checkpoints_folder_is_made_durable_once_a_new_checkpoint_appears_in_it(tmp_path, world_of_one,

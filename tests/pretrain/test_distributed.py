@@ -9,10 +9,10 @@ import time
 
 import yaml
 
+from data_pipeline.common.network import free_port
 from pretrain.config import merged
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 from tests.helpers import TINY_CONFIG, WORDS, tiny_tokenizer
-from tests.servers import free_port
 
 COLLECTIVE_TIMEOUT_SECONDS = 6
 HELD_SECONDS = 15  # how long rank 0's start-up work is kept waiting: well past the collective timeout

@@ -8,13 +8,13 @@ import torch
 
 from data_pipeline.loader import Windows, validation_batches
 from data_pipeline.manifest import Manifest
-from pretrain.checkpoint import COMPLETE_MARKER, tag_for_step
-from pretrain.checkpoint import checkpoints_dir as checkpoint_dir
+from pretrain.checkpoint_store import COMPLETE_MARKER, tag_for_step
+from pretrain.checkpoint_store import checkpoints_dir as checkpoint_dir
 from pretrain.config import load_config
 from pretrain.export import load_exported
 from pretrain.export import main as export_main
 from pretrain.loss import next_token_loss
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 
 
 def test_an_exported_zero3_checkpoint_gives_the_validation_loss_the_run_logged(shared_runs, tmp_path, in_process):

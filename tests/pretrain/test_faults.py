@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from data_pipeline.errors import REQUEUE_EXIT_CODE
-from pretrain.checkpoint import COMPLETE_MARKER, consolidated_state_dict, newest_complete
+from data_pipeline.common.errors import REQUEUE_EXIT_CODE
+from pretrain.checkpoint_store import COMPLETE_MARKER, consolidated_state_dict, newest_complete
 from pretrain.faults import (
     LossSpikes,
     NonFiniteGuard,
@@ -20,7 +20,7 @@ from pretrain.faults import (
     StoppedBeforeTraining,
     TooManyNonFiniteSteps,
 )
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 from tests.helpers import (
     job_processes,
     launch,

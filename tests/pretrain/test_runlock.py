@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from pretrain.config import merged
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 from pretrain.runlock import RunInUse, RunLock
 from tests.helpers import TINY_CONFIG, rank_pid, run_module, signal_job, start_launch, wait_for_step
 

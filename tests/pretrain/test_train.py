@@ -16,7 +16,7 @@ from pretrain.config import load_config
 from pretrain.device import bf16_supported
 from pretrain.loss import next_token_loss
 from pretrain.model import GPT
-from pretrain.rundir import read_metrics
+from pretrain.rundir.reader import read_metrics
 from pretrain.train import train_step
 from tests.helpers import launch, losses_by_step, run_module, tiny_data_order, tiny_model, wandb_records
 from tests.servers import FaultyProxy, Nginx

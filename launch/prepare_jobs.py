@@ -2,7 +2,7 @@
 tasks take the partitions and then a job that writes the manifest. Both work in the same staging folder and
 give the same bytes (data_pipeline/prepare.py); running the command again finishes what a failure left.
 
-The jobs' own steps run `python -m launch.preparation --step ...`: this module imports neither torch nor
+The jobs' own steps run `python -m launch.prepare_jobs --step ...`: this module imports neither torch nor
 DeepSpeed, which every array task would otherwise load (seconds each, more from a shared filesystem) only to
 tokenize text.
 """
@@ -13,8 +13,8 @@ import argparse
 import os
 from pathlib import Path
 
-from data_pipeline.cli import at_least_one, run_command
-from data_pipeline.errors import ConfigError
+from data_pipeline.common.command_line import ArgumentParser, at_least_one, run_command
+from data_pipeline.common.errors import ConfigError
 from data_pipeline.manifest import MANIFEST, Manifest
 from data_pipeline.partitions import PARTITIONS, Claims
 from data_pipeline.prepare import (
@@ -107,7 +107,7 @@ def submit_preparation(args: argparse.Namespace, config: Config) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.preparation")
+    parser = ArgumentParser(prog="python -m launch.prepare_jobs")
     add_arguments(parser)
     args = parser.parse_args(argv)
     return prepare_command(args, load_config(args.config, args.overrides))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from evals.interop import ExportError, to_hf
+from evals.commands.hf_export import ExportError, to_hf
 from pretrain.config import ModelConfig, load_config
 from pretrain.model import GPT
 

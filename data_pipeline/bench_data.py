@@ -1,4 +1,4 @@
-"""Data pipeline benchmark: `python -m data_pipeline.bench [--repeats N] [--megabytes M]` (or `make bench-data`).
+"""Data pipeline benchmark: `python -m data_pipeline.bench_data [--repeats N] [--megabytes M]` (or `make bench-data`).
 
 1. Prepare throughput, MB of text per second per tokenizer process, against raw `tokenizers`
    `encode_batch` on the same text, single-threaded, in the same run. The ratio is the pipeline's overhead
@@ -16,7 +16,6 @@ Each figure is the median of --repeats runs.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import http.server
 import json
@@ -31,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_pipeline.common.command_line import ArgumentParser
 from data_pipeline.config import BatchLayout, DataConfig
 from data_pipeline.loader import TrainBatches, Windows, iterate_steps
 from data_pipeline.prepare import prepare
@@ -79,7 +79,7 @@ def serving(directory: Path) -> Iterator[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.bench", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m data_pipeline.bench_data", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--megabytes", type=float, default=20.0, help="text to prepare per run")
     parser.add_argument("--seq-len", type=int, default=1024)

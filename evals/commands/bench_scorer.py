@@ -1,14 +1,15 @@
 """Few-shot evaluation speed: the project's scorer against lm-evaluation-harness, same model, same prompts.
 
-    python -m evals.bench --tasks hellaswag --items 100 --shots 0,1,2,4,8,16 --examples shared --json out.json
+    python -m evals.commands.bench_scorer --tasks hellaswag --items 100 --shots 0,1,2,4,8,16 --examples shared
+        --json out.json
 
-One model of the given shape (pretrain.bench's shapes; random weights, since speed does not depend on them) with
-a byte-level BPE tokenizer trained on the tasks' own text is scored at every k by `evals.fewshot.evaluate`, and by
-lm-evaluation-harness's `hf` model on the same network exported with `evals.interop.save_hf`, on the same device
-and dtype (bf16 on CUDA, fp32 on a CPU), on the very prompts the project scores (written as local harness tasks,
-one per k, each prompt keeping the examples the project's kept). Loading is not timed; each tool's whole k-sweep
-is, alternately, --repeats times. Reported: the median seconds of each, the ratio lm-eval / project (how many
-times faster the project is), and whether both accuracies (acc and acc_norm, every task and k) are equal.
+One model of the given shape (pretrain.bench_step's shapes; random weights, since speed does not depend on them)
+with a byte-level BPE tokenizer trained on the tasks' own text is scored at every k by `evals.fewshot.evaluate`, and
+by lm-evaluation-harness's `hf` model on the same network exported with `evals.commands.hf_export.save_hf`, on the
+same device and dtype (bf16 on CUDA, fp32 on a CPU), on the very prompts the project scores (written as local
+harness tasks, one per k, each prompt keeping the examples the project's kept). Loading is not timed; each tool's
+whole k-sweep is, alternately, --repeats times. Reported: the median seconds of each, the ratio lm-eval / project
+(how many times faster the project is), and whether both accuracies (acc and acc_norm, every task and k) are equal.
 """
 
 from __future__ import annotations
@@ -26,20 +27,21 @@ from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
 
-from data_pipeline.cli import at_least_one, run_command
-from data_pipeline.files import write_atomically
+from data_pipeline.common.command_line import ArgumentParser, at_least_one, run_command
+from data_pipeline.common.devices import device_name, synchronize
+from data_pipeline.common.files import write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe
 from evals.benchmarks import load_evaluation_tasks
+from evals.commands.hf_export import save_hf, write_lm_eval_tasks
 from evals.fewshot import encode_prompt, evaluate
-from evals.interop import save_hf, write_lm_eval_tasks
 from evals.tasks import PER_ITEM, SHARED, Item, Task
-from pretrain.bench import SHAPES, synchronize
+from pretrain.bench_step import SHAPES
 from pretrain.config import ModelConfig
 from pretrain.model import GPT
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m evals.bench", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m evals.commands.bench_scorer", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="hellaswag", help="benchmarks or tasks, comma-separated")
     parser.add_argument("--shape", default="gpt2-124m", choices=sorted(SHAPES))
     parser.add_argument("--items", type=int, default=100, help="the first N items of each task")
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "lm_eval_seconds": medians["lm_eval"], "project_seconds": medians["project"],
         "ratio": medians["lm_eval"] / medians["project"], "same_accuracy": same,
         "tasks": args.tasks, "shape": args.shape, "items": args.items, "shots": shots, "examples": args.examples,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "dtype": str(dtype),
+        "device": device_name(device), "dtype": str(dtype),
         "torch": torch.__version__, "lm_eval": version("lm_eval"), "transformers": version("transformers"),
         "seconds": seconds, "accuracy": accuracies,
     }

@@ -1,10 +1,10 @@
 """Where a run's numbers go: `metrics.jsonl` in the run directory always, and W&B on rank 0.
 
-One W&B run per training run (started by `pretrain.wandb_runs`, the project's one W&B module): its id is made
-from the run directory's name when the run starts and kept in the directory (`wandb_run_id`), so every resume
+One W&B run per training run (started by `data_pipeline.common.wandb_runs`, the project's one W&B module): its id is
+made from the run directory's name when the run starts and kept in the directory (`wandb_run_id`), so every resume
 or requeue continues the same W&B run. W&B runs offline when no API key is configured, so a run on a machine with
 no network still records everything; the end of the run prints the `wandb sync` command that uploads it (`make
-sync` uploads every offline run under a directory). `pretrain.rundir.read_metrics` reads `metrics.jsonl` back.
+sync` uploads every offline run under a directory). `pretrain.rundir.reader.read_metrics` reads `metrics.jsonl` back.
 
 Metrics are named by namespace (`train/`, `val/`, `perf/`, `eval/fewshot/<task>/k=<k>`, `system/`) and every
 one of them can be plotted against `train/tokens` as well as the step. Alerts (`wandb.alert`, and a line on the
@@ -17,77 +17,21 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import platform
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 from typing import Any
 
-import torch
-
-from data_pipeline.files import write_atomically
-from data_pipeline.redaction import redact_text, redacted_tree
+from data_pipeline.common import wandb_runs
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.redaction import redact_text, redacted_tree
+from data_pipeline.common.wandb_runs import finish_run, run_id_for, start_run
 from pretrain.config import Config
 from pretrain.faults import Preempted
-from pretrain.rundir import METRICS_FILE, read_metrics
-from pretrain.wandb_runs import finish_run, run_id_for, start_run
+from pretrain.rundir.reader import METRICS_FILE, read_metrics
 
 NAMESPACES = ("train", "val", "perf", "eval", "system")
-GIB = 2**30
-
-
-def _package_version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
-def launch_details(run_dir: Path, world_size: int, device: torch.device) -> dict[str, Any]:
-    """How this run was started, for the W&B config: the launch backend (from the newest record `python -m
-    launch` wrote in the run directory), the nodes and ranks, and the versions that decide its numbers."""
-    records = sorted((run_dir / "launches").glob("*.json"))
-    submitted = [json.loads(path.read_text()) for path in records]
-    # `launch node` records are written on each node by a SLURM or hostfile job; the submission says which.
-    submission = next((record for record in reversed(submitted) if record["backend"] != "node"), None)
-    ranks_per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    return {
-        "backend": submission["backend"] if submission else "torchrun",
-        "record": records[-1].name if records else None,
-        "hosts": submission["hosts"] if submission else [platform.node()],
-        "nodes": max(1, world_size // ranks_per_node),
-        "ranks_per_node": ranks_per_node,
-        "world_size": world_size,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
-        "versions": {
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            **{name: _package_version(name) for name in ("deepspeed", "wandb", "webdataset", "tokenizers")},
-        },
-    }
-
-
-def system_metrics(device: torch.device) -> dict[str, float]:
-    """Memory (and GPU utilisation where NVML answers) of this process and its device, under `system/`."""
-    import psutil  # a DeepSpeed dependency
-
-    values = {"system/cpu_memory_rss_gib": psutil.Process().memory_info().rss / GIB}
-    if device.type == "cuda":
-        values["system/gpu_memory_allocated_gib"] = torch.cuda.memory_allocated(device) / GIB
-        values["system/gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-        values["system/gpu_memory_reserved_gib"] = torch.cuda.memory_reserved(device) / GIB
-        try:
-            values["system/gpu_utilization_percent"] = float(torch.cuda.utilization(device))
-        except (ModuleNotFoundError, RuntimeError):
-            pass  # no NVML bindings here: the memory figures still stand
-    return values
 
 
 @contextlib.contextmanager
@@ -166,10 +110,7 @@ class RunLogger:
             return
         print(f"{level.lower()}: {title}: {text}", file=sys.stderr if level != "INFO" else sys.stdout, flush=True)
         if self.wandb_run is not None:
-            import wandb
-
-            self.wandb_run.alert(title=f"{self.config.name}: {title}", text=text,
-                                 level=getattr(wandb.AlertLevel, level), wait_duration=0)
+            wandb_runs.alert(self.wandb_run, f"{self.config.name}: {title}", text, level)
 
     def _watch_for_stalls(self) -> None:
         limit = self.config.logging.stall_alert_minutes * 60

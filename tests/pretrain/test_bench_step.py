@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from pretrain.bench import main as bench_main
+from pretrain.bench_step import main as bench_main
 from pretrain.config import load_config
 from pretrain.model import GPT
 from tests.helpers import run_module
@@ -15,13 +15,13 @@ from tests.helpers import run_module
 
 def test_bench_times_the_deepspeed_path_against_the_plain_pytorch_baseline(tmp_path):
     output = tmp_path / "bench.json"
-    result = run_module("pretrain.bench", "--steps", "3", "--warmup-steps", "1", "--repeats", "2",
+    result = run_module("pretrain.bench_step", "--steps", "3", "--warmup-steps", "1", "--repeats", "2",
                         "--json", str(output), cwd=tmp_path)
     assert result.returncode == 0, f"{result.stdout}\n{result.stderr}"
 
     summary = json.loads(output.read_text())
     assert summary["torch"] and summary["deepspeed"] and summary["device"]
-    assert summary["command"].startswith("python -m pretrain.bench --steps 3")
+    assert summary["command"].startswith("python -m pretrain.bench_step --steps 3")
     records = {record["path"]: record for record in summary["records"]}
     assert sorted(records) == ["baseline", "deepspeed"]
     tiny = load_config(None, ["model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.seq_len=64",
@@ -54,6 +54,7 @@ def test_steps_below_one_are_refused(in_process):
 
 def test_the_bench_imports_neither_wandb_nor_pyarrow():
     # The GPU image it runs on has neither.
-    probe = "import sys, pretrain.bench; print(sorted({'wandb', 'pyarrow'} & {m.split('.')[0] for m in sys.modules}))"
+    probe = ("import sys, pretrain.bench_step;"
+             " print(sorted({'wandb', 'pyarrow'} & {m.split('.')[0] for m in sys.modules}))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]"

@@ -10,17 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_pipeline.files import write_atomically
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.wandb_runs import finish_run, start_run
+from evals.scaling.loss_report import ScalingReport, analyse, summary_lines
 from evals.scaling.plots import plot
 from evals.scaling.points import ScalingError, read_csv
 from evals.scaling.publish import log_task_scaling_to_wandb, log_to_wandb
-from evals.scaling.report import ScalingReport, analyse, summary_lines
 from evals.scaling.task_plots import plot_tasks
 from evals.scaling.task_points import Target, read_task_csv, task_csv_text
 from evals.scaling.task_report import TaskScalingReport, analyse_tasks
 from evals.scaling.task_report import summary_lines as task_summary_lines
-from pretrain.rundir import scaling_points, task_scaling_points
-from pretrain.wandb_runs import finish_run, start_run
+from pretrain.rundir.reader import scaling_points, task_scaling_points
 
 
 @dataclass(frozen=True)

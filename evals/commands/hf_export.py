@@ -27,13 +27,13 @@ import yaml
 from tokenizers import Tokenizer
 from torch import nn
 
-from data_pipeline.errors import UserError
-from data_pipeline.files import publish_directory, write_atomically
+from data_pipeline.common.errors import UserError
+from data_pipeline.common.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.tasks import MULTIPLE_CHOICE, PER_ITEM, Item, Task, TaskError
-from pretrain.checkpoint import tag_for_step
+from pretrain.checkpoint_store import tag_for_step
 from pretrain.model import GPT, NORM_EPS, mlp_width
-from pretrain.rundir import load_checkpoint, run_tokenizer
+from pretrain.rundir.reader import load_checkpoint, run_tokenizer
 
 
 class ExportError(UserError):

@@ -1,4 +1,4 @@
-"""Launch-level benchmarks, each timing the commands a user types: `python -m launch.bench prepare|startup`.
+"""Launch-level benchmarks, each timing the commands a user types: `python -m launch.bench_launch prepare|startup`.
 
 prepare   `python -m launch prepare` of one corpus (jsonl files, a given tokenizer, so BPE training is not
           timed) by 1 and by 2 workers: processes (--backend local) or SLURM array tasks of one process each
@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from data_pipeline.common.command_line import ArgumentParser
 from data_pipeline.config import DataConfig
 from data_pipeline.manifest import MANIFEST
 from data_pipeline.prepare import prepare
@@ -155,7 +156,7 @@ def bench_startup(args: argparse.Namespace, work: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m launch.bench_launch", description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("prepare", "startup"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--megabytes", type=float, default=40.0, help="prepare: text per preparation")

@@ -9,7 +9,9 @@ import math
 import re
 from pathlib import Path
 
-from data_pipeline.files import write_atomically
+from data_pipeline.common import wandb_runs
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.plotting import headless_pyplot
 from evals.fewshot import Score
 
 CSV_COLUMNS = [name for name in Score.__dataclass_fields__ if name != "results"]
@@ -69,11 +71,7 @@ def draw_accuracy_against_k(axes, curves: dict[str, list[tuple[int, float, float
 
 
 def plot(scores: list[Score], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on a cluster node
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     figure, axes = plt.subplots(figsize=(6, 4), dpi=120)
     curves: dict[str, list[tuple[int, float, float]]] = {}
     for score in scores:
@@ -86,14 +84,12 @@ def plot(scores: list[Score], path: Path, title: str) -> None:
 
 def log_to_wandb(scores: list[Score], run) -> None:
     """A table of every score and a line chart of accuracy against k, one line per task, into a W&B run."""
-    import wandb  # deferred: only a run that logs to W&B needs it
-
     rows = [[getattr(score, column) for column in CSV_COLUMNS] for score in scores]
-    run.log({"eval/fewshot/table": wandb.Table(columns=CSV_COLUMNS, data=rows)})
+    run.log({"eval/fewshot/table": wandb_runs.table(CSV_COLUMNS, rows)})
     tasks = list(dict.fromkeys(score.task for score in scores))
     shots = sorted({score.k for score in scores})
     by_key = {(score.task, score.k): score.acc for score in scores}
-    chart = wandb.plot.line_series(
+    chart = wandb_runs.line_series(
         xs=shots, ys=[[by_key[task, k] for k in shots] for task in tasks], keys=tasks,
         title="few-shot accuracy against k", xname="k",
     )

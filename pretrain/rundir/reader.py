@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from tokenizers import Tokenizer
 
-from data_pipeline.errors import DataError, UserError
+from data_pipeline.common.errors import DataError, UserError
 from data_pipeline.tokenizer import load_tokenizer
-from evals.report import fewshot_metric
+from evals.fewshot_results import fewshot_metric
 from evals.scaling.points import RunPoint, ScalingError
 from evals.scaling.task_points import Target, TaskPoint
-from pretrain import checkpoint
+from pretrain import checkpoint_store
 from pretrain.config import Config, load_config
 from pretrain.model import GPT
 
@@ -97,8 +97,8 @@ def dotted_settings(section: dict[str, Any], prefix: str = "") -> dict[str, Any]
 def finished_with(config: Config) -> list[str] | None:
     """None if the run has no complete checkpoint at `config.train.max_steps`; else, as `setting: saved -> now`,
     each setting in which `config` differs from the config the run saved, less FREE_SETTINGS ([]: the same run)."""
-    newest = checkpoint.newest_complete(config.run_dir)
-    if newest is None or checkpoint.read_marker(newest)["step"] != config.train.max_steps:
+    newest = checkpoint_store.newest_complete(config.run_dir)
+    if newest is None or checkpoint_store.read_marker(newest)["step"] != config.train.max_steps:
         return None
     saved = dotted_settings(run_config(config.run_dir).model_dump(mode="json"))
     now = dotted_settings(config.model_dump(mode="json"))
@@ -120,17 +120,17 @@ def run_tokenizer(config: Config) -> Tokenizer:
 
 def find_checkpoint(run_dir: Path, step: int | None) -> Path:
     """The newest complete checkpoint of the run, or the one at `step`; CheckpointError if there is none."""
-    newest = checkpoint.newest_complete(run_dir)
+    newest = checkpoint_store.newest_complete(run_dir)
     if newest is None:
-        raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint; train it first")
+        raise checkpoint_store.CheckpointError(f"{run_dir}: has no complete checkpoint; train it first")
     if step is None:
         return newest
-    tags = checkpoint.complete_tags(run_dir)
-    tag = checkpoint.tag_for_step(step)
+    tags = checkpoint_store.complete_tags(run_dir)
+    tag = checkpoint_store.tag_for_step(step)
     if tag not in tags:
         steps = ", ".join(str(int(t.removeprefix("step_"))) for t in tags)
-        raise checkpoint.CheckpointError(f"{run_dir}: has no complete checkpoint at step {step}; it has: {steps}")
-    return checkpoint.checkpoints_dir(run_dir) / tag
+        raise checkpoint_store.CheckpointError(f"{run_dir}: has no complete checkpoint at step {step}; it has: {steps}")
+    return checkpoint_store.checkpoints_dir(run_dir) / tag
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ def load_checkpoint(run_dir: Path, step: int | None = None) -> TrainedModel:
     config = run_config(run_dir)
     source = find_checkpoint(run_dir, step)
     model = GPT(config.model)
-    model.load_state_dict(checkpoint.consolidated_state_dict(source))
-    return TrainedModel(model.eval(), checkpoint.read_marker(source)["step"], config)
+    model.load_state_dict(checkpoint_store.consolidated_state_dict(source))
+    return TrainedModel(model.eval(), checkpoint_store.read_marker(source)["step"], config)
 
 
 def non_embedding_parameters(config: Config) -> int:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.rundir import RunDirectoryError, read_metrics
+from pretrain.rundir.reader import RunDirectoryError, read_metrics
 from tests.helpers import run_module
 
 # Screenshots are kept here (or under $TEST_ARTIFACTS) after the run, to look at.
@@ -38,7 +38,7 @@ def pixels_of(screenshot: Path, colour: tuple[int, int, int]) -> int:
 
 
 def test_the_report_of_a_finished_run_draws_its_charts_in_a_browser_with_no_console_errors(watched_run, tmp_path):
-    result = run_module("pretrain.report", str(watched_run.run_dir), cwd=tmp_path)
+    result = run_module("pretrain.html_report", str(watched_run.run_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     page = watched_run.run_dir / "report.html"
     assert result.stdout.strip() == f"report: {page}"
@@ -64,7 +64,7 @@ def test_the_browser_check_sees_a_page_that_fails(tmp_path):
 
 
 def test_a_report_of_a_directory_that_is_not_a_run_fails_naming_it(tmp_path):
-    result = run_module("pretrain.report", str(tmp_path), cwd=tmp_path)
+    result = run_module("pretrain.html_report", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {tmp_path / 'metrics.jsonl'}: not found; is {tmp_path} a run directory,"
                                      " and has its first step run?")
@@ -77,7 +77,7 @@ def test_a_damaged_metrics_file_is_named_with_its_line_and_the_earlier_report_is
     with (run_dir / "metrics.jsonl").open("a") as metrics:
         metrics.write('{"step": 101, "train/loss": 2.\n{"step": 102}\n')  # a line damaged, and one after it
     lines = len((run_dir / "metrics.jsonl").read_text().splitlines()) - 1
-    result = run_module("pretrain.report", str(run_dir), cwd=tmp_path)
+    result = run_module("pretrain.html_report", str(run_dir), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.startswith(f"error: {run_dir / 'metrics.jsonl'}:{lines}: not a metrics record")
     assert (run_dir / "report.html").read_text() == "the earlier report"

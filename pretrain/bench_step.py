@@ -1,6 +1,6 @@
 """Training-step benchmark: the project's DeepSpeed path against a plain PyTorch loop, same model, same data.
 
-    python -m pretrain.bench [--shapes gpt2-124m,gpt2-350m] [--steps 20] [--repeats 3] [--json bench.json]
+    python -m pretrain.bench_step [--shapes gpt2-124m,gpt2-350m] [--steps 20] [--repeats 3] [--json bench.json]
     make bench ARGS="--shapes gpt2-124m --json bench.json"
 
 For each shape, two paths train the same GPT (same seed) on the same random token ids, already on the device
@@ -47,9 +47,10 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.cli import run_command
-from data_pipeline.errors import ConfigError, UserError
-from data_pipeline.files import write_atomically
+from data_pipeline.common.command_line import ArgumentParser, run_command
+from data_pipeline.common.devices import device_name, synchronize
+from data_pipeline.common.errors import ConfigError, UserError
+from data_pipeline.common.files import write_atomically
 from pretrain.config import Config, load_config
 from pretrain.device import peak_bf16_flops, resolve_precision
 from pretrain.distributed import DistributedContext, init_distributed, shutdown
@@ -80,14 +81,9 @@ SHAPES = {
 DEFAULT_ACCUMULATION_STEPS = 4
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        # One line naming the option, like every other bad input (no usage block).
-        raise ConfigError(message)
-
 
 def parse_args(argv: list[str] | None, on_cuda: bool) -> argparse.Namespace:
-    parser = _Parser(prog="python -m pretrain.bench", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pretrain.bench_step", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", help=f"comma-separated, from {', '.join(SHAPES)}; default: "
                         "gpt2-124m,gpt2-350m on CUDA, tiny elsewhere")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per path per round")
@@ -185,11 +181,6 @@ class DeepSpeedPath:
         self.setup.engine.destroy()  # releases the ZeRO optimizer's hooks and buffers
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_block(path, micro_batches: list[torch.Tensor], warmup_steps: int, steps: int,
               device: torch.device) -> list[float]:
     """Seconds of each timed step, after `warmup_steps` untimed ones."""
@@ -279,17 +270,6 @@ def bench_shape(name: str, config: Config, args: argparse.Namespace, context: Di
     return records
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
-    except OSError:
-        model = None
-    return f"{model or platform.processor() or platform.machine()} (CPU)"
-
-
 def table(records: list[dict]) -> str:
     header = ("shape", "path", "parameters", "tokens/step", "tokens/s (median)", "MFU", "peak memory", "ratio")
     rows = [header]
@@ -341,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
             "deepspeed": version("deepspeed"),
             "python": platform.python_version(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "command": shlex.join(["python", "-m", "pretrain.bench", *argv]),
+            "command": shlex.join(["python", "-m", "pretrain.bench_step", *argv]),
             "records": records,
         }
         write_atomically(Path(args.json), json.dumps(summary, indent=2) + "\n")

@@ -2,8 +2,9 @@
 raise these and every entry point can catch them.
 
 A `UserError` is something the user must fix (a file, a setting, a missing checkpoint) or a stop the user asked
-for; its message names the thing and what to do. Entry points run through `data_pipeline.cli.run_command`,
-which prints the message in one line and exits with the error's code instead of showing a traceback.
+for; its message names the thing and what to do. Entry points run through
+`data_pipeline.common.command_line.run_command`, which prints the message in one line and exits with the error's code
+instead of showing a traceback.
 """
 
 CONFIG_ERROR_EXIT_CODE = 2

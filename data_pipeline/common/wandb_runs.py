@@ -1,28 +1,23 @@
-"""The one way the project talks to W&B: start a run with the project's settings, finish it (saying how to upload
-it when it ran offline), and upload every offline run under a directory:
-
-    python -m pretrain.wandb_runs sync [RUNS_DIR] [--dry-run]        (or: make sync)
-
-W&B runs offline when no API key is configured (mode `auto`), so a run on a machine with no network still
-records everything; `wandb sync` uploads it later.
+"""The one module that talks to W&B: start a run with the project's settings, finish it (saying how to upload it
+when it ran offline), and the tables, images and alerts the packages log into it, so no other module imports
+wandb. W&B runs offline when no API key is configured (mode `auto`), so a run on a machine with no network still
+records everything; `wandb sync` uploads it later (`python -m pretrain.wandb_sync`, `make sync`).
 """
 
 from __future__ import annotations
 
-import argparse
 import netrc
 import os
 import re
 import secrets
 import shlex
-import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from data_pipeline.cli import run_command
-from data_pipeline.errors import UserError
-from data_pipeline.files import write_atomically
+from data_pipeline.common.errors import UserError
+from data_pipeline.common.files import write_atomically
 
 WANDB_ID_FILE = "wandb_run_id"
 # W&B writes its offline record in batches; a job killed outright (a node lost) loses what was not written
@@ -32,6 +27,32 @@ WANDB_FLUSH_SECONDS = 2.0
 
 class WandbError(UserError):
     """W&B refused to start a run (a bad key, no network in online mode); the message says what to do."""
+
+
+def _wandb() -> ModuleType:
+    import wandb  # deferred: seconds to import, and a command with W&B disabled does not need it
+
+    return wandb
+
+
+def table(columns: list[str], rows: list[list[Any]]) -> Any:
+    """A W&B table, to log under a key."""
+    return _wandb().Table(columns=columns, data=rows)
+
+
+def image(path: Path) -> Any:
+    """An image file (a plot), to log under a key."""
+    return _wandb().Image(str(path))
+
+
+def line_series(xs: list[float], ys: list[list[float]], keys: list[str], title: str, xname: str) -> Any:
+    """A W&B chart of several lines over one x axis, to log under a key."""
+    return _wandb().plot.line_series(xs=xs, ys=ys, keys=keys, title=title, xname=xname)
+
+
+def alert(run: Any, title: str, text: str, level: str) -> None:
+    """A W&B alert (mailed or posted to Slack when online); `level` is INFO, WARN or ERROR."""
+    run.alert(title=title, text=text, level=getattr(_wandb().AlertLevel, level), wait_duration=0)
 
 
 def _api_key_configured() -> bool:
@@ -68,8 +89,7 @@ def start_run(*, mode: str, directory: Path, project: str, name: str, job_type: 
     mode = resolve_mode(mode)
     if mode == "disabled":
         return None
-    import wandb  # deferred: a command with W&B disabled does not need it
-
+    wandb = _wandb()
     try:
         return wandb.init(
             entity=entity, project=project, group=group, job_type=job_type, tags=tags, name=name, id=run_id,
@@ -96,35 +116,3 @@ def finish_run(run, exit_code: int = 0) -> str | None:
     attempts = sorted(str(path) for path in offline_dir.glob(f"offline-run-*-{run.id}"))
     return (f"W&B ran offline; upload this run with: {shlex.join([wandb_command(), 'sync', *attempts])}"
             " (or `make sync` for every run under a directory)")
-
-
-def offline_runs_to_sync(directory: Path) -> list[Path]:
-    """Every offline W&B run directory under `directory` not uploaded yet, each run's attempts in the order they
-    ran (their names start with the time), so a resumed run is uploaded as one run in step order."""
-    found = sorted(directory.rglob("wandb/offline-run-*"), key=lambda path: (path.parent, path.name))
-    # `wandb sync` leaves <run file>.synced beside a run it has uploaded.
-    return [path for path in found if path.is_dir() and not any(path.glob("*.wandb.synced"))]
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.wandb_runs", description="W&B housekeeping for runs")
-    commands = parser.add_subparsers(dest="command", required=True)
-    sync = commands.add_parser("sync", help="upload every offline W&B run under a directory (make sync)")
-    sync.add_argument("directory", type=Path, nargs="?", default=Path("runs"))
-    sync.add_argument("--dry-run", action="store_true", help="print the wandb command instead of running it")
-    args = parser.parse_args(argv)
-    if not args.directory.is_dir():
-        raise UserError(f"{args.directory}: no such directory; pass the directory that holds the runs")
-    pending = offline_runs_to_sync(args.directory)
-    if not pending:
-        print(f"nothing to sync: no offline W&B run under {args.directory} that is not uploaded already")
-        return 0
-    command = [wandb_command(), "sync", *map(str, pending)]
-    if args.dry_run:
-        print(shlex.join(command))
-        return 0
-    return subprocess.run(command).returncode
-
-
-if __name__ == "__main__":
-    run_command(main)

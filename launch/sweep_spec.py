@@ -8,12 +8,12 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
+from data_pipeline.common.errors import ConfigError
 from data_pipeline.config import Section, read_yaml_mapping, validated
-from data_pipeline.errors import ConfigError
 from evals.scaling.task_points import Target
 from evals.scaling.task_report import check_targets
 from pretrain.config import Config
-from pretrain.rundir import target_of_config
+from pretrain.rundir.reader import target_of_config
 
 
 class SweepSize(Section):

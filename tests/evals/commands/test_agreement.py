@@ -1,6 +1,6 @@
 """The project's benchmark scores agree with lm-evaluation-harness's, number for number: the same small model
 (exported to transformers) scored at k=0 on the first items of every benchmark by both tools, through the command
-a user runs (`python -m evals.agreement`)."""
+a user runs (`python -m evals.commands.agreement`)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ TOLERANCE = 1e-3  # per choice's log-likelihood, fp32
 def agreement(tmp_path_factory):
     """The command's JSON for the sampled tasks, by task name."""
     folder = tmp_path_factory.mktemp("agreement")
-    result = run_module("evals.agreement", "--tasks", ",".join(SAMPLED_TASKS), "--items", str(ITEMS),
+    result = run_module("evals.commands.agreement", "--tasks", ",".join(SAMPLED_TASKS), "--items", str(ITEMS),
                         "--json", str(folder / "agreement.json"), cwd=folder, timeout=300)
     sys.stdout.write(result.stdout)  # the table, shown when a test fails
     figures = json.loads((folder / "agreement.json").read_text())

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline.errors import ConfigError, UserError
-from data_pipeline.files import fsync_directory, fsync_tree, publish_directory, write_atomically
+from data_pipeline.common.errors import ConfigError, UserError
+from data_pipeline.common.files import fsync_directory, fsync_tree, publish_directory, write_atomically
 from pretrain.config import Config
-from pretrain.data import DataOrder
+from pretrain.run_data import DataOrder
 
 COMPLETE_MARKER = "complete"
 UNIVERSAL = "universal"  # DeepSpeed's universal form of a checkpoint, converted inside it

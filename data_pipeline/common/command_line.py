@@ -1,10 +1,12 @@
-"""The one wrapper every command-line entry point runs through: a `UserError` becomes one line on stderr and
-its exit code; anything else is a bug and keeps its traceback. `kill -USR2 PID` makes any of these commands (a
+"""The command-line convention every entry point follows: its options are parsed by `ArgumentParser`, and it runs
+through `run_command`, where a `UserError` (a bad option included) becomes one line on stderr and its exit code;
+anything else is a bug and keeps its traceback. `kill -USR2 PID` makes any of these commands (a
 launcher, a rank, a loader worker) write where each of its threads is to stderr, and go on: what a run that
 seems stuck is waiting for, read from its log without stopping it."""
 
 from __future__ import annotations
 
+import argparse
 import faulthandler
 import gc
 import os
@@ -13,7 +15,15 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from data_pipeline.errors import ConfigError, UserError
+from data_pipeline.common.errors import ConfigError, UserError
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad option refused like any other bad input: one line naming it, exit 2 (a ConfigError),
+    instead of a usage block. Sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(message)
 
 
 def run_command(main: Callable[[], int | None]) -> NoReturn:

