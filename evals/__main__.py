@@ -19,7 +19,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from data_pipeline.common.command_line import ArgumentParser, at_least_one, run_command
@@ -29,14 +28,13 @@ from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals import fewshot_results
 from evals.benchmarks import benchmark_groups, benchmark_listing, load_evaluation_tasks
 from evals.commands.fit_runs import FitSettings, TaskFitSettings, WandbTarget, fit_runs, fit_task_scaling
-from evals.commands.hf_export import export_hf, write_lm_eval_tasks
+from evals.commands.hf_export import export_hf
+from evals.commands.lm_eval_tasks import write_lm_eval_tasks
 from evals.config import FewShotConfig
 from evals.fewshot import Score, evaluate
 from evals.scaling.task_points import Target
-from pretrain.checkpoint_store import tag_for_step
-from pretrain.config import Config
-from pretrain.distributed import init_distributed, shutdown
-from pretrain.rundir.reader import load_checkpoint, run_config, run_tokenizer, target_of_config
+from pretrain.rundir.points import target_of_config
+from pretrain.rundir.reader import Config, load_checkpoint, ranks_of_this_job, run_config, run_tokenizer
 
 
 def _comma_list(text: str) -> list[str]:
@@ -200,9 +198,7 @@ def run_fewshot(args: argparse.Namespace) -> int:
     tokenizer = run_tokenizer(config)
     trained = load_checkpoint(args.checkpoint, args.step)
     model, step = trained.model, trained.step
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    context = init_distributed(config.deepspeed) if distributed else None
-    try:
+    with ranks_of_this_job(config) as context:
         if context is not None:
             model.to(context.device)
         scores = evaluate(
@@ -211,11 +207,9 @@ def run_fewshot(args: argparse.Namespace) -> int:
             batch_size=settings.batch_size, max_new_tokens=settings.max_new_tokens, examples=settings.examples,
             groups=benchmark_groups(),
         )
-    finally:
-        shutdown()
     if context is not None and not context.is_main:
         return 0
-    out = args.out or args.checkpoint / "fewshot" / tag_for_step(step)
+    out = args.out or args.checkpoint / "fewshot" / trained.tag
     about = {
         "run": str(args.checkpoint), "step": step, "seed": settings.seed, "tasks": settings.tasks,
         "examples": settings.examples,

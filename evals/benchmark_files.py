@@ -176,7 +176,7 @@ def read_table(path: Path) -> list[dict]:
     """The rows of one file: an Arrow IPC stream (as `datasets` saves them) or file, parquet, or JSON Lines."""
     # Deferred: training imports this module, and `make bench`'s GPU image, which imports training, has no pyarrow.
     import pyarrow.ipc
-    import pyarrow.parquet
+    import pyarrow.parquet  # deferred: as above
 
     try:
         if path.suffix == ".jsonl":

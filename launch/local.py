@@ -24,7 +24,7 @@ DEFAULT_CPU_RANKS = 2
 
 
 def gpus_here() -> int:
-    import torch
+    import torch  # deferred: the launcher itself never needs torch, only this count of GPUs
 
     return torch.cuda.device_count()
 

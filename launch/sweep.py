@@ -54,7 +54,8 @@ from pretrain.checkpoint_store import (
 from pretrain.config import Config, load_config
 from pretrain.faults import PREEMPTION_SIGNALS
 from pretrain.run_data import prepare_and_verify
-from pretrain.rundir.reader import finished_with, non_embedding_parameters
+from pretrain.rundir.points import non_embedding_parameters
+from pretrain.rundir.reader import finished_with
 
 # Submits runs as one SLURM job array: (config path, the runs' configs, the array) -> job id.
 SubmitArray = Callable[[str, list[Config], ArrayJob], "str | None"]

@@ -13,7 +13,7 @@ from data_pipeline.config import Section, read_yaml_mapping, validated
 from evals.scaling.task_points import Target
 from evals.scaling.task_report import check_targets
 from pretrain.config import Config
-from pretrain.rundir.reader import target_of_config
+from pretrain.rundir.points import target_of_config
 
 
 class SweepSize(Section):

@@ -8,6 +8,7 @@ and files agree. A crash mid-save, or a file damaged since, leaves the previous 
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -235,8 +236,7 @@ def convert_to_universal(checkpoint: Path) -> Path:
     universal = checkpoint / UNIVERSAL
     if (universal / COMPLETE_MARKER).exists():
         return universal
-    import argparse
-
+    # deferred: DeepSpeed takes seconds to import, and only a resume at another world size converts
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
     partial = checkpoint / f"{UNIVERSAL}.partial"  # renamed once whole, so a crash leaves no half conversion
@@ -285,9 +285,8 @@ def _repair_zero3_universal_load(engine, universal: Path) -> None:
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model's full fp32 weights, on the CPU, from a checkpoint of any ZeRO stage and number of ranks."""
     if has_partitioned_optimizer(checkpoint):
-        from deepspeed.utils.zero_to_fp32 import (
-            get_fp32_state_dict_from_zero_checkpoint,
-        )
+        # deferred: DeepSpeed takes seconds to import, and a command reading a checkpoint may not need it
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         # The fp32 master weights, gathered from every rank's partition.
         return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)

@@ -98,7 +98,7 @@ def build_engine(config: Config, layout: BatchLayout, context: DistributedContex
                  load_universal: bool = False) -> EngineSetup:
     """Model, optimizer, schedule and DeepSpeed engine, as configured. The same seed on every rank gives every
     rank the same initial weights. `load_universal`: the engine will load a universal checkpoint."""
-    import deepspeed
+    import deepspeed  # deferred: seconds to import; the config and the data are checked before it is paid for
 
     torch.manual_seed(config.seed)
     checkpoint_blocks = deepspeed.checkpointing.checkpoint if config.deepspeed.activation_checkpointing else None

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("data_pipeline", "evals", "pretrain", "launch")
 
@@ -49,6 +51,32 @@ def test_no_project_import_is_placed_inside_a_function():
                 hidden += [f"{name}.{function.name}: {module}" for node in ast.walk(function)
                            for module in imported(node, set(trees))]
     assert not hidden, "imports inside functions (move them to the top of the module):\n" + "\n".join(hidden)
+
+
+def test_every_import_inside_a_function_says_why_it_is_deferred():
+    # A slow or optional package (DeepSpeed, transformers, matplotlib, W&B) is imported where it is needed, with
+    # a comment starting "deferred" on its line or the line above; any other import belongs at the top.
+    unexplained = []
+    for path in (path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))):
+        lines = path.read_text().splitlines()
+        name = module_name(path)
+        for function in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(function):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)):
+                        said = " ".join(lines[node.lineno - 2:node.lineno]).lower()
+                        if "deferred" not in said:
+                            unexplained.append(f"{name}:{node.lineno}")
+    assert not unexplained, "imports inside functions without a reason:\n" + "\n".join(unexplained)
+
+
+def test_every_module_of_evals_outside_its_commands_is_held_to_the_library_contract():
+    contracts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    library = next(contract for contract in contracts if contract["name"].startswith("evals' library"))
+    covered = set(library["source_modules"])
+    outside = [name for name in project_modules() if name.startswith("evals.") and not name.startswith(
+        ("evals.commands", "evals.__main__")) and not any(name == c or name.startswith(f"{c}.") for c in covered)]
+    assert not outside, f"evals modules outside the library contract (add them, or move them to commands): {outside}"
 
 
 def test_no_module_level_import_cycle():

@@ -3,7 +3,7 @@
     python -m evals.commands.agreement [--tasks all|a,b] [--items N|all] [--shape tiny] [--seq-len 1024]
         [--json out.json]
 
-One GPT of the given shape (pretrain.bench_step's shapes; random weights, seeded, its token embedding spread so that
+One GPT of the given shape (pretrain.shapes; random weights, seeded, its token embedding spread so that
 choices differ clearly) and a byte-level BPE tokenizer trained on the benchmarks' own texts are exported with
 `evals.commands.hf_export.to_hf`; each benchmark is then scored at k=0 on its first N items, in the file's order, by
 `evals.fewshot.evaluate` and by lm-evaluation-harness's built-in task of the same name pointed at the same local
@@ -37,6 +37,7 @@ from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from tokenizers import Tokenizer  # noqa: E402
+from torch import nn  # noqa: E402
 
 from data_pipeline.common.command_line import ArgumentParser, run_command  # noqa: E402
 from data_pipeline.common.files import write_atomically  # noqa: E402
@@ -46,9 +47,7 @@ from evals.benchmarks import BENCHMARKS, MMLU_SUBJECTS, benchmark, load_benchmar
 from evals.commands.hf_export import save_hf  # noqa: E402
 from evals.fewshot import Score, evaluate  # noqa: E402
 from evals.tasks import Task, TaskError  # noqa: E402
-from pretrain.bench_step import SHAPES  # noqa: E402
-from pretrain.config import ModelConfig  # noqa: E402
-from pretrain.model import GPT  # noqa: E402
+from pretrain.rundir.models import SHAPE_NAMES, untrained_model  # noqa: E402
 
 HARNESS_TASKS = Path(importlib.util.find_spec("lm_eval").origin).parent / "tasks"
 HARNESS_YAMLS = {  # the built-in task definitions under lm_eval/tasks/
@@ -147,14 +146,11 @@ def agreement_tokenizer() -> Tokenizer:
     return train_bpe(texts, VOCAB_SIZE)
 
 
-def agreement_model(shape: str, vocab_size: int, seq_len: int, seed: int = 0) -> GPT:
-    torch.manual_seed(seed)
-    dimensions = SHAPES[shape]
-    model = GPT(ModelConfig(vocab_size=vocab_size, seq_len=seq_len, n_layer=dimensions.n_layer,
-                            n_head=dimensions.n_head, d_model=dimensions.d_model))
+def agreement_model(shape: str, vocab_size: int, seq_len: int, seed: int = 0) -> nn.Module:
+    model = untrained_model(shape, vocab_size, seq_len, seed)
     with torch.no_grad():  # untrained logits are nearly flat; spread them so that choices differ clearly
         model.token_embedding.weight.normal_(0, 1.0)
-    return model.eval()
+    return model
 
 
 def task_names(spec: str) -> list[str]:
@@ -254,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m evals.commands.agreement", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="all", help="all, or benchmarks and mmlu_<subject> names, comma-separated")
     parser.add_argument("--items", type=items_argument, default=100, help="the first N items of each task, or all")
-    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="tiny", choices=SHAPE_NAMES)
     parser.add_argument("--seq-len", type=int, default=1024, help="the model's context in tokens")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the table here")

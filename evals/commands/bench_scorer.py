@@ -3,7 +3,7 @@
     python -m evals.commands.bench_scorer --tasks hellaswag --items 100 --shots 0,1,2,4,8,16 --examples shared
         --json out.json
 
-One model of the given shape (pretrain.bench_step's shapes; random weights, since speed does not depend on them)
+One model of the given shape (pretrain.shapes; random weights, since speed does not depend on them)
 with a byte-level BPE tokenizer trained on the tasks' own text is scored at every k by `evals.fewshot.evaluate`, and
 by lm-evaluation-harness's `hf` model on the same network exported with `evals.commands.hf_export.save_hf`, on the
 same device and dtype (bf16 on CUDA, fp32 on a CPU), on the very prompts the project scores (written as local
@@ -32,18 +32,17 @@ from data_pipeline.common.devices import device_name, synchronize
 from data_pipeline.common.files import write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe
 from evals.benchmarks import load_evaluation_tasks
-from evals.commands.hf_export import save_hf, write_lm_eval_tasks
+from evals.commands.hf_export import save_hf
+from evals.commands.lm_eval_tasks import write_lm_eval_tasks
 from evals.fewshot import encode_prompt, evaluate
 from evals.tasks import PER_ITEM, SHARED, Item, Task
-from pretrain.bench_step import SHAPES
-from pretrain.config import ModelConfig
-from pretrain.model import GPT
+from pretrain.rundir.models import SHAPE_NAMES, SHAPE_SEQ_LENS, untrained_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python -m evals.commands.bench_scorer", description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", default="hellaswag", help="benchmarks or tasks, comma-separated")
-    parser.add_argument("--shape", default="gpt2-124m", choices=sorted(SHAPES))
+    parser.add_argument("--shape", default="gpt2-124m", choices=SHAPE_NAMES)
     parser.add_argument("--items", type=int, default=100, help="the first N items of each task")
     parser.add_argument("--shots", default="0,1,2,4,8,16")
     parser.add_argument("--examples", choices=(PER_ITEM, SHARED), default=PER_ITEM)
@@ -64,17 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     shots = [int(k) for k in args.shots.split(",")]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = SHAPES[args.shape]
+    seq_len = SHAPE_SEQ_LENS[args.shape]
     tasks = load_evaluation_tasks(args.tasks.split(","), items=args.items)
     tokenizer = train_bpe(tasks_text(tasks), args.vocab_size)
     eod = tokenizer.token_to_id(END_OF_DOCUMENT)
-    torch.manual_seed(0)
-    model = GPT(ModelConfig(vocab_size=tokenizer.get_vocab_size(), seq_len=shape.seq_len, n_layer=shape.n_layer,
-                            n_head=shape.n_head, d_model=shape.d_model)).eval()
+    model = untrained_model(args.shape, tokenizer.get_vocab_size(), seq_len)
 
     def kept(task: Task, item: Item, examples: list[Item]) -> list[Item]:
         """The examples the project's prompt keeps once the oldest that do not fit are dropped."""
-        dropped = encode_prompt(task, item, examples, tokenizer, shape.seq_len, eod).dropped_examples
+        dropped = encode_prompt(task, item, examples, tokenizer, seq_len, eod).dropped_examples
         return examples[dropped:]
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -82,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         save_hf(model, tokenizer, hf_dir)
         write_lm_eval_tasks(tasks, shots, 0, tasks_dir, args.examples, kept)
         harness_model = HFLM(pretrained=str(hf_dir), device=str(device), dtype=str(dtype).removeprefix("torch."),
-                             batch_size=args.batch_size, max_length=shape.seq_len)
+                             batch_size=args.batch_size, max_length=seq_len)
         task_manager = TaskManager(include_path=str(tasks_dir))
         model = model.to(device=device, dtype=dtype)
 
         def project() -> dict:
-            scores = evaluate(model, tokenizer, tasks, shots, context_length=shape.seq_len, end_of_document_id=eod,
+            scores = evaluate(model, tokenizer, tasks, shots, context_length=seq_len, end_of_document_id=eod,
                               batch_size=args.batch_size, examples=args.examples)
             return {f"{score.task}_{score.k}shot": (score.acc, score.acc_norm) for score in scores}
 

@@ -20,7 +20,7 @@ from evals.scaling.task_plots import plot_tasks
 from evals.scaling.task_points import Target, read_task_csv, task_csv_text
 from evals.scaling.task_report import TaskScalingReport, analyse_tasks
 from evals.scaling.task_report import summary_lines as task_summary_lines
-from pretrain.rundir.reader import scaling_points, task_scaling_points
+from pretrain.rundir.points import scaling_points, task_scaling_points
 
 
 @dataclass(frozen=True)

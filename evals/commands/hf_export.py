@@ -23,16 +23,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import yaml
 from tokenizers import Tokenizer
 from torch import nn
 
 from data_pipeline.common.errors import UserError
 from data_pipeline.common.files import publish_directory, write_atomically
 from data_pipeline.tokenizer import END_OF_DOCUMENT
-from evals.tasks import MULTIPLE_CHOICE, PER_ITEM, Item, Task, TaskError
-from pretrain.checkpoint_store import tag_for_step
-from pretrain.model import GPT, NORM_EPS, mlp_width
 from pretrain.rundir.reader import load_checkpoint, run_tokenizer
 
 
@@ -46,7 +42,7 @@ def _weights(layer: nn.Module, name: str, convert: Callable[[torch.Tensor], torc
     return {f"{name}.weight": convert(layer.weight), f"{name}.bias": convert(bias)}
 
 
-def _block_weights(model: GPT, prefix: str, names: dict[str, str], convert) -> dict[str, torch.Tensor]:
+def _block_weights(model: nn.Module, prefix: str, names: dict[str, str], convert) -> dict[str, torch.Tensor]:
     """Every block's layers, the project's submodule names mapped to `names`, `convert(our name, tensor)` applied."""
     weights = {}
     for number, block in enumerate(model.blocks):
@@ -66,7 +62,7 @@ NEOX_BLOCK_NAMES = {
 }
 
 
-def gpt2_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def gpt2_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's names for the weights; its Conv1D layers store (in, out), hence the transposes."""
     def transpose_matrices(_: str, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.t() if tensor.dim() == 2 else tensor
@@ -87,7 +83,7 @@ PERSIMMON_BLOCK_NAMES = {
 }
 
 
-def _qkv_head_by_head(model: GPT) -> Callable[[str, torch.Tensor], torch.Tensor]:
+def _qkv_head_by_head(model: nn.Module) -> Callable[[str, torch.Tensor], torch.Tensor]:
     """GPT-NeoX and Persimmon lay the fused projection out head by head ([q, k, v] of head 0, then of head 1,
     ...) where the project has all queries, then all keys, then all values."""
     width, heads = model.config.d_model, model.config.n_head
@@ -100,7 +96,7 @@ def _qkv_head_by_head(model: GPT) -> Callable[[str, torch.Tensor], torch.Tensor]
     return convert
 
 
-def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def neox_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """GPTNeoXForCausalLM's names."""
     return {
         "gpt_neox.embed_in.weight": model.token_embedding.weight,
@@ -110,7 +106,7 @@ def neox_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
-def persimmon_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def persimmon_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """PersimmonForCausalLM's names: NeoX's block with a LayerNorm (weight and bias) on each head's queries and
     keys."""
     return {
@@ -121,7 +117,7 @@ def persimmon_state_dict(model: GPT) -> dict[str, torch.Tensor]:
     }
 
 
-def llama_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+def llama_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """LlamaForCausalLM's names, and Qwen3ForCausalLM's with QK-norm (each head's RMSNorm weights added); their
     query, key and value projections are separate matrices."""
     config = model.config
@@ -158,9 +154,9 @@ def refuse_what_transformers_lacks(config) -> None:
                           " biases; export a QK-norm model trained with bias: false, or a biased one without qk_norm")
 
 
-def to_hf(model: GPT, end_of_document_id: int):
+def to_hf(model: nn.Module, end_of_document_id: int):
     """The same network as a `transformers` model, fp32, on the CPU, in eval mode."""
-    from transformers import (
+    from transformers import (  # deferred: seconds to import, and only an export needs it
         GPT2Config,
         GPT2LMHeadModel,
         GPTNeoXConfig,
@@ -175,13 +171,15 @@ def to_hf(model: GPT, end_of_document_id: int):
 
     config = model.config
     refuse_what_transformers_lacks(config)
+    # Read off the network itself: the hidden width of its MLPs and the epsilon of its norms.
+    mlp_width, norm_eps = model.blocks[0].mlp.proj.in_features, model.final_norm.eps
     common = {"vocab_size": config.vocab_size, "bos_token_id": end_of_document_id,
               "eos_token_id": end_of_document_id, "tie_word_embeddings": config.tie_embeddings}
     if config.block == "llama":
         llama_like = dict(
-            hidden_size=config.d_model, intermediate_size=mlp_width(config), num_hidden_layers=config.n_layer,
+            hidden_size=config.d_model, intermediate_size=mlp_width, num_hidden_layers=config.n_layer,
             num_attention_heads=config.n_head, num_key_value_heads=config.kv_heads, hidden_act="silu",
-            max_position_embeddings=config.seq_len, rms_norm_eps=NORM_EPS, attention_bias=config.bias,
+            max_position_embeddings=config.seq_len, rms_norm_eps=norm_eps, attention_bias=config.bias,
             attention_dropout=0.0, rope_theta=config.rotary_base, **common,
         )
         if config.qk_norm:
@@ -192,7 +190,7 @@ def to_hf(model: GPT, end_of_document_id: int):
     elif config.position == "learned":
         hf_config = GPT2Config(
             n_positions=config.seq_len, n_embd=config.d_model, n_layer=config.n_layer, n_head=config.n_head,
-            n_inner=mlp_width(config), activation_function="gelu", layer_norm_epsilon=NORM_EPS,
+            n_inner=mlp_width, activation_function="gelu", layer_norm_epsilon=norm_eps,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common,
         )
         hf_model, weights = GPT2LMHeadModel(hf_config), gpt2_state_dict(model)
@@ -200,8 +198,8 @@ def to_hf(model: GPT, end_of_document_id: int):
         # "gelu" is transformers' exact (erf) GELU, the project's F.gelu.
         neox_like = dict(
             hidden_size=config.d_model, num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-            intermediate_size=mlp_width(config), hidden_act="gelu", max_position_embeddings=config.seq_len,
-            layer_norm_eps=NORM_EPS, attention_dropout=0.0, hidden_dropout=0.0, **common,
+            intermediate_size=mlp_width, hidden_act="gelu", max_position_embeddings=config.seq_len,
+            layer_norm_eps=norm_eps, attention_dropout=0.0, hidden_dropout=0.0, **common,
         )
         if config.qk_norm:  # Persimmon rotates half of each head unless told otherwise; the project all of it
             hf_model = PersimmonForCausalLM(PersimmonConfig(
@@ -220,7 +218,7 @@ def to_hf(model: GPT, end_of_document_id: int):
     return hf_model.eval()
 
 
-def save_hf(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
+def save_hf(model: nn.Module, tokenizer: Tokenizer, folder: Path) -> None:
     """The model and its tokenizer as one transformers folder: what AutoModelForCausalLM, AutoTokenizer and
     lm-evaluation-harness's `hf` model load."""
     from transformers import PreTrainedTokenizerFast  # deferred: only an export needs transformers loaded
@@ -234,7 +232,7 @@ def save_hf(model: GPT, tokenizer: Tokenizer, folder: Path) -> None:
 
 def export_hf(run_dir: Path, step: int | None = None, out: Path | None = None) -> Path:
     trained = load_checkpoint(run_dir, step)
-    out = out or run_dir / "hf" / tag_for_step(trained.step)
+    out = out or run_dir / "hf" / trained.tag
     refuse_to_replace(out)
     staging = out.with_name(out.name + ".partial")  # an interrupted export never replaces a good directory
     shutil.rmtree(staging, ignore_errors=True)
@@ -256,43 +254,3 @@ def refuse_to_replace(out: Path) -> None:
             f"--out: {out} exists and is not an earlier export (it has no {EXPORT_RECORD}); choose a new or empty"
             " directory, or remove it yourself"
         )
-
-
-def write_lm_eval_tasks(
-    tasks: list[Task], shots: list[int], seed: int, out: Path, examples: str = PER_ITEM,
-    kept: Callable[[Task, Item, list[Item]], list[Item]] = lambda task, item, shots: shots,
-) -> list[Path]:
-    """For each task and k: `<task>_<k>shot.jsonl` (context = the k-shot prompt, choices, gold) and a YAML
-    lm-evaluation-harness reads with `--include_path OUT --tasks <task>_<k>shot --num_fewshot 0`. kept(task,
-    item, shots): the examples the prompt keeps (the project's scorer drops the oldest of a prompt too long)."""
-    refused = [task.name for task in tasks if task.kind != MULTIPLE_CHOICE or any(
-        item.choices_complete_context for item in task.items)]
-    if refused:
-        raise TaskError(f"{', '.join(refused)}: only multiple-choice tasks whose choices follow one context are"
-                        " written for lm-evaluation-harness")
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for task in tasks:
-        drawn = [task.shots(index, max(shots), seed, examples) for index in range(len(task.items))]
-        for k in shots:
-            name = f"{task.name}_{k}shot"
-            documents = out / f"{name}.jsonl"
-            write_atomically(documents, "".join(
-                json.dumps({"context": task.prompt(item, kept(task, item, drawn[index][:k])),
-                            "choices": list(item.choices), "gold": item.gold}) + "\n"
-                for index, item in enumerate(task.items)))
-            spec = out / f"{name}.yaml"
-            write_atomically(spec, yaml.safe_dump({
-                "task": name,
-                "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(documents.resolve())}},
-                "test_split": "test",
-                "output_type": "multiple_choice",
-                "doc_to_text": "{{context}}",
-                "doc_to_choice": "{{choices}}",
-                "doc_to_target": "{{gold}}",
-                "target_delimiter": task.target_delimiter,
-                "metric_list": [{"metric": "acc"}, {"metric": "acc_norm"}],
-            }, sort_keys=False, allow_unicode=True))
-            written += [documents, spec]
-    return written

@@ -15,7 +15,8 @@ from evals.fewshot import evaluate
 from evals.tasks import load_task
 from pretrain.config import merged
 from pretrain.model import GPT
-from pretrain.rundir.reader import load_checkpoint, read_metrics, run_config, run_tokenizer, scaling_point, task_points
+from pretrain.rundir.points import scaling_point, task_points
+from pretrain.rundir.reader import load_checkpoint, read_metrics, run_config, run_tokenizer
 from tests.helpers import TINY_CONFIG, launch, run_module
 
 FEWSHOT = {"tasks": ["word_labels"], "shots": [0, 2, 4], "items": 24, "items_in_loop": 24, "interval": 4}

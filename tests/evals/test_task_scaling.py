@@ -18,7 +18,7 @@ from evals.scaling.task_law import Sigmoid, final_points, fit_sigmoid, fit_task,
 from evals.scaling.task_points import Target, TaskPoint, read_task_csv, task_csv_text
 from evals.scaling.task_report import analyse_tasks, check_targets, points_by_run, resampled
 from pretrain.config import load_config
-from pretrain.rundir.reader import non_embedding_parameters, task_scaling_points
+from pretrain.rundir.points import non_embedding_parameters, task_scaling_points
 
 TRUE_LAW = Law(E=0.6, A=40.0, B=300.0, alpha=0.35, beta=0.32)
 TRUE_SIGMOIDS = {0: Sigmoid(a=0.6, s=-6.0, L0=2.6, b=0.25), 8: Sigmoid(a=0.65, s=-5.0, L0=2.8, b=0.25)}

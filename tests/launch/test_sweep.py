@@ -18,7 +18,8 @@ from launch.__main__ import main as launch_main
 from launch.sweep import expand, side_by_side_environments
 from launch.sweep_spec import load_sweep
 from pretrain.config import Config, load_config
-from pretrain.rundir.reader import finished_with, non_embedding_parameters, read_metrics
+from pretrain.rundir.points import non_embedding_parameters
+from pretrain.rundir.reader import finished_with, read_metrics
 from tests.helpers import launch, losses_by_step, run_module, signal_job, wait_for_step, wandb_records
 
 
