@@ -32,8 +32,9 @@ from pathlib import Path
 
 from data_pipeline.common.command_line import ArgumentParser
 from data_pipeline.config import BatchLayout, DataConfig
-from data_pipeline.loader import TrainBatches, Windows, iterate_steps
+from data_pipeline.loader import TrainBatches, iterate_steps
 from data_pipeline.prepare import prepare
+from data_pipeline.shard_reader import Windows
 from data_pipeline.sources import all_documents
 from data_pipeline.tokenizer import load_tokenizer
 

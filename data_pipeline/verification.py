@@ -17,8 +17,8 @@ from pathlib import Path
 
 from data_pipeline.common.errors import DataError
 from data_pipeline.common.files import write_atomically
-from data_pipeline.loader import is_local, refuse_if_damaged, shard_location
 from data_pipeline.manifest import Manifest, Shard
+from data_pipeline.shard_reader import is_local, refuse_if_damaged, shard_location
 from data_pipeline.tokenizer import file_sha256
 
 VERIFIED_RECORD = "verified.json"

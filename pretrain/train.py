@@ -25,8 +25,9 @@ import torch
 from data_pipeline.common.command_line import ArgumentParser, run_command
 from data_pipeline.common.errors import DataError
 from data_pipeline.common.files import write_atomically
-from data_pipeline.loader import TrainBatches, Windows, iterate_steps, validation_batches
+from data_pipeline.loader import TrainBatches, iterate_steps, validation_batches
 from data_pipeline.remote import Fetcher
+from data_pipeline.shard_reader import Windows
 from data_pipeline.tokenizer import load_tokenizer
 from evals.benchmarks import load_evaluation_tasks
 from evals.fewshot import refuse_what_cannot_be_scored

@@ -18,7 +18,7 @@ import torch
 import zstandard
 
 from data_pipeline.config import DataConfig
-from data_pipeline.loader import ShardReader
+from data_pipeline.shard_reader import ShardReader
 from data_pipeline.tokenizer import train_bpe
 from pretrain.config import ModelConfig
 from pretrain.model import GPT

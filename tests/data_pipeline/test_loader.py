@@ -10,15 +10,10 @@ import torch
 
 from data_pipeline.common.errors import DataError
 from data_pipeline.config import BatchLayout
-from data_pipeline.loader import (
-    GlobalOrder,
-    TrainBatches,
-    Windows,
-    document_ids,
-    iterate_steps,
-    validation_batches,
-)
+from data_pipeline.loader import TrainBatches, document_ids, iterate_steps, validation_batches
 from data_pipeline.manifest import Manifest
+from data_pipeline.order import GlobalOrder
+from data_pipeline.shard_reader import Windows
 from data_pipeline.verification import verify_shards
 from tests.helpers import split_stream
 

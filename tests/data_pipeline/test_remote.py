@@ -11,9 +11,9 @@ import pytest
 
 from data_pipeline.common.errors import DataError
 from data_pipeline.config import DataConfig
-from data_pipeline.loader import Windows
 from data_pipeline.manifest import Manifest
 from data_pipeline.remote import Fetcher
+from data_pipeline.shard_reader import Windows
 from tests.servers import FaultyProxy, Nginx, UnrulyServer
 
 SEQ_LEN = 32

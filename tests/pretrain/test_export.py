@@ -6,8 +6,9 @@ import shutil
 import pytest
 import torch
 
-from data_pipeline.loader import Windows, validation_batches
+from data_pipeline.loader import validation_batches
 from data_pipeline.manifest import Manifest
+from data_pipeline.shard_reader import Windows
 from pretrain.checkpoint_store import COMPLETE_MARKER, tag_for_step
 from pretrain.checkpoint_store import checkpoints_dir as checkpoint_dir
 from pretrain.config import load_config

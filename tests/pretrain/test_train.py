@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 
-from data_pipeline.loader import TrainBatches, Windows, validation_batches
+from data_pipeline.loader import TrainBatches, validation_batches
 from data_pipeline.prepare import prepare
+from data_pipeline.shard_reader import Windows
 from pretrain.config import load_config
 from pretrain.device import bf16_supported
 from pretrain.loss import next_token_loss
