@@ -290,10 +290,18 @@ def read_config_tree(path: Path, including: tuple[Path, ...] = ()) -> dict[str, 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Read a YAML config and what it includes (or start from the defaults), apply `a.b=value` overrides,
-    validate."""
+    validate. A config file that names no run is named after the file (configs/models/llama-60m.yaml runs as
+    llama-60m) and, naming no data directory either, prepares its data in data/<file name>, so that no two shipped
+    configs share a run directory or a dataset."""
     tree = read_config_tree(Path(path)) if path is not None else {}
     for override in overrides:
         set_dotted(tree, override)
+    if path is not None:
+        stem = Path(path).stem
+        tree.setdefault("name", stem)
+        data = tree.setdefault("data", {})
+        if isinstance(data, dict):
+            data.setdefault("dir", f"data/{stem}")
     return validated(Config, tree)
 
 

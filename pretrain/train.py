@@ -81,7 +81,7 @@ def prepare_run_dir(config: Config, context: DistributedContext) -> None:
     write_atomically(saved, resolved)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineSetup:
     """A DeepSpeed engine around the model, with what the loop needs to know about it."""
 
@@ -121,8 +121,9 @@ def build_engine(config: Config, layout: BatchLayout, context: DistributedContex
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     if config.deepspeed.compile:
         engine.compile()
-    return EngineSetup(engine, optimizer, scheduler, precision, ds_config, parameters, non_embedding_parameters,
-                       model.flops_per_token())
+    return EngineSetup(engine=engine, optimizer=optimizer, scheduler=scheduler, precision=precision,
+                       ds_config=ds_config, parameters=parameters, non_embedding_parameters=non_embedding_parameters,
+                       flops_per_token=model.flops_per_token())
 
 
 def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | None, z_loss: float = 0.0,
@@ -142,7 +143,7 @@ def train_step(engine, optimizer: SkippingAdamW, micro_batches, masking: int | N
     return loss_sum
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """What the step loop works with, built by `set_up`: the engine, this rank's data, where the run starts,
     and the components that each decide when to act around a step."""
@@ -207,17 +208,17 @@ def set_up(config: Config, layout: BatchLayout, context: DistributedContext) -> 
     checkpointer.resume(setup.engine, resumption, say)
     max_steps = config.train.max_steps
     return Run(
-        setup, train_batches, masking, resumption,
-        launch_details(run_dir, context.world_size, context.device) if context.is_main else None,
-        Validator(val_batches, context.device, masking, config.eval.interval, max_steps,
-                  functools.partial(mean_across_ranks, device=context.device)),
-        FewShotEvaluator(fewshot_tasks, tokenizer, fewshot, config.model.seq_len, data.end_of_document_id, max_steps,
-                         say),
-        guard,
-        spikes,
-        Progress(layout.tokens_per_step, setup.flops_per_token, peak_bf16_flops(context.device), context.world_size,
-                 config.logging.print_every, max_steps, context.device),
-        checkpointer,
+        setup=setup, train_batches=train_batches, masking=masking, resumption=resumption,
+        launch=launch_details(run_dir, context.world_size, context.device) if context.is_main else None,
+        validator=Validator(val_batches, context.device, masking, config.eval.interval, max_steps,
+                            functools.partial(mean_across_ranks, device=context.device)),
+        fewshot=FewShotEvaluator(fewshot_tasks, tokenizer, fewshot, config.model.seq_len, data.end_of_document_id,
+                                 max_steps, say),
+        guard=guard,
+        spikes=spikes,
+        progress=Progress(layout.tokens_per_step, setup.flops_per_token, peak_bf16_flops(context.device),
+                          context.world_size, config.logging.print_every, max_steps, context.device),
+        checkpointer=checkpointer,
     )
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pretrain.progress import Progress
+from pretrain.progress import Progress, duration
 
 
 def progress(peak_flops: float | None = 1e12, print_every: int = 5, last_step: int = 12) -> Progress:
@@ -37,3 +37,19 @@ def test_the_progress_line_shows_the_validation_loss_only_at_steps_that_have_one
     metrics = {"train/loss": 3.25, "train/lr": 1e-3, **progress().step_metrics(0.5, 0.1)}
     assert "3.2500" in progress().line(5, metrics) and "val" not in progress().line(5, metrics)
     assert "2.5000" in progress().line(5, {**metrics, "val/loss": 2.5})
+
+
+def test_the_time_left_is_the_remaining_steps_at_the_median_pace_of_the_recent_ones():
+    reporting = progress(last_step=100)
+    assert reporting.seconds_left(0) == 0.0
+    for seconds in (0.5, 0.5, 9.0, 0.5, 0.5):  # one slow step (a validation) does not move the estimate
+        reporting.step_metrics(seconds, 0.0)
+    assert reporting.seconds_left(60) == pytest.approx(40 * 0.5)
+    metrics = {"train/loss": 3.0, "train/lr": 1e-3, **reporting.step_metrics(0.5, 0.0)}
+    assert reporting.line(60, metrics).endswith("| 20s left")
+    assert "left" not in reporting.line(100, metrics)
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(12.4, "12s"), (250, "4m10s"), (3900, "1h05m")])
+def test_a_duration_reads_in_hours_minutes_or_seconds(seconds, shown):
+    assert duration(seconds) == shown
