@@ -35,8 +35,9 @@ class ModelConfig(Section):
     d_model: int = Field(128, ge=1)
     position: Literal["learned", "rotary"] = "learned"
     attention_kernel: Literal["auto", "math"] = Field(
-        "auto", description="auto: PyTorch's choice (flash where it can); math: the plain matmul-softmax path, which"
-        " is faster on CPUs for small heads in bf16 (BENCHMARKS.md)"
+        "auto", description="auto: the plain matmul-softmax path for heads of up to 16 dimensions in bf16 on a CPU,"
+        " where it is faster, and PyTorch's choice (flash where it can) elsewhere; math: that path always"
+        " (BENCHMARKS.md, \"Attention kernel on a CPU\")"
     )
     rotary_base: float = Field(10000.0, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)

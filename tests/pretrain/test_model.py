@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.model import GPT
+from pretrain.model import GPT, math_is_faster
 
 LLAMA = {"block": "llama", "position": "rotary"}
 
@@ -157,3 +157,10 @@ def test_the_math_attention_kernel_gives_the_same_outputs_and_gradients(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert torch.allclose(outputs[0], outputs[1], atol=tolerance)
     assert all(torch.allclose(a.grad, b.grad, atol=tolerance) for a, b in zip(auto.parameters(), math.parameters()))
+
+
+def test_auto_attention_takes_the_math_kernel_only_where_it_was_measured_faster():
+    # bf16 heads of up to 16 dimensions on a CPU (BENCHMARKS.md, "Attention kernel on a CPU"); flash elsewhere.
+    assert math_is_faster(torch.zeros(2, 8, 4, 16, dtype=torch.bfloat16))
+    assert not math_is_faster(torch.zeros(2, 8, 4, 16, dtype=torch.float32))
+    assert not math_is_faster(torch.zeros(2, 8, 4, 32, dtype=torch.bfloat16))
