@@ -31,7 +31,7 @@ benchmarks: setup
 	$(PY) -m evals.benchmarks install
 
 # BACKEND=local|hostfile|slurm; launcher options and overrides go in ARGS, e.g.
-# make train BACKEND=slurm ARGS="--nodes 2 --gpus-per-node 8 --dry-run train.lr=1e-3"
+# make train BACKEND=slurm ARGS="--nodes 2 --gpus-per-node 8 --dry-run train.global_batch_tokens=32768"
 train: setup
 	$(PY) -m launch run --backend $(BACKEND) --config $(CONFIG) $(ARGS)
 

@@ -6,7 +6,7 @@ prepare   `python -m launch prepare` of one corpus (jsonl files, a given tokeniz
 startup   `python -m launch run` of a tiny 2-rank model on one corpus of 50,000 64-token blocks sharded into
           10, 1,000 and 50,000 shards: seconds from the command to the first step in metrics.jsonl, and the
           largest resident memory of a rank meanwhile. Each dataset is verified once before it is timed
-          (verification runs at disk speed and is recorded; see the README). Ratio: to the fewest shards.
+          (verification runs at disk speed and is recorded; see docs/data.md). Ratio: to the fewest shards.
 
 Each figure is the median of --repeats runs, the variants alternating.
 """

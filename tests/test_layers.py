@@ -1,4 +1,4 @@
-"""The packages import one way, as the README's layer picture draws it: the import-linter contracts in
+"""The packages import one way, as docs/layout.md draws them: the import-linter contracts in
 pyproject.toml hold, no module-level import cycle exists, and no project import hides inside a function."""
 
 from __future__ import annotations

@@ -65,7 +65,7 @@ def watched_run(tmp_path_factory) -> WatchedRun:
     config_path.write_text(yaml.safe_dump(config))
     run_dir = root / "runs" / "watched"
 
-    # A secret exported where the run is launched from, as the README says to give one: no file may hold it.
+    # A secret exported where the run is launched from, as docs/training.md says to give one: no file may hold it.
     os.environ[SECRET_VARIABLE] = PLANTED_SECRET
     job = start_launch(config_path)
     wait_for(run_dir / "checkpoints" / "step_00000010" / "complete", job)
