@@ -1,6 +1,6 @@
-"""The recipe of docs/launching.md, "GPT-2 124M on your parquet corpus", run as a user types it (make, the shipped preset,
-its data recipe edited to point at the corpus) on a small generated corpus in the same schema, with the model
-shape overridden to a tiny one. The SLURM half is checked through its dry runs."""
+"""The recipe of docs/launching.md, "GPT-2 124M on your parquet corpus", run as a user types it (make, the shipped
+preset, its data recipe edited to point at the corpus) on a small generated corpus in the same schema, with the
+model shape overridden to a tiny one. The SLURM half is checked through its dry runs."""
 
 import json
 import random
