@@ -89,13 +89,20 @@ def still_waiting(job: subprocess.Popen, what: str, deadline: float) -> None:
     if time.monotonic() < deadline:
         return
     if hasattr(job, "log"):
+        before = size = job.log.stat().st_size
         for pid in job_processes(job):
             try:
                 if "torch.distributed.run" not in psutil.Process(pid).cmdline():  # torchrun has no handler
                     os.kill(pid, signal.SIGUSR2)
             except (psutil.NoSuchProcess, ProcessLookupError):
                 pass
-        time.sleep(2)
+        # Until the stacks are in the log: it has grown, then kept its size for 0.5 s (10 s at most).
+        written_by = time.monotonic() + 10
+        while time.monotonic() < written_by:
+            time.sleep(0.5)
+            size, previous = job.log.stat().st_size, size
+            if size == previous > before:
+                break
     output = job.log.read_text(errors="replace")[-20000:] if hasattr(job, "log") else ""
     raise AssertionError(f"{what} did not happen in time; the job's output ends:\n{output}")
 

@@ -162,7 +162,7 @@ def test_a_given_tokenizer_is_used_and_copied_beside_the_shards(tmp_path, prepar
 def test_a_given_tokenizer_without_an_end_of_document_token_is_refused_by_name(tmp_path):
     path = tmp_path / "tok.json"
     Tokenizer(models.BPE()).save(str(path))
-    with pytest.raises(DataError, match=re.escape(f"{path}: has no {END_OF_DOCUMENT} token")):
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: .*{re.escape(END_OF_DOCUMENT)}"):
         load_tokenizer(path, max_vocab_size=512)
 
 
@@ -178,9 +178,10 @@ def gapped_tokenizer(path, highest_id: int):
 def test_a_tokenizer_with_ids_at_or_above_the_model_vocabulary_is_refused_before_preparing(tmp_path):
     config = episodes_config(tmp_path / "d")
     config.tokenizer = str(gapped_tokenizer(tmp_path / "gapped.json", highest_id=600))
-    with pytest.raises(DataError, match=re.escape(f"{config.tokenizer}: has token ids up to 600, at or above"
-                                                  " model.vocab_size=512; raise model.vocab_size to at least 601")):
+    with pytest.raises(DataError, match=f"^{re.escape(config.tokenizer)}: ") as refused:
         prepare(config, vocab_size=512, log=quiet)
+    # The field to raise, and the least vocabulary that holds the ids.
+    assert "model.vocab_size" in str(refused.value) and re.search(r"\b601\b", str(refused.value))
     assert not (tmp_path / "d").exists()
 
 

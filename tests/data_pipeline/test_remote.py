@@ -38,7 +38,8 @@ def test_a_shard_the_server_no_longer_has_stops_the_reader_naming_it_without_the
     signed = nginx.url + "/{shard}?X-Signature=planted-key"
     with pytest.raises(DataError) as refused:
         Windows(prepared, "train", SEQ_LEN, shard_url=signed, fetcher=PATIENT).read(np.arange(4))
-    assert str(refused.value).startswith(f"{nginx.url}/{shard}?...: the server does not have this shard (HTTP 404)")
+    assert str(refused.value).startswith(f"{nginx.url}/{shard}?...: ")  # the shard's URL, its query left out
+    assert re.search(r"\b404\b", str(refused.value))  # the server's status
     assert "planted-key" not in str(refused.value)
 
 
@@ -91,7 +92,7 @@ def test_an_http_transfer_trickling_past_the_deadline_is_given_up_in_time(prepar
     # 512 bytes every 0.3 s never meet the read timeout; the whole shard would take 18 s.
     with UnrulyServer(prepared.dir, chunk_bytes=512, pause_seconds=0.3) as server:
         started = time.monotonic()
-        with pytest.raises(DataError, match=re.escape(f"{server.url}/{shard.name}: not fetched after 1 tries")):
+        with pytest.raises(DataError, match=f"^{re.escape(server.url)}/{re.escape(shard.name)}: "):
             fetcher.open(f"{server.url}/{shard.name}", shard)
     assert time.monotonic() - started < 3
 

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -34,12 +35,11 @@ def sha256_of(file) -> str:
 
 
 def read_every_shard_three_times(reader, url, shards, cache, bound):
-    """What one rank does: read each shard, in an order of its own, so its neighbours evict what it reads."""
+    """What one rank does: read each shard, in an order of its own, so its neighbours evict what it reads.
+    Returns how many of its reads gave the bytes of the manifest's sha256."""
     fetcher = cached_fetcher(cache, bound)
     order = shards[reader:] + shards[:reader]
-    for shard in order * 3:
-        assert sha256_of(fetcher.open(f"{url}/{shard.name}", shard)) == shard.sha256, shard.name
-    return len(order) * 3
+    return sum(sha256_of(fetcher.open(f"{url}/{shard.name}", shard)) == shard.sha256 for shard in order * 3)
 
 
 def test_eight_processes_reading_through_one_small_cache_all_read_the_right_bytes(prepared, served, tmp_path):
@@ -80,7 +80,13 @@ def test_a_shard_fetched_while_another_process_evicts_waits_its_turn_to_enter_th
                and not list(cache.glob("*.tar"))):
             assert time.monotonic() < deadline, "the transfer did not finish"
             time.sleep(0.05)
-        time.sleep(0.5)
+        # The reader waits for the cache's lock: /proc/locks lists it as blocked ("->") on the lock file's inode.
+        inode = (cache / ".lock").stat().st_ino
+        deadline = time.monotonic() + 20
+        while not any(fields[1] == "->" and fields[5] == str(reader.pid) and fields[6].endswith(f":{inode}")
+                      for fields in (line.split() for line in Path("/proc/locks").read_text().splitlines())):
+            assert time.monotonic() < deadline, "the reader did not come to wait for the cache's lock"
+            time.sleep(0.05)
         # Two evicting at once would both delete, each counting what the other is deleting.
         assert not list(cache.glob("*.tar")) and reader.is_alive()
     finally:
@@ -110,7 +116,7 @@ def test_a_cached_shard_flipped_in_place_is_fetched_again_not_trained_on(prepare
     assert hashlib.sha256(cached.read_bytes()).hexdigest() == shard.sha256  # and the cache holds it whole again
     flip_one_byte()
     (root / shard.name).unlink()  # nowhere to fetch it from again: refused rather than read
-    with pytest.raises(DataError, match=re.escape(f"{url}: the server does not have this shard")):
+    with pytest.raises(DataError, match=f"^{re.escape(url)}: .*\\b404\\b"):  # the server's status
         fetcher.open(url, shard)
 
 
@@ -139,7 +145,7 @@ def test_a_manifest_sha256_that_is_not_64_hex_digits_is_refused_and_names_no_fil
     shard = Shard(name="train-00000-000000.tar", samples=1, tokens=1, sha256=recorded, bytes=10)
     before = set(tmp_path.rglob("*"))
     command = f"pipe:touch {fetched}; cat {source}"
-    with pytest.raises(DataError, match=re.escape(f"{command}: ") + ".*prepare the data again"):
+    with pytest.raises(DataError, match=f"^{re.escape(command)}: "):
         cached_fetcher(cache).open(command, shard)
     assert not fetched.exists()  # refused before any transfer
     assert {path for path in tmp_path.rglob("*") if cache not in path.parents} - before <= {

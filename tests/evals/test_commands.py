@@ -64,8 +64,8 @@ def test_a_bad_task_file_is_named_and_earlier_results_are_kept(trained, tmp_path
                       '{"context": "b", "choices": ["x"], "gold": 0}\n')
     result = run_module("evals", "fewshot", "--checkpoint", str(run_dir), "--no-wandb", "--tasks", str(broken),
                         "--out", str(out), cwd=root)
-    assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {broken}:2: 'choices' must be a list of at least two strings"
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {broken}:2: ") and "'choices'" in result.stderr  # the file, line, field
     assert (out / "fewshot.json").read_text() == before
 
 
@@ -147,8 +147,8 @@ def test_a_finished_run_gives_its_scaling_point_and_one_run_is_too_few_to_fit(tr
     assert all(point.fewshot[f"eval/fewshot/word_labels/k={k}/bits_per_byte"] > 0 for k in FEWSHOT["shots"])
 
     result = run_module("evals", "scaling", "--runs", str(run_dir.parent), "--out", str(root / "fit"), cwd=root)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: 1 runs: a law of 5 constants needs at least 5 runs, and many more to trust"
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: 1 runs: ")  # how many runs it found
 
 
 def test_zero_items_is_refused_before_anything_is_written(tmp_path, in_process):
@@ -171,13 +171,15 @@ def test_a_benchmark_scored_from_the_command_line_takes_all_its_items_and_bad_re
 
     empty = tmp_path / "mine"
     empty.mkdir()
-    for bad in (["--tasks", "copa,no_such_benchmark"], ["--tasks", "copa", "--shots", "0,100"],
-                ["--tasks", "copa", "--benchmarks-dir", str(empty)]):
+    # Each bad request, and what its refusal names: the unknown benchmark, the k too large, the missing folder.
+    for bad, named in ((["--tasks", "copa,no_such_benchmark"], "no_such_benchmark"),
+                       (["--tasks", "copa", "--shots", "0,100"], "100"),
+                       (["--tasks", "copa", "--benchmarks-dir", str(empty)], str(empty / "copa"))):
         refused = run_module("evals", "fewshot", "--checkpoint", str(run_dir), *bad, "--out", str(tmp_path / "no"),
                              "--no-wandb", cwd=root)
         assert refused.returncode == 2, refused.stderr
+        assert named in refused.stderr, refused.stderr
         assert not (tmp_path / "no").exists()
-    assert "hellaswag" in refused.stderr or "copa" in refused.stderr
 
 
 def test_a_finished_run_gives_a_task_scaling_point_at_each_evaluation_task_and_k(trained):

@@ -80,7 +80,11 @@ class SlurmCluster:
         # In the foreground (-D), as children of the test, so they end with it.
         self.processes.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        time.sleep(1)
+        # The node daemon registers with the controller on start: once `scontrol ping` finds it answering.
+        deadline = time.monotonic() + 60
+        while subprocess.run(["scontrol", "ping"], capture_output=True, env=self.environment).returncode != 0:
+            assert time.monotonic() < deadline, "slurmctld did not come up:\n" + self.logs()
+            time.sleep(0.2)
         self.processes.append(subprocess.Popen(["slurmd", "-D", "-f", str(self.conf)],
                                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60

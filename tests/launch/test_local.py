@@ -20,7 +20,7 @@ def nothing_written(directory: Path) -> bool:
 def test_zero_ranks_is_refused_with_one_line_before_anything_starts(tiny_config, tmp_path):
     result = run_module("launch", "run", "--config", str(tiny_config()), "--ranks", "0", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == ["config error: --ranks: must be at least 1, got 0"]
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("config error: --ranks: ")
     assert nothing_written(tmp_path)
 
 
@@ -41,10 +41,12 @@ def test_a_precision_setup_deepspeed_cannot_run_is_refused_before_anything_start
 
 def test_a_single_rank_run_trains_and_records_its_world_size(shared_runs):
     run_dir = shared_runs.run_dir(stage=2, ranks=1)
-    marker = run_dir / "checkpoints" / f"step_{shared_runs.steps:08d}" / "complete"
-    written = json.loads(marker.read_text())
-    assert written == {"step": shared_runs.steps, "world_size": 1, "zero_stage": 2, "files": written["files"],
-                       "data_order": tiny_data_order(24 * 64), "tokens_seen": shared_runs.steps * 24 * 64}
+    checkpoint = run_dir / "checkpoints" / f"step_{shared_runs.steps:08d}"
+    files = {path.name: path.stat().st_size for path in checkpoint.iterdir() if path.name != "complete"}
+    assert files
+    assert json.loads((checkpoint / "complete").read_text()) == {
+        "step": shared_runs.steps, "world_size": 1, "zero_stage": 2, "files": files,
+        "data_order": tiny_data_order(24 * 64), "tokens_seen": shared_runs.steps * 24 * 64}
 
 
 @pytest.mark.gpu

@@ -94,14 +94,14 @@ def test_the_plan_command_prints_a_row_per_stage_and_checkpointing(in_process):
 
 @pytest.mark.parametrize(("argv", "named"), [
     (["--gpus", "0"], "--gpus"),
-    (["--gpus", "8", "--gpu-memory", "lots"], "argument --gpu-memory"),
+    (["--gpus", "8", "--gpu-memory", "lots"], "--gpu-memory"),
     (["--gpus", "7"], "train.global_batch_tokens"),
 ])
 def test_a_bad_plan_request_is_refused_with_one_line(in_process, argv, named):
     result = in_process(launch_main, "plan", "--config", str(GPT2_124M), *argv)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
-    assert result.stderr.startswith(f"config error: {named}:")
+    assert result.stderr.startswith("config error: ") and named in result.stderr
 
 
 def test_memory_sizes_read_as_people_write_them():

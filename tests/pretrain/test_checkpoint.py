@@ -186,11 +186,9 @@ def test_a_checkpoint_of_another_zero_stage_is_refused_before_any_rank_starts(ti
     checkpoint = tmp_path / "runs" / "tiny" / "checkpoints" / "step_00000004"
     (checkpoint / COMPLETE_MARKER).write_text(json.dumps({"step": 4, "world_size": 2, "zero_stage": 2}) + "\n")
     result = run_module("launch", "run", "--config", str(config), "deepspeed.zero_stage=3", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"error: {checkpoint}: was written with ZeRO-2 and this run uses ZeRO-3; resume it with"
-        " deepspeed.zero_stage=2, or start a new run (a new name)"
-    )
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {checkpoint}: ")
+    assert "deepspeed.zero_stage=2" in result.stderr  # the setting that would resume it
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()
 
 
@@ -199,9 +197,6 @@ def test_a_branch_from_a_checkpoint_that_is_not_complete_is_refused_before_any_r
     half_written = tmp_path / "runs" / "trunk" / "checkpoints" / "step_00000004"
     half_written.mkdir(parents=True)  # as a crash mid-save leaves it: no `complete` marker
     result = run_module("launch", "run", "--config", str(config), f"train.branch_from={half_written}", cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (
-        f"error: train.branch_from: {half_written} is not a complete checkpoint (no 'complete' marker); train the run"
-        " it belongs to past that step first, or point it at one of that run's complete checkpoints"
-    )
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: train.branch_from: {half_written}")
     assert not (tmp_path / "runs" / "tiny" / "metrics.jsonl").exists()

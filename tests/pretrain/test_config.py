@@ -19,30 +19,31 @@ def test_the_quickstart_config_is_valid():
 
 
 @pytest.mark.parametrize(
-    ("overrides", "message_start"),
+    ("overrides", "field", "keyword"),
     [
-        (["model.n_layers=4"], "model.n_layers: unknown key"),  # a typo for n_layer
-        (["train.max_steps=many"], "train.max_steps: Input should be a valid integer"),
-        (["deepspeed.zero_stage=5"], "deepspeed.zero_stage: Input should be 0, 1, 2 or 3"),
-        (["model.d_model=100", "model.n_head=3"], "model: Value error, d_model=100 is not divisible by n_head=3"),
-        (["data.sources=[{kind: icl_episodes, episode: 3}]"], "data.sources.0.episode: unknown key"),
-        (["model.n_layer.deep=1"], "model.n_layer: is a value, not a section"),
-        (["train.lr"], "override 'train.lr': expected KEY=VALUE"),
-        (["eval.fewshot.shots=[0, -2]"], "eval.fewshot.shots: Value error, numbers of examples cannot be negative"),
-        (["eval.fewshot.tasks=[]"], "eval.fewshot.tasks: List should have at least 1 item"),
-        (["logging.wandb_tags=[ok, '']"], "logging.wandb_tags.1: String should have at least 1 character"),
-        (["logging.stall_alert_minutes=-5"], "logging.stall_alert_minutes: Input should be greater than or equal to 0"),
-        (["train.lr=.nan"], "train.lr: Input should be a finite number"),
-        (["data.val_fraction=.inf"], "data.val_fraction: Input should be a finite number"),
-        (["train.betas=[0.9, 1.0]"], "train.betas.1: Input should be less than 1"),
-        (["train.betas=[-0.1, 0.95]"], "train.betas.0: Input should be greater than or equal to 0"),
-        (["data.shard_url=https://me:s3cret@store.example/{shard}"], "data.shard_url: Value error, holds credentials"),
+        (["model.n_layers=4"], "model.n_layers", "unknown key"),  # a typo for n_layer
+        (["train.max_steps=many"], "train.max_steps", ""),
+        (["deepspeed.zero_stage=5"], "deepspeed.zero_stage", ""),
+        (["model.d_model=100", "model.n_head=3"], "model", ""),
+        (["data.sources=[{kind: icl_episodes, episode: 3}]"], "data.sources.0.episode", "unknown key"),
+        (["model.n_layer.deep=1"], "model.n_layer", ""),
+        (["train.lr"], "override 'train.lr'", ""),
+        (["eval.fewshot.shots=[0, -2]"], "eval.fewshot.shots", ""),
+        (["eval.fewshot.tasks=[]"], "eval.fewshot.tasks", ""),
+        (["logging.wandb_tags=[ok, '']"], "logging.wandb_tags.1", ""),
+        (["logging.stall_alert_minutes=-5"], "logging.stall_alert_minutes", ""),
+        (["train.lr=.nan"], "train.lr", ""),
+        (["data.val_fraction=.inf"], "data.val_fraction", ""),
+        (["train.betas=[0.9, 1.0]"], "train.betas.1", ""),
+        (["train.betas=[-0.1, 0.95]"], "train.betas.0", ""),
+        (["data.shard_url=https://me:s3cret@store.example/{shard}"], "data.shard_url", ""),
     ],
 )
-def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, message_start):
+def test_bad_values_are_refused_naming_the_field(tiny_config, overrides, field, keyword):
     with pytest.raises(ConfigError) as caught:
         load_config(tiny_config(), overrides)
-    assert str(caught.value).startswith(message_start)
+    assert str(caught.value).startswith(f"{field}:")
+    assert keyword in str(caught.value)
     assert "s3cret" not in str(caught.value)  # a refused credential is not repeated where it could be logged
 
 

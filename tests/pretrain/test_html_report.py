@@ -41,7 +41,7 @@ def test_the_report_of_a_finished_run_draws_its_charts_in_a_browser_with_no_cons
     result = run_module("pretrain.html_report", str(watched_run.run_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     page = watched_run.run_dir / "report.html"
-    assert result.stdout.strip() == f"report: {page}"
+    assert str(page) in result.stdout
     text = page.read_text()
     # Loss, learning rate, throughput, accuracy against k, and accuracy during training for the one task.
     assert text.count("<figure><svg") == 5
@@ -59,15 +59,15 @@ def test_the_browser_check_sees_a_page_that_fails(tmp_path):
     broken = tmp_path / "broken.html"
     broken.write_text("<html><body><svg width='10' height='10'></svg><script>drawCharts();</script></body></html>")
     (message,) = render_in_chromium(broken, tmp_path / "broken.png")
-    assert "drawCharts is not defined" in message
+    assert "drawCharts" in message
     assert pixels_of(tmp_path / "broken.png", LINE_COLOURS["C0"]) == 0
 
 
 def test_a_report_of_a_directory_that_is_not_a_run_fails_naming_it(tmp_path):
     result = run_module("pretrain.html_report", str(tmp_path), cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {tmp_path / 'metrics.jsonl'}: not found; is {tmp_path} a run directory,"
-                                     " and has its first step run?")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'metrics.jsonl'}: ")
+    assert not (tmp_path / "report.html").exists()
 
 
 def test_a_damaged_metrics_file_is_named_with_its_line_and_the_earlier_report_is_kept(watched_run, tmp_path):
@@ -79,7 +79,7 @@ def test_a_damaged_metrics_file_is_named_with_its_line_and_the_earlier_report_is
     lines = len((run_dir / "metrics.jsonl").read_text().splitlines()) - 1
     result = run_module("pretrain.html_report", str(run_dir), cwd=tmp_path)
     assert result.returncode == 1
-    assert result.stderr.startswith(f"error: {run_dir / 'metrics.jsonl'}:{lines}: not a metrics record")
+    assert result.stderr.startswith(f"error: {run_dir / 'metrics.jsonl'}:{lines}: ")
     assert (run_dir / "report.html").read_text() == "the earlier report"
 
 
@@ -89,14 +89,15 @@ def test_a_last_line_cut_short_as_it_was_written_is_dropped_and_the_records_befo
     assert f"{tmp_path / 'metrics.jsonl'}:2" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("bad_line", "problem"), [
-    ('{"step": 3, "train/loss": 2.', "not a metrics record"),
-    ('{"train/loss": 2.5}', "not a metrics record"),
-    ('{"step": 3.5, "train/loss": 2.5}', "step 3.5 is not a whole number"),
+@pytest.mark.parametrize(("bad_line", "named"), [
+    ('{"step": 3, "train/loss": 2.', ""),
+    ('{"train/loss": 2.5}', ""),
+    ('{"step": 3.5, "train/loss": 2.5}', "3.5"),  # the step that is not a whole number
 ])
-def test_every_reader_of_metrics_refuses_a_bad_line_naming_the_file_and_line(tmp_path, bad_line, problem):
+def test_every_reader_of_metrics_refuses_a_bad_line_naming_the_file_and_line(tmp_path, bad_line, named):
     (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1, "train/loss": 3.0}}\n\n{bad_line}\n')
     with pytest.raises(RunDirectoryError) as refused:
         read_metrics(tmp_path)
-    assert str(refused.value).startswith(f"{tmp_path / 'metrics.jsonl'}:3: {problem}")
+    assert str(refused.value).startswith(f"{tmp_path / 'metrics.jsonl'}:3: ")
+    assert named in str(refused.value)
     assert read_metrics(tmp_path / "not-started") == []

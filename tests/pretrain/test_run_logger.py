@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 import shutil
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,10 +35,10 @@ def test_a_killed_and_resumed_run_is_one_wandb_run_with_strictly_increasing_step
 
 
 def test_the_end_of_an_offline_run_prints_the_sync_command_for_all_its_attempts(watched_run):
-    (line,) = [line for line in watched_run.resumed.stdout.splitlines() if line.startswith("W&B ran offline")]
-    command = shlex.split(line.split("upload this run with: ")[1].split(" (or `make sync`")[0])
-    assert Path(command[0]).name == "wandb" and command[1] == "sync"
-    assert command[2:] == [str(path) for path in watched_run.attempts]
+    # `wandb sync` and every attempt, oldest first, as a shell would split them.
+    attempts = shlex.join(str(path) for path in watched_run.attempts)
+    (program,) = re.findall(rf"(\S+) sync {re.escape(attempts)}(?:\s|$)", watched_run.resumed.stdout)
+    assert Path(program).name == "wandb"
 
 
 def test_the_wandb_config_is_the_saved_resolved_config_plus_the_launch(watched_run):
@@ -65,11 +66,14 @@ def test_metrics_are_namespaced_and_plotted_against_tokens(watched_run):
 
 
 def test_a_non_finite_loss_and_the_end_of_the_run_raise_alerts(watched_run):
-    (non_finite,) = [a for a in of_type(watched_run.records[0], "alert") if "non-finite loss" in a["title"]]
-    assert non_finite["level"] == "WARN" and non_finite["text"].startswith("step 3: loss nan")
+    (non_finite,) = [a for a in of_type(watched_run.records[0], "alert") if a["title"] == "watched: non-finite loss"]
+    assert non_finite["level"] == "WARN" and "step 3" in non_finite["text"]  # the step of the NaN drill
     assert [alert["title"] for alert in of_type(watched_run.records[-1], "alert")] == ["watched: finished"]
     (finished,) = of_type(watched_run.records[-1], "alert")
-    assert finished["level"] == "INFO" and finished["text"].startswith(f"reached step {WATCHED_STEPS}, val/loss")
+    # It names the last step and the last validation loss.
+    last_validation = [record["val/loss"] for record in read_metrics(watched_run.run_dir) if "val/loss" in record][-1]
+    assert finished["level"] == "INFO"
+    assert f"step {WATCHED_STEPS}" in finished["text"] and f"{last_validation:.4f}" in finished["text"]
     # The count of skipped steps carries across the restart, in W&B and in the local record.
     assert read_metrics(watched_run.run_dir)[-1]["train/skipped_steps"] == 1
 
@@ -77,16 +81,25 @@ def test_a_non_finite_loss_and_the_end_of_the_run_raise_alerts(watched_run):
 def test_a_run_that_stops_making_progress_raises_an_alert(tiny_config):
     config = load_config(tiny_config({"logging": {"wandb_mode": "offline", "stall_alert_minutes": 0.01}}))
     config.run_dir.mkdir(parents=True)
+    alerted = threading.Event()
     with pytest.raises(RuntimeError), RunLogger(config, is_main=True, resumed_from_step=None) as logger:
+        alert = logger.alert
+
+        def alert_and_tell(title: str, text: str, level: str = "WARN") -> None:
+            alert(title, text, level)
+            alerted.set()
+
+        logger.alert = alert_and_tell
         logger.log(1, {"train/loss": 2.0, "train/tokens": 2048})
-        time.sleep(2.5)  # over 0.6 s without a step
+        assert alerted.wait(timeout=30), "no alert after 30 s without a step (the limit is 0.6 s)"
         raise RuntimeError("a rank died")
     (attempt,) = (config.run_dir / "wandb").glob("offline-run-*")
     records = wandb_records(attempt)
     alerts = of_type(records, "alert")
     assert [(alert["title"], alert["level"]) for alert in alerts] == [("tiny: no progress", "WARN"),
                                                                     ("tiny: failed", "ERROR")]
-    assert "after step 1" in alerts[0]["text"] and alerts[1]["text"] == "RuntimeError after step 1: a rank died"
+    assert "step 1" in alerts[0]["text"]  # the last step that completed
+    assert "step 1" in alerts[1]["text"] and "RuntimeError" in alerts[1]["text"] and "a rank died" in alerts[1]["text"]
     assert [record["exit_code"] for record in of_type(records, "exit")] == [1]
 
 
@@ -105,9 +118,8 @@ def test_sync_uploads_each_offline_run_once_with_its_attempts_in_order(watched_r
     assert result.returncode == 0 and not any(attempt.name in result.stdout for attempt in watched_run.attempts)
 
     result = run_module("pretrain.wandb_sync", str(tmp_path / "nowhere"), cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'}: no such directory; pass the directory that"
-                                     " holds the runs")
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'nowhere'}: ")
 
 
 def test_a_secret_exported_for_the_run_is_in_none_of_its_files(watched_run):

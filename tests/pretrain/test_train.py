@@ -58,9 +58,12 @@ def test_two_rank_zero2_run_lowers_the_loss_and_logs_it_to_jsonl_and_offline_wan
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000012", "step_00000016"]
     for step in (12, 16):
-        marker = json.loads((checkpoints / f"step_{step:08d}" / "complete").read_text())
-        assert marker == {"step": step, "world_size": 2, "zero_stage": 2, "files": marker["files"],
-                          "data_order": tiny_data_order(), "tokens_seen": step * 2048}
+        checkpoint = checkpoints / f"step_{step:08d}"
+        files = {path.name: path.stat().st_size for path in checkpoint.iterdir() if path.name != "complete"}
+        assert files
+        assert json.loads((checkpoint / "complete").read_text()) == {
+            "step": step, "world_size": 2, "zero_stage": 2, "files": files, "data_order": tiny_data_order(),
+            "tokens_seen": step * 2048}
 
     logged = {h["step"]["num"]: h["item"] for h in wandb_history(run_dir)}
     assert {step: logged[step]["train/loss"] for step in losses} == losses
@@ -79,7 +82,7 @@ def test_a_damaged_shard_stops_the_launch_before_any_rank_starts(tiny_config, tm
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {shard}: sha256 ") and lines[0].endswith("prepare the data again")
+    assert lines[0].startswith(f"error: {shard}: ")
     assert not (tmp_path / "runs").exists()
 
 
@@ -109,9 +112,9 @@ def test_a_run_whose_server_no_longer_has_its_shards_stops_naming_the_shard(shar
     assert result.returncode != 0
     refusals = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert refusals, result.stderr
-    for line in refusals:  # each rank's, and the run's "failed" alert
-        assert re.search(rf"{re.escape(nginx.url)}/train-\d{{5}}-\d{{6}}\.tar: the server does not have this shard"
-                         r" \(HTTP 404\)", line), line
+    for line in refusals:  # each rank's, and the run's "failed" alert: the shard's URL and the server's status
+        assert re.search(rf"{re.escape(nginx.url)}/train-\d{{5}}-\d{{6}}\.tar\b", line), line
+        assert re.search(r"\b404\b", line), line
     assert not any(record.get("step", 0) > 0 for record in read_metrics(tmp_path / "runs" / "gone"))
 
 
