@@ -31,8 +31,9 @@ from evals.commands.fit_runs import FitSettings, TaskFitSettings, WandbTarget, f
 from evals.commands.hf_export import export_hf
 from evals.commands.lm_eval_tasks import write_lm_eval_tasks
 from evals.config import FewShotConfig
-from evals.fewshot import Score, evaluate
+from evals.fewshot import evaluate
 from evals.scaling.task_points import Target
+from evals.scores import Score
 from pretrain.rundir.points import target_of_config
 from pretrain.rundir.reader import Config, load_checkpoint, ranks_of_this_job, run_config, run_tokenizer
 

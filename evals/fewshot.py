@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -27,49 +26,8 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from evals.packing import Prompt, Request, Row, row_tensors, tree_row
+from evals.scores import ItemResult, Score, group_scores, score_of
 from evals.tasks import MULTIPLE_CHOICE, PER_ITEM, SHARED, Item, Task, TaskError
-
-
-@dataclass
-class ItemResult:
-    index: int
-    correct: float
-    correct_norm: float  # acc_norm; equals `correct` for generation and greedy-match tasks
-    dropped_examples: int
-    truncated: bool
-    log_likelihoods: list[float] = field(default_factory=list)  # per choice; none for generation tasks
-    bits_per_byte: float | None = None  # of the gold continuation: the task loss; None for generation tasks
-
-
-@dataclass
-class Score:
-    """One task at one k. For generation tasks `acc` is exact match and `acc_norm` repeats it."""
-
-    task: str
-    k: int
-    acc: float
-    acc_stderr: float
-    acc_norm: float
-    acc_norm_stderr: float
-    items: int
-    dropped_examples: int  # examples left out of prompts to fit the context, summed over items
-    truncated_items: int
-    bits_per_byte: float | None = None  # the task loss: mean bits per byte of the gold continuation given the prompt
-    seconds: float = 0.0  # the task's whole evaluation, every k together
-    results: list[ItemResult] = field(default_factory=list, repr=False)  # per item, for comparisons
-
-    def as_dict(self) -> dict:
-        return {key: value for key, value in asdict(self).items() if key != "results"}
-
-
-def mean_and_stderr(values: Sequence[float]) -> tuple[float, float]:
-    """The mean and its standard error, sample standard deviation / sqrt(n), as lm-evaluation-harness reports."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    variance = sum((value - mean) ** 2 for value in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
 
 
 def encode_request(tokenizer: Tokenizer, context: str, continuation: str, end_of_document_id: int) -> Request:
@@ -342,7 +300,7 @@ def evaluate(
                 else:
                     results = score_generation(model, task, prompts, tokenizer, new_tokens, batch_size, progress)
             for number, k in enumerate(shots):
-                scores.append(_score(task.name, k, _gather([results[index][number] for index in mine])))
+                scores.append(score_of(task.name, k, _gather([results[index][number] for index in mine])))
             seconds = time.perf_counter() - started
             for score in scores[-len(shots):]:
                 score.seconds = seconds
@@ -350,19 +308,6 @@ def evaluate(
         if was_training:
             model.train()
     return scores + group_scores(scores, groups or {}, shots)
-
-
-def group_scores(scores: list[Score], groups: dict[str, list[str]], shots: list[int]) -> list[Score]:
-    scored = {score.task for score in scores}
-    pooled = []
-    for group, members in groups.items():
-        if not set(members) <= scored:
-            continue
-        for k in shots:
-            parts = [score for score in scores if score.task in members and score.k == k]
-            pooled.append(_score(group, k, [result for part in parts for result in part.results]))
-            pooled[-1].seconds = sum(part.seconds for part in parts)
-    return pooled
 
 
 class SharedTrunks:
@@ -401,14 +346,3 @@ def refuse_what_cannot_be_scored(tasks: list[Task], shots: list[int], tokenizer:
                         f"{task.name}: item {number} has a choice of {tokens} tokens, which leaves no room for its"
                         f" context in the model's {context_length}; shorten the choice or drop the item"
                     )
-
-
-def _score(task: str, k: int, results: list[ItemResult]) -> Score:
-    losses = [r.bits_per_byte for r in results if r.bits_per_byte is not None]
-    acc, acc_stderr = mean_and_stderr([r.correct for r in results])
-    acc_norm, acc_norm_stderr = mean_and_stderr([r.correct_norm for r in results])
-    return Score(
-        task, k, acc, acc_stderr, acc_norm, acc_norm_stderr, len(results),
-        dropped_examples=sum(r.dropped_examples for r in results), truncated_items=sum(r.truncated for r in results),
-        bits_per_byte=sum(losses) / len(losses) if losses else None, results=results,
-    )

