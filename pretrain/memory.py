@@ -110,7 +110,8 @@ def norm_bytes(model: ModelConfig, width: int, element: int) -> int:
 
 def math_attention(model: ModelConfig) -> bool:
     """Whether attention runs PyTorch's plain matmul-softmax path, which keeps the probabilities: when the config
-    asks for it, or with attention dropout, which the fused CPU kernel lacks (on a GPU this overcounts)."""
+    asks for it, or with attention dropout, which the fused CPU kernel lacks (on a GPU this overcounts). Planned for
+    GPUs: `auto` is counted as the fused kernel, which a CPU also takes except for bf16 heads of up to 16."""
     return model.attention_kernel == "math" or model.dropout > 0
 
 
@@ -153,8 +154,8 @@ def block_bytes_per_sequence(model: ModelConfig, element: int) -> int:
 def activation_bytes(config: Config, micro_batch_size: int, precision: str, checkpointing: bool) -> int:
     """The activations autograd holds at the peak of one micro-batch's backward pass: every block's, or with
     activation checkpointing each block's input plus the one block being recomputed; and around the blocks the
-    token ids and targets, the final norm, the head's input and the fp32 log-probabilities of the loss (with a
-    z-loss, also its fp32 logits). Counted for 16-bit training; in fp32 it overcounts slightly."""
+    token ids and targets, the final norm, the head's input, and the loss's fp32 logits and log normalizers (which
+    its z-loss shares). Counted for 16-bit training; in fp32 it overcounts slightly."""
     model = config.model
     element = BYTES_PER_ELEMENT[precision]
     tokens = micro_batch_size * model.seq_len
@@ -166,7 +167,7 @@ def activation_bytes(config: Config, micro_batch_size: int, precision: str, chec
     around = (
         INDEX_BYTES * (micro_batch_size * (model.seq_len + 1) + tokens + model.seq_len)
         + tokens * (norm_bytes(model, model.d_model, element) + element * model.d_model)
-        + tokens * FP32 * model.vocab_size * (2 if config.train.z_loss else 1)
+        + tokens * FP32 * (model.vocab_size + 1)
     )
     if model.dropout:  # the embeddings' dropout mask
         around += tokens * element * model.d_model

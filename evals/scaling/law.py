@@ -12,8 +12,6 @@ import itertools
 from dataclasses import dataclass, fields
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import huber
 from threadpoolctl import threadpool_limits
 
 from evals.scaling.points import ScalingError
@@ -85,7 +83,9 @@ def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_loss
         np.sum(slope * weights[0] * -log_n),
         np.sum(slope * weights[1] * -log_d),
     ])
-    return float(np.sum(huber(HUBER_DELTA, residual))) / HUBER_DELTA, gradient
+    size = np.abs(residual)
+    huber = np.where(size <= HUBER_DELTA, 0.5 * residual**2, HUBER_DELTA * (size - 0.5 * HUBER_DELTA))
+    return float(np.sum(huber)) / HUBER_DELTA, gradient
 
 
 def _check(parameters, tokens, losses) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -103,6 +103,9 @@ def _check(parameters, tokens, losses) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _minimise(start: np.ndarray, data: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    # deferred: scipy takes half a second to import, which every launch would pay (the launcher imports the sweep)
+    from scipy.optimize import minimize
+
     return minimize(_objective, start, args=data, jac=True, method="L-BFGS-B", bounds=BOUNDS,
                     options={"maxiter": 10_000, "ftol": 1e-14, "gtol": 1e-10})
 

@@ -15,8 +15,6 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.optimize import least_squares
-from scipy.special import expit
 
 from evals.scaling.law import Law, fit_law, one_blas_thread, refit, separates_size_from_budget
 from evals.scaling.points import ScalingError
@@ -37,12 +35,17 @@ class Sigmoid:
 
     def accuracy(self, task_loss):
         """The accuracy at `task_loss`, held within [0, 1] (a + b may exceed 1 a little where no run reaches it)."""
-        return np.clip(self.a * expit(self.s * (np.asarray(task_loss, dtype=float) - self.L0)) + self.b, 0.0, 1.0)
+        return np.clip(self.a * logistic(self.s * (np.asarray(task_loss, dtype=float) - self.L0)) + self.b, 0.0, 1.0)
+
+
+def logistic(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)), written with tanh so that no x overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
 def _residuals(theta: np.ndarray, losses: np.ndarray, accuracies: np.ndarray) -> np.ndarray:
     a, s, midpoint, b = theta
-    return a * expit(s * (losses - midpoint)) + b - accuracies
+    return a * logistic(s * (losses - midpoint)) + b - accuracies
 
 
 def _sigmoid_bounds(losses: np.ndarray) -> tuple[list[float], list[float]]:
@@ -62,6 +65,9 @@ def fit_sigmoid(losses, accuracies, start: Sigmoid | None = None) -> Sigmoid:
         rise, floor = max(accuracies.max() - accuracies.min(), 1e-3), accuracies.min()
         starts = [np.array([rise, -slope / spread, midpoint, floor]) for midpoint, slope in itertools.product(
             np.quantile(losses, [0.1, 0.3, 0.5, 0.7, 0.9]), (1.0, 4.0, 16.0, 64.0))]
+    # deferred: scipy takes half a second to import, which every launch would pay (the launcher imports the sweep)
+    from scipy.optimize import least_squares
+
     fits = [least_squares(_residuals, np.clip(theta, lower, upper), bounds=(lower, upper), args=(losses, accuracies))
             for theta in starts]
     best = min(fits, key=lambda fit: fit.cost)

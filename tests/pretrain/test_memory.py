@@ -37,10 +37,11 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
+# Heads of 32 dimensions: `auto` then takes the fused kernel on a CPU too, as on a GPU (pretrain.model.math_is_faster).
 SHAPES = [  # (micro-batch, seq_len, d_model, n_head, n_layer, vocab)
-    (2, 64, 64, 4, 2, 256),
-    (4, 128, 128, 8, 3, 512),
-    (1, 256, 96, 6, 2, 1024),
+    (2, 64, 64, 2, 2, 256),
+    (4, 128, 128, 4, 3, 512),
+    (1, 256, 128, 4, 2, 1024),
 ]
 VARIANTS = [
     {"block": "gpt2", "position": "learned"},
@@ -77,7 +78,7 @@ def test_planned_activations_are_within_10_percent_of_what_autograd_saves(varian
 
 @pytest.mark.parametrize("block", ["gpt2", "llama"])
 def test_with_activation_checkpointing_the_plan_holds_each_blocks_input_and_one_block_recomputed(block):
-    shape = (4, 128, 128, 8, 4, 512)
+    shape = (4, 128, 128, 4, 4, 512)
     config = run_config({"block": block, "position": "rotary"}, "auto", shape)
     torch.manual_seed(0)
 

@@ -12,7 +12,7 @@ from pretrain.config import ModelConfig, load_config
 from pretrain.model import GPT
 
 LLAMA = {"block": "llama", "position": "rotary", "rotary_base": 500.0, "mlp_multiple_of": 16}
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+QUICKSTART = Path(__file__).resolve().parents[3] / "configs" / "quickstart.yaml"
 
 
 def perturbed(model: GPT) -> GPT:
