@@ -381,8 +381,9 @@ def run_sweep(sweep: SweepConfig, args: argparse.Namespace, submit_array: Submit
     print(f"sweep {sweep.name}: every run finished; fitting", flush=True)
     logging = runs[0].config.logging
     tasks = TaskFitSettings(out=sweep_dir / "task_scaling", runs=[sweep_dir], targets=targets,
-                            holdout_largest=sweep.can_hold_out_largest) if targets else None
-    fit_runs(FitSettings(out=sweep_dir / "scaling", runs=[sweep_dir], holdout=len(runs) // 4 if len(runs) >= 8 else 0),
+                            bootstrap=sweep.bootstrap, holdout_largest=sweep.can_hold_out_largest) if targets else None
+    fit_runs(FitSettings(out=sweep_dir / "scaling", runs=[sweep_dir], bootstrap=sweep.bootstrap,
+                         holdout=len(runs) // 4 if len(runs) >= 8 else 0),
              WandbTarget(sweep.name, logging.wandb_project, logging.wandb_entity, logging.wandb_mode), tasks)
     return 0
 

@@ -75,6 +75,8 @@ class SweepConfig(Section):
     )
     lr: float | None = Field(None, gt=0, description="for sizes without their own; None: the base config's")
     seeds: list[Annotated[int, Field(ge=0)]] = [0]
+    bootstrap: int = Field(200, ge=1, description="resamplings of the runs behind each fit's 95% intervals, once the"
+                           " ladder has finished")
     output_dir: str = Field("runs", description="runs go to OUTPUT_DIR/<sweep name>/<run name>")
     targets: list[SweepTarget] = Field(
         [], description="models to predict once the ladder has finished: each task's accuracy at each k, from its"

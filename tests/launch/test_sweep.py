@@ -31,6 +31,7 @@ def write_sweep(directory: Path, base: Path, **changes) -> Path:
         "sizes": [{"n_layer": 1, "d_model": 32, "n_head": 2}, {"n_layer": 2, "d_model": 64, "n_head": 4, "lr": 1e-3}],
         "tokens_per_parameter": [0.5],
         "seeds": [0],
+        "bootstrap": 20,  # intervals of fewer resamplings: the fits' own tests check their numbers
         "output_dir": str(directory / "runs"),
         **changes,
     }
@@ -128,7 +129,8 @@ def test_an_interrupted_sweep_run_again_skips_the_finished_run_and_resumes_the_o
     base = tiny_config({"train": {"max_steps": 8}})
     spec = write_sweep(tmp_path, base, tokens_per_parameter=[2])
     second = tmp_path / "runs" / "ladder" / "ladder-l2-d64-tpp2-s0"
-    job = subprocess.Popen([sys.executable, "-m", "launch", "sweep", "--spec", str(spec)], cwd=tmp_path,
+    # One rank a run: what is tested is the sweep's bookkeeping, which the number of ranks does not change.
+    job = subprocess.Popen([sys.executable, "-m", "launch", "sweep", "--spec", str(spec), "--ranks", "1"], cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for_step(second, 3, job)
     signal_job(job, signal.SIGTERM)  # as SLURM or Ctrl-C would stop it
@@ -137,7 +139,7 @@ def test_an_interrupted_sweep_run_again_skips_the_finished_run_and_resumes_the_o
     assert statuses(output) == {"ladder-l1-d32-tpp2-s0": ["starting", "finished"],
                                 "ladder-l2-d64-tpp2-s0": ["starting", "interrupted"]}
 
-    again = run_module("launch", "sweep", "--spec", str(spec), cwd=tmp_path)
+    again = run_module("launch", "sweep", "--spec", str(spec), "--ranks", "1", cwd=tmp_path)
     assert statuses(again.stdout) == {"ladder-l1-d32-tpp2-s0": ["finished, skipped"],
                                       "ladder-l2-d64-tpp2-s0": ["resuming", "finished"]}
     # Two runs are too few to fit a law: the sweep says so, naming how many it has, after training them.
@@ -161,7 +163,8 @@ def test_decay_branches_trained_side_by_side_match_runs_trained_separately(tiny_
         f"ladder-l1-d32-tpp1.1-s0/checkpoints/step_{branch_point:08d}")
     assert runs[branch.trunk].config.train.checkpoint_steps == [branch_point]
 
-    result = run_module("launch", "sweep", "--spec", str(spec), "--parallel", "2", cwd=tmp_path)
+    # One rank a run, two runs side by side: a core each.
+    result = run_module("launch", "sweep", "--spec", str(spec), "--parallel", "2", "--ranks", "1", cwd=tmp_path)
     # It says how many steps the branches save: each branch trains only its steps after its branch point.
     separately = sum(run.config.train.max_steps for run in runs.values())
     branched = sum(run.config.train.max_steps - run.branch_step for run in runs.values())
@@ -177,7 +180,7 @@ def test_decay_branches_trained_side_by_side_match_runs_trained_separately(tiny_
 
     # The branch is the run that a separate WSD run of its budget would have been.
     separate = [override for override in branch.overrides if not override.startswith("train.branch_from=")]
-    launch(base, *separate, "name=separate", f"output_dir={tmp_path / 'separate'}")
+    launch(base, *separate, "name=separate", f"output_dir={tmp_path / 'separate'}", ranks=1)
     branched, alone = losses_by_step(branch.config.run_dir), losses_by_step(tmp_path / "separate" / "separate")
     assert sorted(branched) == list(range(branch_point + 1, branch.config.train.max_steps + 1))
     assert [branched[step] for step in sorted(branched)] == pytest.approx([alone[step] for step in sorted(branched)],
