@@ -16,6 +16,12 @@ from data_pipeline.common.command_line import run_command
 from pretrain.config import merged
 from tests.helpers import TINY_CONFIG, launch, losses_by_step
 
+# The workers and the training processes they start outnumber the cores: one thread each, inherited by every
+# process a test starts, so that no OpenMP thread spins waiting for a partner the kernel has descheduled (a packing
+# test took 95 s in the suite against 5 s alone).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # Steps of every shared run: enough for the loss to fall, few enough that a launch costs little more than its start.
 SHARED_RUN_STEPS = 6
 
