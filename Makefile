@@ -50,10 +50,11 @@ test-tools:
 test: setup test-tools
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	@# Three workers on two cores: a launch leaves a core idle while it starts, waits on SLURM or on torchrun's grace
-	@# period, and another worker fills it (the suite kept 155% of the CPU busy with two, 172% with three, and ran
-	@# 10% faster). Tests that share a built-once fixture stay on one worker (tests/conftest.py).
-	$(PY) -m pytest -q -n 3 --dist loadgroup --durations=10
+	@# Four workers on two cores: a launch leaves a core idle while it starts, waits on SLURM or on torchrun's grace
+	@# period, and another worker fills it (two workers kept 155% of the CPU busy; three ran 10% faster than two, four
+	@# 7% faster than three: BENCHMARKS.md, "Test suite time"). Tests that share a built-once fixture stay on one
+	@# worker (tests/conftest.py).
+	$(PY) -m pytest -q -n 4 --dist loadgroup --durations=10
 
 # Tokenize and shard a config's data now (training does it on first use otherwise): BACKEND=local (processes)
 # or slurm (a job array), e.g. make data BACKEND=slurm ARGS="--tasks 64 --dry-run".
