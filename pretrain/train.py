@@ -12,6 +12,7 @@ and the checkpointer (pretrain/checkpointer.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
@@ -248,12 +249,15 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext, pree
     run = set_up(config, layout, context)
     engine, optimizer, max_steps = run.setup.engine, run.setup.optimizer, config.train.max_steps
     start_step = run.resumption.step
-    with RunLogger(config, context.is_main, run.resumption.step if run.resumption.checkpoint else None,
-                   run.launch) as logger:
+    # The step stream is closed on the way out, an error's way too: its reader processes ignore stop signals, so a
+    # rank that left them running would wait for them at exit until killed (30 s under torchrun, for ever under srun).
+    with (RunLogger(config, context.is_main, run.resumption.step if run.resumption.checkpoint else None,
+                    run.launch) as logger,
+          contextlib.closing(iterate_steps(run.train_batches, start_step, max_steps,
+                                           config.data.loader_workers)) as steps):
         context.print(describe(config, layout, context, run.setup))
         if start_step == 0:
             logger.log(0, {**run.validator.validate(engine), "train/tokens": 0})
-        steps = iterate_steps(run.train_batches, start_step, max_steps, config.data.loader_workers)
         preemption.start_training()
         for step in range(start_step, max_steps):
             seed_step(config.seed, step, context.rank)
