@@ -250,7 +250,7 @@ def train(config: Config, layout: BatchLayout, context: DistributedContext, pree
     engine, optimizer, max_steps = run.setup.engine, run.setup.optimizer, config.train.max_steps
     start_step = run.resumption.step
     # The step stream is closed on the way out, an error's way too: its reader processes ignore stop signals, so a
-    # rank that left them running would wait for them at exit until killed (30 s under torchrun, for ever under srun).
+    # rank that left them running would wait for them at exit until something kills it (torchrun: 30 s later).
     with (RunLogger(config, context.is_main, run.resumption.step if run.resumption.checkpoint else None,
                     run.launch) as logger,
           contextlib.closing(iterate_steps(run.train_batches, start_step, max_steps,
