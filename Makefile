@@ -50,10 +50,9 @@ test-tools:
 test: setup test-tools
 	$(PY) -m ruff check .
 	$(VENV)/bin/lint-imports
-	@# Four workers on two cores: a launch leaves a core idle while it starts, waits on SLURM or on torchrun's grace
-	@# period, and another worker fills it (two workers kept 155% of the CPU busy; three ran 10% faster than two, four
-	@# 7% faster than three: BENCHMARKS.md, "Test suite time"). Tests that share a built-once fixture stay on one
-	@# worker (tests/conftest.py).
+	@# Four workers on two cores: three ran 10% faster than two, and four 7% faster than three, back to back; five
+	@# were no faster. With four, both cores stay busy throughout (BENCHMARKS.md, "Test suite time"). Tests that
+	@# share a built-once fixture stay on one worker (tests/conftest.py).
 	$(PY) -m pytest -q -n 4 --dist loadgroup --durations=10
 
 # Tokenize and shard a config's data now (training does it on first use otherwise): BACKEND=local (processes)
