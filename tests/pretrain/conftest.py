@@ -22,6 +22,7 @@ from tests.helpers import (
     WATCHED_STEPS,
     launch,
     of_type,
+    rank_pid,
     signal_job,
     start_launch,
     wait_for,
@@ -72,10 +73,15 @@ def watched_run(tmp_path_factory) -> WatchedRun:
     (attempt,) = (run_dir / "wandb").glob("offline-run-*")
     deadline = time.monotonic() + 120
     # Until W&B's offline record holds steps past the checkpoint, which the resumed run will repeat. Each step
-    # reaches metrics.jsonl first, and reading it costs nothing, unlike a `wandb` process per look at W&B's record.
-    while highest_step(run_dir) <= 11 or max(
-            (h["step"]["num"] for h in of_type(wandb_records(attempt), "history")), default=0) <= 11:
+    # reaches metrics.jsonl first; W&B commits a step's row when the next step is logged, so step 13 there means
+    # step 12 in W&B. Then rank 1 is paused, which holds rank 0 in its next collective: the run cannot finish
+    # however far W&B's offline record lags behind under load, while rank 0's W&B threads go on writing it.
+    while highest_step(run_dir) <= 12:
         assert job.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+        time.sleep(0.1)
+    os.kill(rank_pid(job, rank=1), signal.SIGSTOP)
+    while max((h["step"]["num"] for h in of_type(wandb_records(attempt), "history")), default=0) <= 11:
+        assert job.poll() is None and time.monotonic() < deadline, "W&B's record did not pass the checkpoint"
         time.sleep(0.1)
     signal_job(job, signal.SIGKILL)
     job.wait()
