@@ -35,8 +35,8 @@ class ModelConfig(Section):
     d_model: int = Field(128, ge=1)
     position: Literal["learned", "rotary"] = "learned"
     attention_kernel: Literal["auto", "math"] = Field(
-        "auto", description="auto: the plain matmul-softmax path for heads of up to 16 dimensions in bf16 on a CPU,"
-        " where it is faster, and PyTorch's choice (flash where it can) elsewhere; math: that path always"
+        "auto", description="auto: PyTorch's choice (flash where it can), in fp32 for bf16 heads of up to 16"
+        " dimensions on a CPU, where that is faster; math: the plain matmul-softmax path always"
         " (BENCHMARKS.md, \"Attention kernel on a CPU\")"
     )
     rotary_base: float = Field(10000.0, gt=0)

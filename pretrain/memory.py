@@ -111,7 +111,7 @@ def norm_bytes(model: ModelConfig, width: int, element: int) -> int:
 def math_attention(model: ModelConfig) -> bool:
     """Whether attention runs PyTorch's plain matmul-softmax path, which keeps the probabilities: when the config
     asks for it, or with attention dropout, which the fused CPU kernel lacks (on a GPU this overcounts). Planned for
-    GPUs: `auto` is counted as the fused kernel, which a CPU also takes except for bf16 heads of up to 16."""
+    GPUs: `auto` is counted as the fused kernel, which a CPU also takes (for bf16 heads of up to 16, on fp32 copies)."""
     return model.attention_kernel == "math" or model.dropout > 0
 
 

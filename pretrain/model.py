@@ -58,9 +58,10 @@ class Rotary(nn.Module):
         return torch.cat((first * cos - second * sin, first * sin + second * cos), dim=-1)
 
 
-def math_is_faster(queries: torch.Tensor) -> bool:
-    """PyTorch's CPU flash kernel is slow in bf16 for small heads: there the math kernel took 0.39x its time for
-    heads of 16, and 1.66x in fp32 (BENCHMARKS.md, "Attention kernel on a CPU")."""
+def float32_is_faster(queries: torch.Tensor) -> bool:
+    """PyTorch's CPU attention kernels are slow in bf16 for small heads: for heads of 16, attention in fp32 (the
+    flash kernel) took 0.52x the time of the bf16 math kernel and 0.22x that of bf16 flash (BENCHMARKS.md,
+    "Attention kernel on a CPU")."""
     return queries.device.type == "cpu" and queries.dtype == torch.bfloat16 and queries.shape[-1] <= 16
 
 
@@ -97,11 +98,16 @@ class CausalSelfAttention(nn.Module):
             k = torch.cat((prefix[0].expand(batch, -1, -1, -1), k), dim=2)
             v = torch.cat((prefix[1].expand(batch, -1, -1, -1), v), dim=2)
         dropout = self.dropout if self.training else 0.0
-        # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel, except where the math one is faster.
-        with sdpa_kernel(SDPBackend.MATH) if self.math_kernel or math_is_faster(q) else contextlib.nullcontext():
+        dtype = q.dtype
+        upcast = not self.math_kernel and float32_is_faster(q)
+        if upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        # Without a mask, is_causal lets SDPA pick its fastest (flash) kernel. Autocast would cast an upcast back.
+        with (sdpa_kernel(SDPBackend.MATH) if self.math_kernel else contextlib.nullcontext(),
+              torch.autocast(q.device.type, enabled=False) if upcast else contextlib.nullcontext()):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=dropout,
                                                enable_gqa=self.n_kv_head != self.n_head)
-        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+        return self.proj(y.to(dtype).transpose(1, 2).reshape(batch, length, width))
 
 
 class MLP(nn.Module):

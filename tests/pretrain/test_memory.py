@@ -37,7 +37,8 @@ class SavedBytes:
         return sum(self.storages.values())
 
 
-# Heads of 32 dimensions: `auto` then takes the fused kernel on a CPU too, as on a GPU (pretrain.model.math_is_faster).
+# Heads of 32 dimensions: `auto` then takes the fused kernel in the weights' precision on a CPU too, as on a GPU
+# (pretrain.model.float32_is_faster).
 SHAPES = [  # (micro-batch, seq_len, d_model, n_head, n_layer, vocab)
     (2, 64, 64, 2, 2, 256),
     (4, 128, 128, 4, 3, 512),
