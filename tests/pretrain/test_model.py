@@ -164,7 +164,8 @@ def test_the_math_attention_kernel_gives_the_same_outputs_and_gradients(weights)
 
 
 def test_auto_attention_computes_in_fp32_only_where_it_was_measured_faster():
-    # bf16 heads of up to 16 dimensions on a CPU (BENCHMARKS.md, "Attention kernel on a CPU"); as given elsewhere.
+    # bf16 heads of up to 16 dimensions on a CPU (BENCHMARKS.md, "Attention kernel on a CPU"); elsewhere attention
+    # runs in the precision it is given.
     assert float32_is_faster(torch.zeros(2, 8, 4, 16, dtype=torch.bfloat16))
     assert not float32_is_faster(torch.zeros(2, 8, 4, 16, dtype=torch.float32))
     assert not float32_is_faster(torch.zeros(2, 8, 4, 64, dtype=torch.bfloat16))
